@@ -1,0 +1,267 @@
+"""Typed study configuration: dataclasses that YAML and ``key=value`` overrides only serialize.
+
+Usage::
+
+    cfg = StudyConfig.load("study.yaml", overrides=["train.lr=1e-4", "seeds=[0,1,2]"])
+    cfg.to_yaml()          # the resolved config, saved with the study
+
+The field names are the YAML keys and the CLI override paths (``train.steps=60``). Nothing in
+a config is executed: values are parsed with ``yaml.safe_load`` and checked against the field
+types; an error names the field, the bad value and what is valid.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import yaml
+
+
+class ConfigError(ValueError):
+    """A config value is missing, of the wrong type or out of range; the message names the field."""
+
+
+@dataclass
+class DataSpec:
+    """Which examples to train and evaluate on, and how to turn them into tokens."""
+
+    source: str = "builtin"  # "builtin", a .json/.jsonl/.csv/.parquet path, or "hub:NAME" (needs the hub)
+    format: str = "auto"  # auto | alpaca | prompt_completion | qa | text
+    template: str = "plain"  # plain (documented in data.py) | chat (the model's chat template)
+    max_length: int = 256  # tokens per example; longer ones are truncated
+    eval_size: float = 64  # eval examples: a count (>= 1) or a fraction (< 1) of all examples
+    limit: int | None = None  # use at most this many examples (after the seeded shuffle)
+    split_seed: int = 0  # fixed across trial seeds, so every trial sees the same eval set
+    hub_split: str = "train"  # split name for hub datasets
+
+    def check(self) -> None:
+        _choice("data.format", self.format, ("auto", "alpaca", "prompt_completion", "qa", "text"))
+        _choice("data.template", self.template, ("plain", "chat"))
+        _positive("data.max_length", self.max_length)
+        _positive("data.eval_size", self.eval_size)
+        if self.limit is not None:
+            _positive("data.limit", self.limit)
+
+
+@dataclass
+class TrainSpec:
+    """Training settings shared by every trial of a study (strategies change only the placement)."""
+
+    lr: float = 5e-4  # peak learning rate (AdamW)
+    schedule: str = "cosine"  # constant | linear | cosine, after warm-up
+    warmup: float = 0.1  # warm-up: a fraction of the steps (< 1) or a number of steps (>= 1)
+    steps: int = 40  # optimizer steps (ignored when epochs is set)
+    epochs: float | None = None  # passes over the train split; overrides steps
+    batch_size: int = 8  # examples per step
+    weight_decay: float = 0.0
+    max_grad_norm: float = 1.0  # gradient clipping; 0 disables
+    rank: int = 16  # default LoRA rank
+    alpha: float = 32  # LoRA alpha (scale = alpha / rank); per module it follows the rank if alpha_per_rank
+    alpha_per_rank: bool = False  # True: alpha = 2 * rank for every module (keeps alpha/r fixed)
+    dropout: float = 0.05  # LoRA dropout
+    device: str = "auto"  # auto | cpu | cuda | cuda:N
+    dtype: str = "float32"  # float32 | bfloat16 (bfloat16 is slower on CPUs without AMX)
+    threads: int | None = None  # torch CPU threads; None leaves torch's default
+    save_adapter: bool = True
+
+    def check(self) -> None:
+        _positive("train.lr", self.lr)
+        _choice("train.schedule", self.schedule, ("constant", "linear", "cosine"))
+        if self.warmup < 0:
+            raise ConfigError(f"train.warmup: must be >= 0, got {self.warmup}")
+        _positive("train.steps", self.steps)
+        if self.epochs is not None:
+            _positive("train.epochs", self.epochs)
+        _positive("train.batch_size", self.batch_size)
+        _positive("train.rank", self.rank)
+        _positive("train.alpha", self.alpha)
+        if not 0 <= self.dropout < 1:
+            raise ConfigError(f"train.dropout: must be in [0, 1), got {self.dropout}")
+        if self.weight_decay < 0 or self.max_grad_norm < 0:
+            raise ConfigError("train.weight_decay and train.max_grad_norm must be >= 0")
+        _choice("train.dtype", self.dtype, ("float32", "bfloat16", "float16"))
+        if not (self.device in ("auto", "cpu", "cuda", "mps") or self.device.startswith("cuda:")):
+            raise ConfigError(f"train.device: {self.device!r} is not one of auto, cpu, cuda, cuda:N, mps")
+
+
+@dataclass
+class EvalSpec:
+    """How trials are evaluated."""
+
+    batch_size: int = 16
+    accuracy: bool = False  # generation exact match of the final answer (question/answer data)
+    accuracy_limit: int = 50  # eval examples used for accuracy (generation is slow)
+    max_new_tokens: int = 200
+
+    def check(self) -> None:
+        _positive("eval.batch_size", self.batch_size)
+        _positive("eval.accuracy_limit", self.accuracy_limit)
+        _positive("eval.max_new_tokens", self.max_new_tokens)
+
+
+DEFAULT_STRATEGIES = ["all_linear", "attention_only", "mlp_only", "top_half"]
+
+
+@dataclass
+class StudyConfig:
+    """A whole study: one model, one dataset, strategies x seeds, shared settings."""
+
+    model: str = "smollm2-135m"  # alias, local HF directory, .gguf file, or hub id
+    data: DataSpec = field(default_factory=DataSpec)
+    train: TrainSpec = field(default_factory=TrainSpec)
+    eval: EvalSpec = field(default_factory=EvalSpec)
+    strategies: list[str] = field(default_factory=lambda: list(DEFAULT_STRATEGIES))
+    define: dict[str, dict] = field(default_factory=dict)  # user strategies, same vocabulary as built-ins
+    baseline: str = "all_linear"  # the reference for deltas and retained improvement
+    budget: str | None = None  # "same:STRATEGY" or a parameter count: budget-match every strategy
+    seeds: list[int] = field(default_factory=lambda: [0])
+    out: str = "studies/default"  # study directory (database, adapters, report)
+    threshold: float = 0.95  # retained improvement a cheaper strategy must keep to be recommended
+
+    def check(self) -> None:
+        self.data.check()
+        self.train.check()
+        self.eval.check()
+        if not self.strategies:
+            raise ConfigError("strategies: empty; name at least one strategy")
+        if len(set(self.strategies)) != len(self.strategies):
+            raise ConfigError(f"strategies: duplicates in {self.strategies}")
+        if not self.seeds:
+            raise ConfigError("seeds: empty; give at least one seed, e.g. seeds=[0]")
+        if len(set(self.seeds)) != len(self.seeds):
+            raise ConfigError(f"seeds: duplicates in {self.seeds}")
+        if not 0 < self.threshold <= 1.5:
+            raise ConfigError(f"threshold: must be in (0, 1.5], got {self.threshold}")
+
+    # -- serialization -------------------------------------------------------------------------
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    def to_yaml(self) -> str:
+        return yaml.safe_dump(self.to_dict(), sort_keys=False)
+
+    @classmethod
+    def from_dict(cls, data: dict) -> "StudyConfig":
+        cfg = _build(cls, data, "")
+        cfg.check()
+        return cfg
+
+    @classmethod
+    def load(cls, path: str | Path | None = None, overrides: list[str] | tuple[str, ...] = ()) -> "StudyConfig":
+        """Read a YAML file (or start from the defaults) and apply ``key=value`` overrides."""
+        data: dict = {}
+        if path is not None:
+            try:
+                text = Path(path).read_text()
+            except OSError as e:
+                raise ConfigError(f"config file {path}: {e.strerror}") from None
+            try:
+                data = yaml.safe_load(text) or {}
+            except yaml.YAMLError as e:
+                raise ConfigError(f"config file {path}: not valid YAML ({str(e).splitlines()[0]})") from None
+            if not isinstance(data, dict):
+                raise ConfigError(f"config file {path}: expected a mapping of settings at the top level")
+        for item in overrides:
+            _apply_override(data, item)
+        return cls.from_dict(data)
+
+
+# -- helpers of this module: building dataclasses from plain data with type checks ------------
+def _choice(name: str, value, valid: tuple) -> None:
+    if value not in valid:
+        raise ConfigError(f"{name}: {value!r} is not one of {', '.join(map(str, valid))}")
+
+
+def _positive(name: str, value) -> None:
+    if value is None or value <= 0:
+        raise ConfigError(f"{name}: must be > 0, got {value}")
+
+
+def _apply_override(data: dict, item: str) -> None:
+    if "=" not in item:
+        raise ConfigError(f"override {item!r}: expected key=value, e.g. train.lr=1e-4")
+    key, raw = item.split("=", 1)
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else None
+    except yaml.YAMLError:
+        value = raw
+    node = data
+    parts = key.strip().split(".")
+    for p in parts[:-1]:
+        node = node.setdefault(p, {})
+        if not isinstance(node, dict):
+            raise ConfigError(f"override {item!r}: {p} is not a section")
+    node[parts[-1]] = value
+
+
+def _build(cls, data, prefix: str):
+    if not isinstance(data, dict):
+        raise ConfigError(f"{prefix.rstrip('.') or 'config'}: expected a mapping, got {data!r}")
+    hints = typing.get_type_hints(cls)
+    names = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(data) - names)
+    if unknown:
+        raise ConfigError(f"{prefix}{unknown[0]}: unknown setting; valid: {', '.join(sorted(names))}")
+    kwargs = {}
+    for f in dataclasses.fields(cls):
+        if f.name in data:
+            kwargs[f.name] = _coerce(hints[f.name], data[f.name], prefix + f.name)
+    return cls(**kwargs)
+
+
+def _coerce(tp, value, name: str):
+    origin = typing.get_origin(tp)
+    if dataclasses.is_dataclass(tp):
+        return _build(tp, value, name + ".")
+    if origin in (typing.Union, types.UnionType):
+        args = typing.get_args(tp)
+        if value is None and type(None) in args:
+            return None
+        errors = []
+        for a in args:
+            if a is type(None):
+                continue
+            try:
+                return _coerce(a, value, name)
+            except ConfigError as e:
+                errors.append(str(e))
+        raise errors[0] if len(errors) == 1 else ConfigError(f"{name}: {value!r} has the wrong type ({tp})")
+    if origin is list:
+        (item,) = typing.get_args(tp)
+        if isinstance(value, (str, int, float)) and not isinstance(value, bool):
+            value = [value]  # seeds=0 means [0]; strategies=all_linear means [all_linear]
+        if not isinstance(value, (list, tuple)):
+            raise ConfigError(f"{name}: expected a list, got {value!r}")
+        return [_coerce(item, v, f"{name}[{i}]") for i, v in enumerate(value)]
+    if origin is dict:
+        if not isinstance(value, dict):
+            raise ConfigError(f"{name}: expected a mapping, got {value!r}")
+        return dict(value)
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+        raise ConfigError(f"{name}: expected true or false, got {value!r}")
+    if tp is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        if isinstance(value, str):
+            try:
+                return float(value)  # yaml reads "1e-4" as a string
+            except ValueError:
+                pass
+        raise ConfigError(f"{name}: expected a number, got {value!r}")
+    if tp is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+        if isinstance(value, float) and value.is_integer():
+            return int(value)
+        raise ConfigError(f"{name}: expected an integer, got {value!r}")
+    if tp is str:
+        if isinstance(value, (str, int, float)) and not isinstance(value, bool):
+            return str(value)
+        raise ConfigError(f"{name}: expected a string, got {value!r}")
+    return value

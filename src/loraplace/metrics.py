@@ -1,0 +1,115 @@
+"""Losses, perplexity and efficiency figures, with their units.
+
+Usage::
+
+    total_nll, n_tokens = shifted_nll(logits, labels)   # sum of -log p over target tokens, count
+    loss = total_nll / n_tokens; ppl = perplexity(loss)
+
+``METRICS`` documents every figure a trial records (the ``metrics_json`` column of the store).
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import resource
+import sys
+
+import torch
+import torch.nn.functional as F
+
+IGNORE_INDEX = -100  # label of prompt and padding tokens: excluded from every loss
+
+# name -> (unit, meaning). Every trial's metrics dict uses these names.
+METRICS: dict[str, tuple[str, str]] = {
+    "eval_loss": ("nats/token", "token-weighted mean cross-entropy over all eval target tokens (next-token, shifted)"),
+    "perplexity": ("", "exp(eval_loss)"),
+    "zero_shot_loss": ("nats/token", "the base model's eval_loss on the same eval set (once per study)"),
+    "train_loss_final": ("nats/token", "token-weighted mean train loss over the last 10% of steps"),
+    "accuracy": ("fraction", "generation exact match of the final answer (question/answer data, optional)"),
+    "trainable_params": ("params", "parameters of the LoRA adapters (sum of r*(in+out) over adapted modules)"),
+    "base_params": ("params", "parameters of the base model, adapters excluded, tied weights once"),
+    "trainable_pct": ("%", "100 * trainable_params / base_params"),
+    "n_modules": ("modules", "number of adapted modules"),
+    "adapter_bytes": ("bytes", "size on disk of the saved adapter (safetensors + config)"),
+    "train_time_s": ("s", "wall time of the training loop"),
+    "eval_time_s": ("s", "wall time of the evaluation"),
+    "train_tokens": ("tokens", "non-padding tokens fed to the model during training"),
+    "tokens_per_s": ("tokens/s", "train_tokens / train_time_s"),
+    "padding_frac": ("fraction", "padding share of the token slots in train batches"),
+    "steps": ("steps", "optimizer steps"),
+    "peak_mem_bytes": ("bytes", "CPU: process RSS high-water mark; CUDA: max memory allocated"),
+    "train_flops": ("FLOP", "estimate: 2*N_base*T forward + 2*N_base*T backward through activations + 6*N_lora*T"),
+}
+
+
+def shifted_nll(logits: torch.Tensor, labels: torch.Tensor) -> tuple[float, int]:
+    """Sum of next-token negative log-likelihood and count of target tokens.
+
+    logits: (batch, seq, vocab); labels: (batch, seq) with IGNORE_INDEX on non-targets.
+    Position t predicts token t+1, so logits drop the last step and labels the first.
+    """
+    logits = logits[:, :-1, :].float()
+    labels = labels[:, 1:]
+    n = int((labels != IGNORE_INDEX).sum())
+    if n == 0:
+        return 0.0, 0
+    total = F.cross_entropy(
+        logits.reshape(-1, logits.size(-1)), labels.reshape(-1), ignore_index=IGNORE_INDEX, reduction="sum"
+    )
+    return float(total), n
+
+
+def perplexity(loss: float) -> float:
+    """exp(loss); inf when the loss is too large to exponentiate."""
+    try:
+        return math.exp(loss)
+    except OverflowError:
+        return float("inf")
+
+
+def train_flops(base_params: int, trainable_params: int, tokens: int) -> float:
+    """Estimated training FLOPs.
+
+    Frozen base weights cost a forward (2 FLOP/param/token) and the backward through
+    activations (2 more), but no weight gradients; LoRA weights cost the usual 6.
+    """
+    return float(4 * base_params * tokens + 6 * trainable_params * tokens)
+
+
+def peak_memory_bytes(device: torch.device | str = "cpu") -> int:
+    """CUDA: max allocated since the last reset. CPU: the process's RSS high-water mark."""
+    device = torch.device(device)
+    if device.type == "cuda":
+        return int(torch.cuda.max_memory_allocated(device))
+    try:  # Linux: VmHWM, which reset_peak_memory can reset between trials
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) * 1024  # kB
+    except OSError:
+        pass
+    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return int(rss if sys.platform == "darwin" else rss * 1024)  # Linux reports KiB
+
+
+def reset_peak_memory(device: torch.device | str = "cpu") -> None:
+    """Start a new CUDA peak window. RSS high-water cannot be reset portably; on Linux we try
+    /proc/self/clear_refs (5 resets VmHWM) so each trial reports its own peak."""
+    device = torch.device(device)
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+        return
+    try:
+        with open(f"/proc/self/clear_refs", "w") as f:
+            f.write("5")
+    except OSError:
+        pass
+
+
+def dir_bytes(path: str | os.PathLike) -> int:
+    """Total size of the files under a directory, in bytes."""
+    total = 0
+    for root, _, files in os.walk(path):
+        total += sum(os.path.getsize(os.path.join(root, f)) for f in files)
+    return total

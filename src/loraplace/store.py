@@ -1,0 +1,262 @@
+"""The results database of a study: one SQLite file (WAL mode) in the study directory.
+
+Usage::
+
+    store = Store.open("studies/default")        # creates studies/default/study.db
+    store.add_pending(trial_id, strategy="all_linear", seed=0, config={...})
+    store.mark_running(trial_id)
+    store.mark_done(trial_id, metrics={...}, curve=[(1, 2.3), ...], placement={...}, env={...})
+    for t in store.trials(): print(t.strategy, t.seed, t.status, t.metrics.get("eval_loss"))
+
+Schema of table ``trials`` (one row per trial, keyed by a hash of its resolved config):
+
+================  =========================================================================
+trial_id          hex hash of the resolved trial config (see ``study.trial_id``)
+strategy          strategy name
+seed              integer seed
+status            ``pending`` | ``running`` | ``done`` | ``failed``
+error             one-line reason when failed, else NULL
+config_json       the resolved trial config (train/eval settings, strategy definition)
+placement_json    {"modules": {full_name: {"rank", "alpha", "role", "block"}}, ...}
+metrics_json      flat {name: number}; names and units documented in ``metrics.METRICS``
+curve_json        [[step, train_loss], ...]
+env_json          package versions, device, git commit
+adapter_path      relative path of the saved PEFT adapter inside the study dir, or NULL
+created_at ...    ISO-8601 UTC timestamps (created, started, finished)
+================  =========================================================================
+
+Table ``meta`` holds study-wide key/JSON-value pairs (``study_config``, ``zero_shot``, ...).
+Every write is one transaction: a crash never leaves a half-written row.
+"""
+
+from __future__ import annotations
+
+import csv
+import datetime as _dt
+import io
+import json
+import sqlite3
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+DB_NAME = "study.db"
+STATUSES = ("pending", "running", "done", "failed")
+
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS trials (
+    trial_id TEXT PRIMARY KEY,
+    strategy TEXT NOT NULL,
+    seed INTEGER NOT NULL,
+    status TEXT NOT NULL CHECK (status IN ('pending', 'running', 'done', 'failed')),
+    error TEXT,
+    config_json TEXT NOT NULL,
+    placement_json TEXT NOT NULL DEFAULT '{}',
+    metrics_json TEXT NOT NULL DEFAULT '{}',
+    curve_json TEXT NOT NULL DEFAULT '[]',
+    env_json TEXT NOT NULL DEFAULT '{}',
+    adapter_path TEXT,
+    created_at TEXT NOT NULL,
+    started_at TEXT,
+    finished_at TEXT
+);
+CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value_json TEXT NOT NULL);
+"""
+
+
+class StoreError(RuntimeError):
+    """The study directory or its database cannot be used."""
+
+
+@dataclass
+class TrialRecord:
+    trial_id: str
+    strategy: str
+    seed: int
+    status: str
+    error: str | None = None
+    config: dict = field(default_factory=dict)
+    placement: dict = field(default_factory=dict)
+    metrics: dict = field(default_factory=dict)
+    curve: list = field(default_factory=list)
+    env: dict = field(default_factory=dict)
+    adapter_path: str | None = None
+    created_at: str | None = None
+    started_at: str | None = None
+    finished_at: str | None = None
+
+
+def _now() -> str:
+    return _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
+
+
+class Store:
+    """A study's SQLite database. Open with :meth:`open`; safe to reopen after a crash."""
+
+    def __init__(self, directory: Path, conn: sqlite3.Connection):
+        self.directory = directory
+        self._conn = conn
+
+    @classmethod
+    def open(cls, directory: str | Path, create: bool = True) -> "Store":
+        directory = Path(directory)
+        db = directory / DB_NAME
+        if not create and not db.exists():
+            raise StoreError(f"no study database at {db} (run `loraplace study --out {directory}` first)")
+        try:
+            directory.mkdir(parents=True, exist_ok=True)
+            conn = sqlite3.connect(db, timeout=30, isolation_level=None)
+            conn.execute("PRAGMA journal_mode=WAL")
+            conn.execute("PRAGMA synchronous=NORMAL")
+            conn.executescript(_SCHEMA)
+        except (OSError, sqlite3.Error) as e:
+            raise StoreError(f"cannot use study directory {directory}: {e}") from None
+        return cls(directory, conn)
+
+    def close(self) -> None:
+        self._conn.close()
+
+    def __enter__(self) -> "Store":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    # -- writes: each one statement, hence one transaction ------------------------------------
+    def _exec(self, sql: str, args: tuple = ()) -> None:
+        with self._conn:
+            self._conn.execute(sql, args)
+
+    def put_meta(self, key: str, value) -> None:
+        self._exec(
+            "INSERT INTO meta(key, value_json) VALUES(?, ?) ON CONFLICT(key) DO UPDATE SET value_json=excluded.value_json",
+            (key, json.dumps(value, sort_keys=True)),
+        )
+
+    def get_meta(self, key: str, default=None):
+        row = self._conn.execute("SELECT value_json FROM meta WHERE key=?", (key,)).fetchone()
+        return json.loads(row[0]) if row else default
+
+    def add_pending(self, trial_id: str, strategy: str, seed: int, config: dict) -> None:
+        """Register a trial; a trial that already exists keeps its row (and status)."""
+        self._exec(
+            "INSERT OR IGNORE INTO trials(trial_id, strategy, seed, status, config_json, created_at) VALUES(?,?,?,?,?,?)",
+            (trial_id, strategy, int(seed), "pending", json.dumps(config, sort_keys=True), _now()),
+        )
+
+    def mark_running(self, trial_id: str) -> None:
+        self._exec(
+            "UPDATE trials SET status='running', error=NULL, started_at=?, finished_at=NULL WHERE trial_id=?",
+            (_now(), trial_id),
+        )
+
+    def mark_done(
+        self,
+        trial_id: str,
+        metrics: dict,
+        curve: list,
+        placement: dict,
+        env: dict,
+        adapter_path: str | None = None,
+    ) -> None:
+        self._exec(
+            "UPDATE trials SET status='done', error=NULL, metrics_json=?, curve_json=?, placement_json=?, env_json=?,"
+            " adapter_path=?, finished_at=? WHERE trial_id=?",
+            (
+                json.dumps(metrics, sort_keys=True),
+                json.dumps([list(p) for p in curve]),
+                json.dumps(placement, sort_keys=True),
+                json.dumps(env, sort_keys=True),
+                adapter_path,
+                _now(),
+                trial_id,
+            ),
+        )
+
+    def mark_failed(self, trial_id: str, reason: str, curve: list | None = None, env: dict | None = None) -> None:
+        self._exec(
+            "UPDATE trials SET status='failed', error=?, curve_json=?, env_json=?, finished_at=? WHERE trial_id=?",
+            (
+                reason.strip().splitlines()[0] if reason.strip() else "unknown error",
+                json.dumps([list(p) for p in (curve or [])]),
+                json.dumps(env or {}, sort_keys=True),
+                _now(),
+                trial_id,
+            ),
+        )
+
+    def reset_interrupted(self) -> int:
+        """Trials left ``running`` by a crashed process go back to ``pending``; returns how many."""
+        with self._conn:
+            cur = self._conn.execute("UPDATE trials SET status='pending', started_at=NULL WHERE status='running'")
+        return cur.rowcount
+
+    # -- reads ---------------------------------------------------------------------------------
+    def trials(self, status: str | None = None, strategy: str | None = None) -> list[TrialRecord]:
+        sql, args = "SELECT * FROM trials", []
+        where = []
+        if status is not None:
+            where.append("status=?")
+            args.append(status)
+        if strategy is not None:
+            where.append("strategy=?")
+            args.append(strategy)
+        if where:
+            sql += " WHERE " + " AND ".join(where)
+        sql += " ORDER BY created_at, rowid"
+        cur = self._conn.execute(sql, args)
+        cols = [c[0] for c in cur.description]
+        return [_record(dict(zip(cols, row))) for row in cur.fetchall()]
+
+    def get(self, trial_id: str) -> TrialRecord | None:
+        cur = self._conn.execute("SELECT * FROM trials WHERE trial_id=?", (trial_id,))
+        row = cur.fetchone()
+        return _record(dict(zip([c[0] for c in cur.description], row))) if row else None
+
+    # -- export --------------------------------------------------------------------------------
+    def to_rows(self) -> list[dict]:
+        """One flat dict per trial: identity columns then ``metrics`` flattened."""
+        rows = []
+        for t in self.trials():
+            row = {
+                "trial_id": t.trial_id,
+                "strategy": t.strategy,
+                "seed": t.seed,
+                "status": t.status,
+                "error": t.error or "",
+            }
+            row.update(t.metrics)
+            rows.append(row)
+        return rows
+
+    def export_json(self) -> str:
+        return json.dumps([asdict(t) for t in self.trials()], indent=2, sort_keys=True)
+
+    def export_csv(self) -> str:
+        rows = self.to_rows()
+        cols: list[str] = []
+        for r in rows:
+            cols += [k for k in r if k not in cols]
+        buf = io.StringIO()
+        w = csv.DictWriter(buf, fieldnames=cols, lineterminator="\n")
+        w.writeheader()
+        w.writerows(rows)
+        return buf.getvalue()
+
+
+def _record(row: dict) -> TrialRecord:
+    return TrialRecord(
+        trial_id=row["trial_id"],
+        strategy=row["strategy"],
+        seed=row["seed"],
+        status=row["status"],
+        error=row["error"],
+        config=json.loads(row["config_json"]),
+        placement=json.loads(row["placement_json"]),
+        metrics=json.loads(row["metrics_json"]),
+        curve=json.loads(row["curve_json"]),
+        env=json.loads(row["env_json"]),
+        adapter_path=row["adapter_path"],
+        created_at=row["created_at"],
+        started_at=row["started_at"],
+        finished_at=row["finished_at"],
+    )
