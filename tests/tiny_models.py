@@ -1,0 +1,68 @@
+"""Tiny random-init causal LMs of many architectures, built from configs (no downloads), for tests.
+
+Usage: ``from tiny_models import build, ARCH_NAMES, EXPECTED_ROLES; model = build("llama")``
+"""
+from __future__ import annotations
+
+import torch
+import transformers as T
+
+VOCAB = 128
+# Special ids inside the tiny vocabulary (the configs' defaults, e.g. 50256, would be out of range).
+_IDS = dict(vocab_size=VOCAB, bos_token_id=1, eos_token_id=2, pad_token_id=0)
+_GATED = ("attn.q", "attn.k", "attn.v", "attn.o", "mlp.gate", "mlp.up", "mlp.down")
+_SPLIT_QKV = ("attn.q", "attn.k", "attn.v", "attn.o", "mlp.up", "mlp.down")
+_FUSED_QKV = ("attn.qkv", "attn.o", "mlp.up", "mlp.down")
+
+
+def _llama_like(cls, **kw):
+    # hidden 48, 6 heads of 8 over 2 KV heads (3:1 GQA, like SmolLM2), MLP 128: k/v are 16 wide, q 48.
+    args = dict(hidden_size=48, intermediate_size=128, num_hidden_layers=2, num_attention_heads=6,
+                num_key_value_heads=2, max_position_embeddings=64, **_IDS)
+    return lambda: cls(**{**args, **kw})
+
+
+# name -> (config factory, roles every block must show)
+_SPECS = {
+    "llama": (_llama_like(T.LlamaConfig, tie_word_embeddings=True), _GATED),
+    "mistral": (_llama_like(T.MistralConfig, sliding_window=None), _GATED),
+    "qwen2": (_llama_like(T.Qwen2Config), _GATED),  # q/k/v carry biases
+    # MQA (1 KV head), head_dim 16 != hidden/heads, scaled embedding, tied head.
+    "gemma": (_llama_like(T.GemmaConfig, hidden_size=64, num_attention_heads=4, num_key_value_heads=1,
+                          head_dim=16), _GATED),
+    # Fused qkv_proj (64 + 2*32 = 128 = 2 x q width: also shape-valid as a fused gate_up) and gate_up_proj.
+    "phi3": (_llama_like(T.Phi3Config, hidden_size=64, num_attention_heads=4, num_key_value_heads=2,
+                         intermediate_size=96),
+             ("attn.qkv", "attn.o", "mlp.gate_up", "mlp.down")),
+    "gpt2": (lambda: T.GPT2Config(n_embd=48, n_layer=2, n_head=4, n_positions=64, **_IDS), _FUSED_QKV),  # Conv1D
+    "gpt_neox": (lambda: T.GPTNeoXConfig(hidden_size=48, intermediate_size=96, num_hidden_layers=2,
+                                         num_attention_heads=4, max_position_embeddings=64, **_IDS), _FUSED_QKV),
+    # fc1/fc2 sit directly in the decoder layer, not in an MLP submodule.
+    "opt": (lambda: T.OPTConfig(hidden_size=48, ffn_dim=96, num_hidden_layers=2, num_attention_heads=4,
+                                word_embed_proj_dim=48, max_position_embeddings=64, **_IDS), _SPLIT_QKV),
+    "phi": (lambda: T.PhiConfig(hidden_size=48, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
+                                max_position_embeddings=64, **_IDS), _SPLIT_QKV),
+    # multi_query: one KV head, qkv out = 48 + 2*12 = 72 (config.num_kv_heads says 4; the layer ignores it).
+    "falcon": (lambda: T.FalconConfig(hidden_size=48, num_hidden_layers=2, num_attention_heads=4, **_IDS),
+               _FUSED_QKV),
+    "bloom": (lambda: T.BloomConfig(hidden_size=48, n_layer=2, n_head=4, **_IDS), _FUSED_QKV),
+    # q/k/v/out_proj are all 48x48 and registered k, v, q, out.
+    "gptj": (lambda: T.GPTJConfig(n_embd=48, n_layer=2, n_head=4, rotary_dim=8, n_positions=64, **_IDS),
+             _SPLIT_QKV),
+}
+
+ARCH_NAMES: list[str] = list(_SPECS)
+EXPECTED_ROLES: dict[str, tuple[str, ...]] = {k: v[1] for k, v in _SPECS.items()}
+
+
+def config(arch: str) -> T.PretrainedConfig:
+    return _SPECS[arch][0]()
+
+
+def build(arch: str, seed: int = 0) -> torch.nn.Module:
+    """A fresh fp32 random-init model of `arch` (same weights for the same seed)."""
+    torch.manual_seed(seed)
+    return T.AutoModelForCausalLM.from_config(config(arch), dtype=torch.float32)
+
+
+ARCHS = {name: (lambda name=name: build(name)) for name in ARCH_NAMES}
