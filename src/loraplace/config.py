@@ -60,8 +60,8 @@ class TrainSpec:
     weight_decay: float = 0.0
     max_grad_norm: float = 1.0  # gradient clipping; 0 disables
     rank: int = 16  # default LoRA rank
-    alpha: float = 32  # LoRA alpha (scale = alpha / rank); per module it follows the rank if alpha_per_rank
-    alpha_per_rank: bool = False  # True: alpha = 2 * rank for every module (keeps alpha/r fixed)
+    alpha: float = 32  # LoRA alpha (scale = alpha / r)
+    alpha_per_rank: bool = False  # True: a module of rank r gets alpha * r / rank, so every module keeps alpha/rank
     dropout: float = 0.05  # LoRA dropout
     device: str = "auto"  # auto | cpu | cuda | cuda:N
     dtype: str = "float32"  # float32 | bfloat16 (bfloat16 is slower on CPUs without AMX)
