@@ -138,7 +138,7 @@ def train(model, train_set: TokenizedSet, spec: TrainSpec, seed: int, pad_id: in
         loss = nll / max(n, 1)  # token-weighted mean over this batch's targets
         if not torch.isfinite(loss):
             bar.close()
-            raise TrialError(f"non-finite train loss ({float(loss)}) at step {step}")
+            raise TrialError(f"non-finite train loss ({loss.item()}) at step {step}")
         loss.backward()
         if spec.max_grad_norm > 0:
             torch.nn.utils.clip_grad_norm_(params, spec.max_grad_norm)
