@@ -1,0 +1,362 @@
+"""Data loading, split, tokenization and batching; a tokenizer built in-test, no model, no downloads."""
+
+from __future__ import annotations
+
+import csv
+import json
+import sys
+import types
+from pathlib import Path
+
+import pytest
+import torch
+from tokenizers import Tokenizer, models, pre_tokenizers, processors, trainers
+from transformers import PreTrainedTokenizerFast
+
+from loraplace import data as D
+from loraplace.config import DataSpec
+from loraplace.data import DataError, Example
+from loraplace.metrics import IGNORE_INDEX
+
+GSM8K = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "gsm8k"
+needs_gsm8k = pytest.mark.skipif(not (GSM8K / "train.jsonl").is_file(), reason=f"GSM8K not found at {GSM8K}")
+
+CORPUS = ["Question Answer Instruction Input Response what is two plus two four add the numbers",
+          "the quick brown fox jumps over a lazy dog and then sleeps all day long user assistant"]
+CHAT = ("{% for m in messages %}< {{ m.role }} > {{ m.content }} <eos> {% endfor %}"
+        "{% if add_generation_prompt %}< assistant > {% endif %}")
+
+
+def make_tokenizer(chat: bool = True, bos: bool = False, extra: str = "") -> PreTrainedTokenizerFast:
+    tk = Tokenizer(models.WordLevel(unk_token="<unk>"))
+    tk.pre_tokenizer = pre_tokenizers.Whitespace()
+    tk.train_from_iterator(CORPUS + [extra], trainers.WordLevelTrainer(special_tokens=["<pad>", "<unk>", "<eos>", "<bos>"]))
+    if bos:
+        tk.post_processor = processors.TemplateProcessing(single="<bos> $A", special_tokens=[("<bos>", 3)])
+    tok = PreTrainedTokenizerFast(tokenizer_object=tk, eos_token="<eos>", pad_token="<pad>", unk_token="<unk>",
+                                  bos_token="<bos>")
+    tok.chat_template = CHAT if chat else None
+    return tok
+
+
+ROWS = [{"instruction": f"add the numbers {i}", "input": "two plus two" if i % 2 else "", "output": "four"}
+        for i in range(6)]
+
+
+def write(path: Path, rows: list[dict]) -> Path:
+    if path.suffix == ".jsonl":
+        path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    elif path.suffix == ".json":
+        path.write_text(json.dumps(rows, indent=1))
+    elif path.suffix == ".csv":
+        with path.open("w", newline="") as f:
+            w = csv.DictWriter(f, fieldnames=list(rows[0]))
+            w.writeheader()
+            w.writerows(rows)
+    else:
+        import pyarrow as pa
+        import pyarrow.parquet as pq
+        pq.write_table(pa.Table.from_pylist(rows), path)
+    return path
+
+
+def load(path, **kw) -> list[Example]:
+    return D.load_examples(DataSpec(source=str(path), **kw))
+
+
+# -- loading ------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("ext", [".jsonl", ".json", ".csv", ".parquet"])
+def test_each_file_type_loads_the_same_examples(tmp_path, ext):
+    if ext == ".parquet":
+        pytest.importorskip("pyarrow")
+    got = load(write(tmp_path / f"d{ext}", ROWS))
+    assert got == load(write(tmp_path / "ref.jsonl", ROWS))
+    assert len(got) == 6
+    assert got[0].prompt == "### Instruction:\nadd the numbers 0\n\n### Response:\n"
+    assert got[1].prompt == "### Instruction:\nadd the numbers 1\n\n### Input:\ntwo plus two\n\n### Response:\n"
+    assert got[1].completion == "four"
+
+
+def test_json_lines_in_a_json_file_and_wrapped_array(tmp_path):
+    p = tmp_path / "d.json"
+    p.write_text("".join(json.dumps(r) + "\n" for r in ROWS))
+    assert len(load(p)) == 6
+    p.write_text(json.dumps({"data": ROWS}))
+    assert len(load(p)) == 6
+
+
+@pytest.mark.parametrize("row, fmt", [
+    ({"instruction": "a", "output": "b"}, "alpaca"),
+    ({"prompt": "a", "completion": "b"}, "prompt_completion"),
+    ({"question": "a", "answer": "b"}, "qa"),
+    ({"text": "a b"}, "text"),
+])
+def test_format_auto_detection(tmp_path, row, fmt):
+    (ex,) = load(write(tmp_path / "d.jsonl", [row]))
+    assert ex == D.format_example(fmt, row, "x")
+    assert (ex.prompt, ex.completion) == {
+        "alpaca": ("### Instruction:\na\n\n### Response:\n", "b"),
+        "prompt_completion": ("a", "b"),
+        "qa": ("Question: a\nAnswer:", " b"),
+        "text": ("", "a b"),
+    }[fmt]
+
+
+def test_explicit_format_and_undetectable_fields(tmp_path):
+    p = write(tmp_path / "d.jsonl", [{"question": "q", "answer": "a", "text": "t"}])
+    assert load(p, format="text")[0].completion == "t"
+    with pytest.raises(DataError, match=r"d.jsonl:1: missing field 'prompt'"):
+        load(p, format="prompt_completion")
+    p = write(tmp_path / "e.jsonl", [{"foo": 1}])
+    with pytest.raises(DataError, match=r"e.jsonl:1: cannot tell the format from fields \['foo'\]"):
+        load(p)
+
+
+def test_malformed_json_line_names_file_and_line(tmp_path):
+    p = tmp_path / "bad.jsonl"
+    p.write_text('{"text": "a"}\n\n{"text": "b"\n{"text": "c"}\n')
+    with pytest.raises(DataError) as e:
+        load(p)
+    msg = str(e.value)
+    assert "bad.jsonl:3:" in msg and "not valid JSON" in msg and "\n" not in msg
+    p = tmp_path / "bad.json"
+    p.write_text('[\n{"text": "a"},\n{"text": }\n]')
+    with pytest.raises(DataError, match=r"bad.json:3: not valid JSON"):
+        load(p)
+    p.write_text('[1, 2]')
+    with pytest.raises(DataError, match=r"bad.json: item 1: expected a JSON object"):
+        load(p)
+
+
+def test_missing_field_names_field_and_line(tmp_path):
+    rows = [{"question": "q1", "answer": "a1"}, {"question": "q2", "answer": "a2"}, {"question": "q3"}]
+    with pytest.raises(DataError, match=r"d.jsonl:3: missing field 'answer' \(format qa"):
+        load(write(tmp_path / "d.jsonl", rows))
+    p = tmp_path / "d.csv"
+    p.write_text('question,answer\nq1,a1\n"multi\nline q2",a2\nq3,a3,extra\n')
+    with pytest.raises(DataError, match=r"d.csv:5: more cells"):
+        load(p)
+    p.write_text("question,other\nq1,a1\n")
+    with pytest.raises(DataError, match=r"d.csv:2: missing field 'answer'"):
+        load(p, format="qa")
+    with pytest.raises(DataError, match=r"d.jsonl:1: field 'answer' must be text, got list"):
+        load(write(tmp_path / "d.jsonl", [{"question": "q", "answer": [1]}]))
+
+
+def test_missing_file_unsupported_type_and_empty_file(tmp_path):
+    with pytest.raises(DataError, match="nope.jsonl: data file not found"):
+        load(tmp_path / "nope.jsonl")
+    (tmp_path / "d.txt").write_text("x")
+    with pytest.raises(DataError, match="unsupported file type '.txt'"):
+        load(tmp_path / "d.txt")
+    (tmp_path / "e.jsonl").write_text("\n")
+    with pytest.raises(DataError, match="e.jsonl: no examples"):
+        load(tmp_path / "e.jsonl")
+
+
+def test_hub_without_datasets_or_network_is_one_line(monkeypatch):
+    monkeypatch.setitem(sys.modules, "datasets", None)  # import fails
+    with pytest.raises(DataError) as e:
+        D.load_examples(DataSpec(source="hub:openai/gsm8k:main"))
+    assert "needs the 'datasets' package" in str(e.value) and "\n" not in str(e.value)
+
+    def offline(*a, **k):
+        raise ConnectionError("Couldn't reach 'openai/gsm8k' on the Hub (LocalEntryNotFoundError)\nmore")
+    monkeypatch.setitem(sys.modules, "datasets", types.SimpleNamespace(load_dataset=offline))
+    with pytest.raises(DataError) as e:
+        D.load_examples(DataSpec(source="hub:openai/gsm8k:main"))
+    assert "ConnectionError: Couldn't reach" in str(e.value) and "\n" not in str(e.value)
+
+    calls = []
+    fake = lambda repo, conf, split: calls.append((repo, conf, split)) or [{"question": "q", "answer": "x #### 7"}]
+    monkeypatch.setitem(sys.modules, "datasets", types.SimpleNamespace(load_dataset=fake))
+    assert D.load_examples(DataSpec(source="hub:openai/gsm8k:main", hub_split="test"))[0].answer == "7"
+    assert calls == [("openai/gsm8k", "main", "test")]
+
+
+def test_gsm8k_answer_extraction():
+    ex = D.format_example("qa", {"question": "How many?", "answer": "3 + 4 = <<3+4=7>>7\n#### 1,080"}, "x")
+    assert ex.answer == "1080" and ex.completion == " 3 + 4 = <<3+4=7>>7\n#### 1,080"
+    assert D.final_answer("Paris ") == "Paris"
+
+
+@needs_gsm8k
+def test_gsm8k_files_load_as_qa_with_numeric_answers():
+    ex = D.load_examples(DataSpec(source=str(GSM8K / "test.jsonl")))
+    assert len(ex) == 1319
+    assert all(e.prompt.startswith("Question: ") and e.prompt.endswith("\nAnswer:") for e in ex)
+    assert all(e.answer.lstrip("-").replace(".", "").isdigit() for e in ex)
+
+
+# -- built-in dataset -----------------------------------------------------------------------------------
+def test_builtin_dataset_is_deterministic_and_substantial():
+    ex = D.builtin_examples()
+    assert ex == D.builtin_examples() and ex is not D.builtin_examples()
+    assert D.load_examples(DataSpec()) == ex
+    assert 500 <= len(ex) <= 1200
+    assert len({e.prompt for e in ex}) == len(ex)
+    assert all(e.prompt.startswith("Question: ") and e.completion.startswith(" ") and e.answer for e in ex)
+    assert max(len(e.prompt) + len(e.completion) for e in ex) < 300
+    kinds = {e.prompt.split(":")[1].split("`")[0].strip() for e in ex}
+    assert len(kinds) >= 10
+    reverse = next(e for e in ex if "Reverse the order" in e.prompt)
+    words = reverse.prompt.split(": ", 2)[2].split("\n")[0].split()
+    assert reverse.answer == " ".join(words[::-1])
+
+
+# -- split --------------------------------------------------------------------------------------------
+EXAMPLES = [Example(f"p{i}", f" c{i}") for i in range(100)]
+
+
+def test_split_is_seeded_and_eval_is_stable():
+    spec = DataSpec(eval_size=10)
+    train, evals = D.split_examples(EXAMPLES, spec)
+    assert (train, evals) == D.split_examples(EXAMPLES, spec)
+    assert len(evals) == 10 and len(train) == 90 and set(train).isdisjoint(evals)
+    assert set(train) | set(evals) == set(EXAMPLES)
+    assert evals != EXAMPLES[:10]  # shuffled
+    assert D.split_examples(EXAMPLES, DataSpec(eval_size=10, split_seed=1))[1] != evals
+    limited_train, limited_eval = D.split_examples(EXAMPLES, DataSpec(eval_size=10, limit=30))
+    assert limited_eval == evals and len(limited_train) == 20
+    assert len(D.split_examples(EXAMPLES, DataSpec(eval_size=0.25))[1]) == 25
+
+
+@pytest.mark.parametrize("kw, which", [({"eval_size": 100}, "train"), ({"eval_size": 0.001}, "eval"),
+                                       ({"eval_size": 5, "limit": 5}, "train")])
+def test_empty_split_is_an_error(kw, which):
+    with pytest.raises(DataError, match=f"the {which} split is empty"):
+        D.split_examples(EXAMPLES, DataSpec(**kw))
+
+
+# -- tokenization ---------------------------------------------------------------------------------------
+def ids(tok, text):
+    return tok(text, add_special_tokens=False)["input_ids"]
+
+
+def test_labels_mask_the_prompt_and_end_with_eos():
+    tok = make_tokenizer()
+    ex = [Example("Question: what is two plus two\nAnswer:", " four"), Example("", "the quick brown fox")]
+    ts = D.tokenize(ex, tok, DataSpec(max_length=64))
+    p, c = ids(tok, ex[0].prompt), ids(tok, ex[0].completion)
+    assert ts.input_ids[0] == p + c + [tok.eos_token_id]
+    assert ts.labels[0] == [IGNORE_INDEX] * len(p) + c + [tok.eos_token_id]
+    # text format: every token is a target except the first, which nothing predicts
+    assert ts.labels[1] == [IGNORE_INDEX] + ts.input_ids[1][1:]
+    assert ts.input_ids[1][-1] == tok.eos_token_id
+    assert ts.n_target_tokens == 2 + 4 and ts.lengths == [len(p) + 2, 5]
+    assert (ts.dropped, ts.truncated, ts.index) == (0, 0, [0, 1])
+
+
+def test_bos_only_when_the_tokenizer_adds_it():
+    ex = [Example("what is", " four")]
+    assert D.tokenize(ex, make_tokenizer(), DataSpec()).input_ids[0][0] != 3
+    tok = make_tokenizer(bos=True)
+    ts = D.tokenize(ex, tok, DataSpec())
+    assert ts.input_ids[0] == [3] + ids(tok, "what is") + ids(tok, " four") + [tok.eos_token_id]
+    assert ts.labels[0][:3] == [IGNORE_INDEX] * 3
+
+
+def test_truncation_keeps_the_head_and_drops_examples_without_targets(caplog):
+    tok = make_tokenizer()
+    ex = [Example("what is", " the quick brown fox"), Example("a b c d e f", " four"), Example("a", " b")]
+    ts = D.tokenize(ex, tok, DataSpec(max_length=4))
+    assert ts.index == [0, 2] and ts.dropped == 1 and ts.truncated == 1
+    assert ts.input_ids[0] == ids(tok, "what is the quick")  # tail and eos cut
+    assert ts.labels[0] == [IGNORE_INDEX, IGNORE_INDEX] + ids(tok, "the quick")
+    assert ts.input_ids[1] == ids(tok, "a b") + [tok.eos_token_id]
+    assert "dropped 1 of 3" in caplog.text
+
+
+def test_max_length_too_short_for_every_completion():
+    ex = [Example("a b c d e f", " four"), Example("a b c d", " four")]
+    with pytest.raises(DataError) as e:
+        D.tokenize(ex, make_tokenizer(), DataSpec(max_length=3))
+    assert "max_length=3 truncates away the completion of all 2 examples" in str(e.value)
+    assert "max_length >= 5 keeps some, >= 8 keeps all whole" in str(e.value)
+
+
+def test_chat_template_wraps_the_prompt_as_a_user_message():
+    tok = make_tokenizer()
+    ts = D.tokenize([Example("Question: what is two\nAnswer:", " four")], tok, DataSpec(template="chat"))
+    prompt = ids(tok, "< user > Question: what is two\nAnswer: <eos> < assistant > ")
+    assert ts.input_ids[0] == prompt + ids(tok, "four") + [tok.eos_token_id]
+    assert ts.labels[0] == [IGNORE_INDEX] * len(prompt) + ids(tok, "four") + [tok.eos_token_id]
+    with pytest.raises(DataError, match="has no chat template; use data.template=plain"):
+        D.tokenize([Example("a", "b")], make_tokenizer(chat=False), DataSpec(template="chat", max_length=9))
+
+
+@pytest.mark.parametrize("template, bos", [("plain", False), ("plain", True), ("chat", False)])
+def test_encode_prompt_matches_the_training_prompt(template, bos):
+    tok = make_tokenizer(bos=bos)
+    ex = Example("Question: what is two plus two\nAnswer:", " four")
+    ts = D.tokenize([ex], tok, DataSpec(template=template))
+    n_prompt = ts.labels[0].index(ids(tok, "four")[0])
+    assert D.encode_prompt(ex, tok, DataSpec(template=template)) == ts.input_ids[0][:n_prompt]
+
+
+def test_tokenization_is_memoized_per_tokenizer_template_length_and_data():
+    tok = make_tokenizer()
+    ex = [Example("what is", " four"), Example("a", " b")]
+    ts = D.tokenize(ex, tok, DataSpec(max_length=50))
+    assert D.tokenize(list(ex), make_tokenizer(), DataSpec(max_length=50, eval_size=3)) is ts
+    assert D.tokenize(ex, tok, DataSpec(max_length=51)) is not ts
+    assert D.tokenize(ex, tok, DataSpec(max_length=50, template="chat")) is not ts
+    assert D.tokenize(ex[:1], tok, DataSpec(max_length=50)) is not ts
+    other = D.tokenize(ex, make_tokenizer(extra="zebra"), DataSpec(max_length=50))
+    assert other is not ts
+
+
+# -- batches --------------------------------------------------------------------------------------------
+def fake_set(lengths) -> D.TokenizedSet:
+    return D.TokenizedSet([[i + 1] * n for i, n in enumerate(lengths)], [[IGNORE_INDEX] + [7] * (n - 1) for n in lengths])
+
+
+def test_batches_pad_right_and_mask_padding():
+    ts = fake_set([3, 5, 2])
+    (b,) = D.batches(ts, 4, seed=None, pad_id=0, group_by_length=False)
+    assert b["input_ids"].tolist() == [[1, 1, 1, 0, 0], [2, 2, 2, 2, 2], [3, 3, 0, 0, 0]]
+    assert b["attention_mask"].tolist() == [[1, 1, 1, 0, 0], [1] * 5, [1, 1, 0, 0, 0]]
+    assert b["labels"][0].tolist() == [IGNORE_INDEX, 7, 7, IGNORE_INDEX, IGNORE_INDEX]
+    assert all(t.dtype == torch.long for t in b.values())
+    (b,) = D.batches(ts, 4, seed=None, pad_id=0)  # eval with grouping: longest first, no randomness
+    assert b["input_ids"][:, 0].tolist() == [2, 1, 3]
+
+
+def order(ts, seed, **kw):
+    return [b["input_ids"][:, 0].tolist() for b in D.batches(ts, 8, seed=seed, pad_id=0, **kw)]
+
+
+@pytest.mark.parametrize("group", [True, False])
+def test_batches_are_deterministic_per_seed_and_cover_every_example(group):
+    ts = fake_set([(i * 37) % 50 + 1 for i in range(1000)])
+    a = order(ts, 0, group_by_length=group)
+    assert a == order(ts, 0, group_by_length=group)
+    assert a != order(ts, 1, group_by_length=group)
+    assert sorted(sum(a, [])) == list(range(1, 1001))
+    kept = order(ts, 0, group_by_length=group, drop_last=True)
+    assert len(kept) == 125 and all(len(b) == 8 for b in kept)
+
+
+def test_drop_last_drops_only_the_short_batch():
+    ts = fake_set([4] * 20)
+    full = order(ts, 3)
+    assert sorted(map(len, full)) == [4, 8, 8]
+    assert order(ts, 3, drop_last=True) == [b for b in full if len(b) == 8]
+
+
+def test_padding_fraction_matches_the_batches():
+    ts = fake_set([(i * 37) % 50 + 1 for i in range(200)])
+    for group in (True, False):
+        bs = list(D.batches(ts, 8, seed=5, pad_id=0, group_by_length=group))
+        real = sum(int(b["attention_mask"].sum()) for b in bs)
+        slots = sum(b["attention_mask"].numel() for b in bs)
+        assert D.padding_fraction(ts, 8, 5, group) == pytest.approx(1 - real / slots)
+
+
+@needs_gsm8k
+def test_length_grouping_cuts_padding_on_gsm8k_lengths():
+    ex = D.load_examples(DataSpec(source=str(GSM8K / "train.jsonl")))
+    lengths = [len(e.prompt + e.completion) // 4 for e in ex]  # about one token per 4 characters
+    grouped = D.padding_fraction(lengths, 8, seed=0)
+    shuffled = D.padding_fraction(lengths, 8, seed=0, group_by_length=False)
+    assert shuffled > 0.2 and grouped < 0.05 and grouped < shuffled / 5
