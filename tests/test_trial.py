@@ -111,3 +111,13 @@ def test_lr_schedule_warmup_then_decay():
     assert all(a >= b for a, b in zip(f[1:], f[2:])) and f[-1] < 0.1
     lin = TrainSpec(steps=10, warmup=0, schedule="linear")
     assert [round(lr_factor(s, 10, lin), 2) for s in (0, 5)] == [1.0, 0.5]
+
+
+def test_answer_matching():
+    from loraplace.trial import answer_matches, final_number
+
+    assert final_number("so 3 + 4 = 7.\n#### 1,080") == "1080"
+    assert final_number("It is 12 then 18.0") == "18"
+    assert answer_matches("The answer is 18.", "18") and not answer_matches("17", "18")
+    assert not answer_matches("no number here", "18")
+    assert answer_matches(" Yes.\nmore", "Yes") and not answer_matches("No", "Yes")

@@ -247,9 +247,21 @@ def final_number(text: str) -> str | None:
     return value[:-2] if value.endswith(".0") else value
 
 
+def answer_matches(generated: str, answer: str) -> bool:
+    """Numbers compare by value (GSM8K); other answers by their first line, case and final period aside."""
+    expected = final_number(answer)
+    if expected is not None:
+        return final_number(generated) == expected
+
+    def norm(t: str) -> str:
+        return (t.strip().splitlines() or [""])[0].strip().rstrip(".").lower()
+
+    return norm(generated) == norm(answer)
+
+
 @torch.inference_mode()
 def answer_accuracy(model, tokenizer, examples, data_spec, eval_spec: EvalSpec, device="cpu") -> float:
-    """Exact match of the final number of a greedy generation against each example's answer."""
+    """Share of examples whose greedy generation matches the answer (see ``answer_matches``)."""
     from .data import encode_prompt
 
     was_training = model.training
@@ -267,6 +279,6 @@ def answer_accuracy(model, tokenizer, examples, data_spec, eval_spec: EvalSpec, 
             pad_token_id=pad, eos_token_id=tokenizer.eos_token_id,
         )
         for e, row in zip(chunk, out[:, width:]):
-            hits += final_number(tokenizer.decode(row, skip_special_tokens=True)) == final_number(e.answer)
+            hits += answer_matches(tokenizer.decode(row, skip_special_tokens=True), e.answer)
     model.train(was_training)
     return hits / len(examples)
