@@ -1,0 +1,232 @@
+"""The study report: results table, recommendation and figures as Markdown and self-contained HTML.
+
+Usage::
+
+    from loraplace.report import write_report, summary_text
+    paths = write_report("studies/default")     # files in studies/default/report/
+    print(paths["html"])
+
+``write_report`` reads the study's store and writes into ``STUDY_DIR/report/``: ``report.md``
+(figures linked as sibling PNGs), ``report.html`` (figures embedded as base64 data URIs, inline
+CSS: opens offline, can be mailed alone) and the PNGs ``pareto.png``, ``curves.png``,
+``placement_map.png``, ``costs.png``. ``summary_table`` / ``summary_text`` give the plain-text
+table for terminals.
+"""
+
+from __future__ import annotations
+
+import base64
+import html
+import math
+from pathlib import Path
+
+from . import figures
+from .analysis import Interval, StudyAnalysis, analyze_store
+from .metrics import METRICS
+from .store import Store
+
+REPORT_DIR = "report"  # inside the study directory
+MIB = 2**20
+CAPTIONS = {
+    "pareto": "Eval loss against trainable parameters (log scale) and against train time. Dashed: Pareto "
+              "frontier (no other strategy is both cheaper and better); ringed: baseline; dotted: zero-shot loss.",
+    "curves": "Training loss per optimizer step, mean over the seeds that logged each step.",
+    "placement_map": "Adapted modules per transformer block and role; colour = LoRA rank, white = not adapted.",
+    "costs": "Train time, peak memory (CPU: process RSS high-water mark; CUDA: max allocated) and adapter size.",
+}
+
+
+# -- tables ----------------------------------------------------------------------------------------
+def _iv(iv: Interval | None, fmt: str, scale: float = 1.0) -> str:
+    if iv is None:
+        return "—"
+    m = fmt.format(iv.mean / scale)
+    # no interval (n=1) or a zero-width one (identical across seeds, e.g. parameter counts): mean only
+    return m if iv.lo is None or iv.half == 0 else f"{m} ± {fmt.format(iv.half / scale)}"
+
+
+def _delta(a: StudyAnalysis, name: str) -> str:
+    s = a.get(name)
+    if name == a.baseline:
+        return "(baseline)"
+    if s is None or s.paired is None:
+        return "—"
+    d = s.paired.diff
+    if d.lo is None:
+        return f"{d.mean:+.4f}"
+    return f"{d.mean:+.4f} ± {d.half:.4f}" + ("*" if s.paired.significant else "")
+
+
+def results_table(a: StudyAnalysis) -> tuple[list[str], list[list[str]]]:
+    """(headers, rows) of the paper table; ± = half-width of the 95% t-interval across seeds."""
+    headers = ["Strategy", "Seeds", "Trainable params (% of base)", "Eval loss (nats/tok)", "Perplexity",
+               "Δ loss vs baseline", "Retained improvement", "Train time (s)", "Peak memory (MiB)"]
+    rows = []
+    for s in a.strategies:
+        params = s.mean("trainable_params")
+        name = s.strategy + (" †" if s.strategy in a.pareto_params else "")
+        rows.append([
+            name,
+            str(len(s.seeds)),
+            "—" if math.isnan(params) else f"{params:,.0f}" + (
+                f" ({s.mean('trainable_pct'):.3f}%)" if "trainable_pct" in s.metrics else ""),
+            _iv(s.eval_loss, "{:.4f}"),
+            _iv(s.metrics.get("perplexity"), "{:.3f}"),
+            _delta(a, s.strategy),
+            "100% (ref.)" if s.strategy == a.baseline and s.retained is not None else "—" if s.retained is None else (
+                f"{100 * s.retained.mean:.1f}%" if s.retained.lo is None
+                else f"{100 * s.retained.mean:.1f} ± {100 * s.retained.half:.1f}%"),
+            _iv(s.metrics.get("train_time_s"), "{:.1f}"),
+            _iv(s.metrics.get("peak_mem_bytes"), "{:.0f}", MIB),
+        ])
+    return headers, rows
+
+
+def table_notes(a: StudyAnalysis) -> list[str]:
+    notes = ["± is the half-width of the 95% Student-t interval across seeds; a value without ± had one "
+             "seed, for which no interval exists, or was identical in every seed.",
+             "Δ loss vs baseline: paired by seed, strategy minus baseline (positive = worse); * = the interval "
+             "excludes 0 (paired t-test p < 0.05).",
+             "Retained improvement: (zero-shot loss − strategy loss) / (zero-shot loss − baseline loss), per seed.",
+             "† = on the Pareto frontier of trainable parameters vs eval loss."]
+    if a.zero_shot_loss is None:
+        notes.append("No zero-shot loss was recorded, so retained improvement is not available.")
+    return notes
+
+
+def _aligned(headers: list[str], rows: list[list[str]]) -> str:
+    widths = [max(len(r[i]) for r in [headers] + rows) for i in range(len(headers))]
+
+    def line(cells: list[str]) -> str:  # first column left-aligned, numbers right-aligned
+        return "  ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(cells, widths)))
+
+    return "\n".join([line(headers), "  ".join("-" * w for w in widths)] + [line(r) for r in rows])
+
+
+def summary_table(a: StudyAnalysis) -> str:
+    """Plain-text table with aligned columns, for the terminal."""
+    headers, rows = results_table(a)
+    keep = [0, 1, 2, 3, 5, 6, 7]  # strategy, seeds, params, loss, delta, retained, time
+    return _aligned([headers[i] for i in keep], [[r[i] for i in keep] for r in rows])
+
+
+def summary_text(a: StudyAnalysis) -> str:
+    """Table, recommendation and failures, as the CLI prints them."""
+    parts = [summary_table(a), "", "Recommendation: " + a.recommendation.text]
+    if a.failed:
+        failures = "; ".join(f"{f.strategy} seed {f.seed}: {f.error}" for f in a.failed)
+        parts.append(f"Failed trials ({len(a.failed)}): {failures}")
+    if a.unfinished:
+        parts.append(f"Unfinished trials ({len(a.unfinished)}) are not counted.")
+    return "\n".join(parts)
+
+
+# -- documents -------------------------------------------------------------------------------------
+def _context(a: StudyAnalysis) -> list[tuple[str, str]]:
+    meta = a.meta
+    zs = "not recorded" if a.zero_shot_loss is None else f"{a.zero_shot_loss:.4f} nats/token"
+    seeds = meta.get("seeds") or sorted({sd for s in a.strategies for sd in s.seeds})
+    return [("Model", str(meta.get("model", "?"))), ("Dataset", str(meta.get("dataset", "?"))),
+            ("Baseline", a.baseline),
+            ("Seeds", ", ".join(map(str, seeds))), ("Threshold", f"{100 * a.threshold:.0f}% retained improvement"),
+            ("Zero-shot eval loss", zs),
+            ("Pareto frontier (params)", ", ".join(a.pareto_params) or "—"),
+            ("Pareto frontier (train time)", ", ".join(a.pareto_time) or "—")]
+
+
+def _metric_defs(a: StudyAnalysis) -> list[tuple[str, str, str]]:
+    used = {k for s in a.strategies for k in s.metrics}
+    return [(k, unit or "—", meaning) for k, (unit, meaning) in METRICS.items() if k in used]
+
+
+def _problems(a: StudyAnalysis) -> list[str]:
+    out = [f"{f.strategy} seed {f.seed} failed: {f.error}" for f in a.failed]
+    out += [f"{f.strategy} seed {f.seed} is {f.status} (not counted)" for f in a.unfinished]
+    return out + a.notes
+
+
+def render_markdown(a: StudyAnalysis, figs: dict[str, Path]) -> str:
+    rec = a.recommendation
+    md = ["# LoRA placement study report", ""]
+    md += [f"- **{k}:** {v}" for k, v in _context(a)] + ["", "## Recommendation", "",
+                                                              ("**" + rec.text + "**"), ""]
+    md += ["Evidence:", ""] + [f"- {e}" for e in rec.evidence] + ["", "## Results", ""]
+    headers, rows = results_table(a)
+    md += ["| " + " | ".join(headers) + " |", "|" + "|".join(["---"] + ["---:"] * (len(headers) - 1)) + "|"]
+    md += ["| " + " | ".join(r) + " |" for r in rows] + [""] + [f"- {n}" for n in table_notes(a)] + [""]
+    md += ["## Figures", ""]
+    for name, path in figs.items():
+        md += [f"![{name}]({path.name})", "", f"*{CAPTIONS.get(name, name)}*", ""]
+    problems = _problems(a)
+    if problems:
+        md += ["## Failed trials and notes", ""] + [f"- {p}" for p in problems] + [""]
+    md += ["## Metric definitions", "", "| Metric | Unit | Meaning |", "|---|---|---|"]
+    md += [f"| {k} | {u} | {m} |" for k, u, m in _metric_defs(a)]
+    return "\n".join(md) + "\n"
+
+
+CSS = """
+body{font-family:system-ui,-apple-system,'Segoe UI',Helvetica,Arial,sans-serif;max-width:1200px;margin:24px auto;
+padding:0 16px;color:#1a1a1a;line-height:1.45}
+h1{font-size:1.7em;margin-bottom:.3em}h2{border-bottom:1px solid #ccc;padding-bottom:4px;margin-top:1.6em}
+dl.ctx{display:grid;grid-template-columns:max-content auto;gap:2px 16px}dl.ctx dt{font-weight:600}dl.ctx dd{margin:0}
+.rec{border-left:6px solid #0072B2;background:#eef5fb;padding:10px 16px;margin:12px 0}
+.rec.undecided{border-left-color:#D55E00;background:#fdf1ea}.rec p{font-size:1.1em;font-weight:600;margin:.3em 0}
+.scroll{overflow-x:auto}table{border-collapse:collapse;font-size:.88em;margin:8px 0}
+th,td{border:1px solid #bbb;padding:4px 8px}th{background:#f0f0f0}td:first-child{white-space:nowrap}
+td.num{text-align:right;font-variant-numeric:tabular-nums;white-space:nowrap}
+tr.base td{font-weight:600}figure{margin:18px 0}figure img{max-width:100%;border:1px solid #ddd}
+figcaption{font-size:.92em;color:#444}.notes{font-size:.9em;color:#333}
+"""
+
+
+def _img_uri(path: Path) -> str:
+    return "data:image/png;base64," + base64.b64encode(Path(path).read_bytes()).decode("ascii")
+
+
+def render_html(a: StudyAnalysis, figs: dict[str, Path]) -> str:
+    e = html.escape
+    rec = a.recommendation
+    out = ["<!DOCTYPE html>", '<html lang="en"><head><meta charset="utf-8">',
+           "<title>LoRA placement study report</title>", f"<style>{CSS}</style></head><body>",
+           "<h1>LoRA placement study report</h1>", '<dl class="ctx">']
+    out += [f"<dt>{e(k)}</dt><dd>{e(v)}</dd>" for k, v in _context(a)] + ["</dl>"]
+    out += ["<h2>Recommendation</h2>", f'<div class="rec{"" if rec.decided else " undecided"}">',
+            f"<p>{e(rec.text)}</p>", "<ul>"] + [f"<li>{e(x)}</li>" for x in rec.evidence] + ["</ul></div>"]
+    headers, rows = results_table(a)
+    out += ["<h2>Results</h2>", '<div class="scroll"><table><thead><tr>']
+    out += [f"<th>{e(h)}</th>" for h in headers] + ["</tr></thead><tbody>"]
+    for s, r in zip(a.strategies, rows):
+        cls = ' class="base"' if s.strategy == a.baseline else ""
+        cells = [f"<td>{e(r[0])}</td>"] + [f'<td class="num">{e(c)}</td>' for c in r[1:]]
+        out.append(f"<tr{cls}>" + "".join(cells) + "</tr>")
+    out += ["</tbody></table></div>", '<ul class="notes">'] + [f"<li>{e(n)}</li>" for n in table_notes(a)] + ["</ul>"]
+    out.append("<h2>Figures</h2>")
+    for name, path in figs.items():
+        out.append(f'<figure><img alt="{e(name)}" src="{_img_uri(path)}">'
+                   f"<figcaption>{e(CAPTIONS.get(name, name))}</figcaption></figure>")
+    problems = _problems(a)
+    if problems:
+        out += ["<h2>Failed trials and notes</h2>", "<ul>"] + [f"<li>{e(p)}</li>" for p in problems] + ["</ul>"]
+    out += ["<h2>Metric definitions</h2>",
+            "<table><thead><tr><th>Metric</th><th>Unit</th><th>Meaning</th></tr></thead><tbody>"]
+    out += [f"<tr><td>{e(k)}</td><td>{e(u)}</td><td>{e(m)}</td></tr>" for k, u, m in _metric_defs(a)]
+    out += ["</tbody></table>", "</body></html>"]
+    return "\n".join(out) + "\n"
+
+
+def write_report(study_dir: str | Path, threshold: float | None = None) -> dict[str, Path]:
+    """Analyse the study in study_dir and write STUDY_DIR/report/{report.md, report.html, *.png}.
+
+    threshold: retained-improvement share for the recommendation; None = the study config's
+    (default 0.95). Returns {"dir", "markdown", "html", "pareto", "curves", "placement_map", "costs"}.
+    Raises store.StoreError when study_dir has no study database."""
+    study_dir = Path(study_dir)
+    with Store.open(study_dir, create=False) as store:
+        a = analyze_store(store, threshold)
+    out = study_dir / REPORT_DIR
+    figs = figures.draw_all(a, out)
+    md, page = out / "report.md", out / "report.html"
+    md.write_text(render_markdown(a, figs), encoding="utf-8")
+    page.write_text(render_html(a, figs), encoding="utf-8")
+    return {"dir": out, "markdown": md, "html": page, **figs}
