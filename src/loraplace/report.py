@@ -106,8 +106,8 @@ def _aligned(headers: list[str], rows: list[list[str]]) -> str:
 def summary_table(a: StudyAnalysis) -> str:
     """Plain-text table with aligned columns, for the terminal."""
     headers, rows = results_table(a)
-    keep = [0, 1, 2, 3, 5, 6, 7]  # strategy, seeds, params, loss, delta, retained, time
-    return _aligned([headers[i] for i in keep], [[r[i] for i in keep] for r in rows])
+    legend = "± 95% t-interval across seeds; Δ paired by seed (* significant); † on the params/loss Pareto frontier"
+    return _aligned(headers, rows) + "\n" + legend
 
 
 def summary_text(a: StudyAnalysis) -> str:

@@ -1,0 +1,310 @@
+"""Command line: a thin layer over the public API.
+
+Usage::
+
+    loraplace inspect [--model M] [--json]
+    loraplace plan [--model M] [--strategies S ...] [--budget B] [--json]
+    loraplace study [CONFIG.yaml] [key=value ...]
+    loraplace status STUDY_DIR [--csv | --json]
+    loraplace report STUDY_DIR
+    loraplace export STUDY_DIR --strategy S --format peft|axolotl|llamafactory|torchtune
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import sys
+
+from . import __version__
+
+
+def _user_errors() -> tuple[type[Exception], ...]:
+    """Errors a user can cause; each is printed as one line with no traceback."""
+    from .anatomy import AnatomyError
+    from .config import ConfigError
+    from .data import DataError
+    from .export import ExportError
+    from .models import ModelError
+    from .placement import PlacementError
+    from .store import StoreError
+
+    return (AnatomyError, ConfigError, DataError, ExportError, ModelError, PlacementError, StoreError)
+
+
+# -- text rendering of anatomy and placements ----------------------------------------------------
+def _fmt_int(n: int) -> str:
+    return f"{n:,}"
+
+
+def _fmt_bytes(n: float) -> str:
+    for unit in ("B", "KB", "MB", "GB"):
+        if n < 1000 or unit == "GB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1000
+    return f"{n:.1f} GB"
+
+
+def _table(rows: list[list[str]], header: list[str], right: set[int] = frozenset()) -> str:
+    widths = [max(len(str(r[i])) for r in [header, *rows]) for i in range(len(header))]
+    def line(r):
+        return "  ".join(str(c).rjust(w) if i in right else str(c).ljust(w) for i, (c, w) in enumerate(zip(r, widths)))
+    return "\n".join([line(header), "  ".join("-" * w for w in widths), *map(line, rows)])
+
+
+def anatomy_text(anat) -> str:
+    roles = list(anat.roles_present())
+    # Blocks with identical (role -> shape) are grouped into ranges, as most models repeat one block.
+    groups: list[tuple[list[int], tuple]] = []
+    for b in range(anat.n_blocks):
+        sig = tuple(
+            (r, tuple(f"{l.in_features}x{l.out_features}" for l in anat.layers if l.block == b and l.role == r)) for r in roles
+        )
+        if groups and groups[-1][1] == sig:
+            groups[-1][0].append(b)
+        else:
+            groups.append(([b], sig))
+    rows = []
+    for blocks, sig in groups:
+        label = str(blocks[0]) if len(blocks) == 1 else f"{blocks[0]}-{blocks[-1]}"
+        rows.append([label] + [",".join(shapes) or "-" for _, shapes in sig])
+    out = [
+        f"{anat.model_type}: {anat.n_blocks} blocks at {anat.blocks_path}, {_fmt_int(anat.base_params)} base parameters",
+        "",
+        "Shapes (in x out) by block and role:",
+        _table(rows, ["blocks", *roles]),
+        "",
+        "Totals by role:",
+    ]
+    by_role, params = anat.by_role(), anat.role_params()
+    total_rows = [
+        [r, str(len(by_role[r])), _fmt_int(params[r]), f"{100 * params[r] / anat.base_params:.1f}%"] for r in roles
+    ]
+    other = [l for l in anat.layers if l.role == "other"]
+    if other:
+        total_rows.append(["other", str(len(other)), _fmt_int(sum(l.params for l in other)), ""])
+    out.append(_table(total_rows, ["role", "modules", "params", "of base"], right={1, 2, 3}))
+    if anat.outside:
+        out += ["", "Outside the blocks (never adapted by default):"]
+        out.append(_table([[l.name, l.role, l.kind, f"{l.in_features}x{l.out_features}", _fmt_int(l.params)] for l in anat.outside],
+                          ["module", "role", "kind", "shape", "params"], right={4}))
+    return "\n".join(out)
+
+
+def placement_map(placement, anat) -> str:
+    """Roles x blocks grid: the rank digit(s) or '#' where adapted, '.' where not."""
+    roles = list(anat.roles_present())
+    where = {(anat.layer(n).role, anat.layer(n).block): r for n, r in placement.modules.items()}
+    uniform = len(set(placement.modules.values())) == 1
+    width = max(len(r) for r in roles)
+    lines = [" " * width + "  blocks 0" + (f"..{anat.n_blocks - 1}" if anat.n_blocks > 1 else "")]
+    for role in roles:
+        cells = []
+        for b in range(anat.n_blocks):
+            r = where.get((role, b))
+            cells.append("." if r is None else "#" if uniform else str(min(r, 99) // 10 or r % 10))
+        lines.append(f"{role.ljust(width)}  {''.join(cells)}")
+    legend = "# adapted" if uniform else "digit: rank // 10 (rank % 10 below 10)"
+    return "\n".join(lines + [f"{' ' * width}  ({legend}, . not adapted)"])
+
+
+# -- commands ----------------------------------------------------------------------------------
+def cmd_inspect(args) -> int:
+    from .anatomy import analyze
+    from .models import load
+
+    model, _ = load(args.model)
+    anat = analyze(model)
+    print(json.dumps(anat.to_dict(), indent=2) if args.json else anatomy_text(anat))
+    return 0
+
+
+def cmd_plan(args) -> int:
+    from .anatomy import analyze
+    from .config import StudyConfig
+    from .models import load
+    from .placement import parse_budget
+    from .study import resolve_placements
+
+    cfg = StudyConfig.load(args.config, overrides=args.overrides)
+    if args.strategies:
+        cfg.strategies = [s for item in args.strategies for s in item.split(",") if s]
+    if args.budget:
+        cfg.budget = args.budget
+    cfg.check()
+    model, _ = load(args.model or cfg.model)
+    anat = analyze(model)
+    placements = resolve_placements(cfg, anat)
+    if args.json:
+        print(json.dumps({name: {**p.to_dict(), "adapter_bytes": p.adapter_bytes()} for name, p in placements.items()}, indent=2))
+        return 0
+    rows = [
+        [name, str(len(p.modules)), _fmt_int(p.trainable_params), f"{p.trainable_pct:.3f}%", _fmt_bytes(p.adapter_bytes()),
+         _rank_text(p)]
+        for name, p in placements.items()
+    ]
+    print(f"{anat.model_type}, {anat.n_blocks} blocks, {_fmt_int(anat.base_params)} base parameters (adapters excluded)")
+    if cfg.budget:
+        target = parse_budget(cfg.budget, anat, cfg.train.rank, cfg.define)
+        print(f"budget-matched to {cfg.budget} = {_fmt_int(target)} trainable parameters (within 5%)")
+    print(_table(rows, ["strategy", "modules", "trainable", "of base", "adapter (fp32)", "ranks"], right={1, 2, 3, 4}))
+    for name, p in placements.items():
+        print(f"\n{name}: {p.strategy.description or p.strategy.to_dict()}")
+        print(placement_map(p, anat))
+    return 0
+
+
+def _rank_text(p) -> str:
+    ranks = sorted(set(p.modules.values()))
+    return str(ranks[0]) if len(ranks) == 1 else f"{ranks[0]}-{ranks[-1]}"
+
+
+def cmd_study(args) -> int:
+    from .config import StudyConfig
+    from .study import run_study
+
+    config_path = None
+    overrides = []
+    for item in args.items:
+        if "=" in item:
+            overrides.append(item)
+        elif config_path is None:
+            config_path = item
+        else:
+            raise _config_error(f"more than one config file given ({config_path}, {item}); use key=value for overrides")
+    if args.out:
+        overrides.append(f"out={args.out}")
+    cfg = StudyConfig.load(config_path, overrides=overrides)
+    records = run_study(cfg)
+    print(_summary(cfg.out))
+    failed = [r for r in records if r.status == "failed"]
+    print(f"\nStudy stored in {cfg.out}/study.db; `loraplace report {cfg.out}` writes the report.")
+    return 1 if failed and len(failed) == len(records) else 0
+
+
+def _config_error(msg: str):
+    from .config import ConfigError
+
+    return ConfigError(msg)
+
+
+def _summary(study_dir: str, threshold: float | None = None) -> str:
+    from .analysis import analyze_store
+    from .report import summary_text
+    from .store import Store
+
+    with Store.open(study_dir, create=False) as store:
+        return summary_text(analyze_store(store, threshold=threshold))
+
+
+def cmd_status(args) -> int:
+    from .store import Store
+
+    with Store.open(args.study_dir, create=False) as store:
+        if args.csv:
+            sys.stdout.write(store.export_csv())
+            return 0
+        if args.json:
+            print(store.export_json())
+            return 0
+        rows = []
+        for t in store.trials():
+            m = t.metrics
+            rows.append([t.strategy, str(t.seed), t.status, f"{m['eval_loss']:.4f}" if "eval_loss" in m else "",
+                         f"{m['train_time_s']:.0f} s" if "train_time_s" in m else "", t.trial_id, (t.error or "")[:70]])
+        if not rows:
+            print(f"{args.study_dir}: no trials yet")
+            return 0
+        print(_table(rows, ["strategy", "seed", "status", "eval loss", "train time", "trial", "error"], right={1, 3, 4}))
+        counts = {s: sum(r[2] == s for r in rows) for s in ("done", "failed", "running", "pending")}
+        print("\n" + ", ".join(f"{n} {s}" for s, n in counts.items() if n))
+    return 0
+
+
+def cmd_report(args) -> int:
+    from .report import write_report
+
+    paths = write_report(args.study_dir, threshold=args.threshold)
+    print(_summary(args.study_dir, args.threshold))
+    print()
+    for kind, path in paths.items():
+        print(f"{kind}: {path}")
+    return 0
+
+
+def cmd_export(args) -> int:
+    from .export import export, placement_for
+    from .store import Store
+
+    with Store.open(args.study_dir, create=False) as store:
+        placement = placement_for(store, args.strategy)
+    print(export(placement, args.format))
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="loraplace", description="Where should the LoRA adapters go? Controlled placement studies.")
+    p.add_argument("--version", action="version", version=f"loraplace {__version__}")
+    p.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    sub = p.add_subparsers(dest="command", required=True)
+
+    s = sub.add_parser("inspect", help="show a model's anatomy: blocks x roles, shapes, parameter counts")
+    s.add_argument("--model", default="smollm2-135m", help="alias, local HF directory, .gguf file or hub id (default: smollm2-135m)")
+    s.add_argument("--json", action="store_true", help="machine-readable output")
+    s.set_defaults(func=cmd_inspect)
+
+    s = sub.add_parser("plan", help="resolve strategies to modules and ranks, with trainable counts (no training)")
+    s.add_argument("--model", default=None, help="model (default: the config's, smollm2-135m)")
+    s.add_argument("--strategies", nargs="+", help="strategy names (default: the study defaults)")
+    s.add_argument("--budget", help="match every strategy to a trainable count: 1e6, 2.5M, or same:STRATEGY")
+    s.add_argument("--config", help="study YAML whose model, strategies, definitions and ranks to use")
+    s.add_argument("--json", action="store_true", help="machine-readable output")
+    s.add_argument("overrides", nargs="*", help="key=value config overrides, e.g. train.rank=8")
+    s.set_defaults(func=cmd_plan)
+
+    s = sub.add_parser("study", help="run a placement study (strategies x seeds); resumable")
+    s.add_argument("items", nargs="*", help="an optional study YAML, then key=value overrides (e.g. seeds=[0,1,2] train.steps=60)")
+    s.add_argument("--out", help="study directory (same as out=DIR)")
+    s.set_defaults(func=cmd_study)
+
+    s = sub.add_parser("status", help="list a study's trials and their state")
+    s.add_argument("study_dir")
+    g = s.add_mutually_exclusive_group()
+    g.add_argument("--csv", action="store_true", help="all trials and metrics as CSV")
+    g.add_argument("--json", action="store_true", help="all trials as JSON")
+    s.set_defaults(func=cmd_status)
+
+    s = sub.add_parser("report", help="write report.md, report.html and figures for a study")
+    s.add_argument("study_dir")
+    s.add_argument("--threshold", type=float, default=None, help="retained improvement needed for a recommendation (default: the study's, 0.95)")
+    s.set_defaults(func=cmd_report)
+
+    s = sub.add_parser("export", help="print a strategy's placement as a config for another tool")
+    s.add_argument("study_dir")
+    s.add_argument("--strategy", required=True)
+    s.add_argument("--format", required=True, choices=["peft", "axolotl", "llamafactory", "torchtune"])
+    s.set_defaults(func=cmd_export)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    # transformers' per-load "Loading weights" bars would drown our own progress bars
+    os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO, format="%(message)s")
+    for noisy in ("transformers", "peft", "httpx", "huggingface_hub"):
+        logging.getLogger(noisy).setLevel(logging.ERROR)
+    try:
+        return args.func(args)
+    except _user_errors() as e:
+        print(f"loraplace: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("loraplace: interrupted (finished trials are kept; rerun to resume)", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,196 @@
+"""Expand a study into trials (strategies x seeds), skip finished ones, run the rest, store all.
+
+Usage::
+
+    cfg = StudyConfig.load("study.yaml", overrides=["seeds=[0,1,2]"])
+    records = run_study(cfg)         # resumable: rerunning skips trials already done
+
+Every trial of a study shares the model, data, split and training settings; a strategy changes
+only the placement (and its ranks where the study is budget-matched). A trial is keyed by a
+hash of its resolved config, so changing a shared setting makes new trials instead of
+silently mixing results.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import platform
+import subprocess
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from . import __version__
+from .anatomy import Anatomy, analyze
+from .config import StudyConfig
+from .data import load_examples, split_examples, tokenize
+from .models import load
+from .placement import Placement, get_strategy, match_budget, parse_budget, resolve
+from .store import Store, TrialRecord
+from .trial import TrialError, answer_accuracy, evaluate, run_trial
+
+log = logging.getLogger("loraplace")
+
+
+@dataclass(frozen=True)
+class PlannedTrial:
+    trial_id: str
+    strategy: str
+    seed: int
+    placement: Placement
+    config: dict  # the resolved trial config that trial_id hashes
+
+
+def resolve_placements(cfg: StudyConfig, anat: Anatomy) -> dict[str, Placement]:
+    """Every strategy of the study resolved (and budget-matched when cfg.budget is set)."""
+    t = cfg.train
+    kw = dict(rank=t.rank, alpha=t.alpha, alpha_per_rank=t.alpha_per_rank)
+    strategies = {name: get_strategy(name, cfg.define) for name in cfg.strategies}
+    if cfg.budget is None:
+        return {name: resolve(s, anat, **kw) for name, s in strategies.items()}
+    target = parse_budget(cfg.budget, anat, t.rank, cfg.define)
+    return {name: match_budget(s, anat, target, **kw) for name, s in strategies.items()}
+
+
+def trial_id(config: dict) -> str:
+    return hashlib.sha256(json.dumps(config, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def plan_trials(cfg: StudyConfig, placements: dict[str, Placement]) -> list[PlannedTrial]:
+    shared = cfg.to_dict()
+    train = {k: v for k, v in shared["train"].items() if k not in ("threads", "save_adapter", "device")}
+    out = []
+    for seed in cfg.seeds:  # seed-major order: every strategy gets seed 0 before any gets seed 1
+        for name, p in placements.items():
+            config = {
+                "model": cfg.model,
+                "data": shared["data"],
+                "train": train,
+                "eval": shared["eval"],
+                "strategy": name,
+                "definition": p.strategy.to_dict(),
+                "ranks": p.modules,
+                "seed": seed,
+            }
+            out.append(PlannedTrial(trial_id(config), name, seed, p, config))
+    return out
+
+
+def environment(device: str) -> dict:
+    import peft
+    import transformers
+
+    env = {
+        "loraplace": __version__,
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "transformers": transformers.__version__,
+        "peft": peft.__version__,
+        "platform": platform.platform(),
+        "device": device,
+        "cpu_count": os.cpu_count(),
+        "torch_threads": torch.get_num_threads(),
+    }
+    if device.startswith("cuda"):
+        env["gpu"] = torch.cuda.get_device_name(torch.device(device))
+    try:
+        commit = subprocess.run(
+            ["git", "rev-parse", "HEAD"], cwd=Path(__file__).parent, capture_output=True, text=True, timeout=5
+        )
+        if commit.returncode == 0:
+            env["git_commit"] = commit.stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        pass
+    return env
+
+
+def pick_device(name: str) -> str:
+    if name == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    return name
+
+
+def weights_fingerprint(model: torch.nn.Module) -> float:
+    """A cheap checksum of every base weight (sum of |w| in float64), to prove trials leave it pristine."""
+    with torch.no_grad():
+        return float(sum(p.detach().double().abs().sum() for p in model.parameters()))
+
+
+def run_study(cfg: StudyConfig, model_and_tokenizer=None, progress: bool = True) -> list[TrialRecord]:
+    """Run every unfinished trial of the study; returns all trial records of the study."""
+    device = pick_device(cfg.train.device)
+    if cfg.train.threads:
+        torch.set_num_threads(cfg.train.threads)
+    store = Store.open(cfg.out)
+    dtype = getattr(torch, cfg.train.dtype)
+    model, tok = model_and_tokenizer or load(cfg.model, dtype=dtype, device=device)
+    anat = analyze(model)
+    placements = resolve_placements(cfg, anat)  # every strategy error surfaces before any training
+    planned = plan_trials(cfg, placements)
+
+    examples = load_examples(cfg.data)
+    train_ex, eval_ex = split_examples(examples, cfg.data)
+    train_set, eval_set = tokenize(train_ex, tok, cfg.data), tokenize(eval_ex, tok, cfg.data)
+    pad = tok.pad_token_id
+    store.put_meta("study_config", {**cfg.to_dict(), "trial_ids": [p.trial_id for p in planned]})
+    store.put_meta("anatomy", {"model_type": anat.model_type, "n_blocks": anat.n_blocks, "base_params": anat.base_params,
+                               "roles": list(anat.roles_present())})
+    store.put_meta("data", {"train_examples": len(train_set.input_ids), "eval_examples": len(eval_set.input_ids),
+                            "eval_tokens": eval_set.n_target_tokens, "dropped": train_set.dropped + eval_set.dropped})
+    for p in planned:
+        store.add_pending(p.trial_id, p.strategy, p.seed, p.config)
+    store.reset_interrupted()
+
+    # The base model's loss on the same eval set, once per study (and per eval set).
+    zkey = trial_id({"model": cfg.model, "data": cfg.to_dict()["data"], "eval_bs": cfg.eval.batch_size})
+    zero = store.get_meta("zero_shot")
+    if not zero or zero.get("key") != zkey:
+        log.info("evaluating the base model (zero-shot) on %d eval examples", len(eval_set.input_ids))
+        zero = {**evaluate(model, eval_set, cfg.eval.batch_size, pad, device), "key": zkey}
+        store.put_meta("zero_shot", zero)
+
+    accuracy_fn = None
+    if cfg.eval.accuracy:
+        scored = [e for e in eval_ex if e.answer is not None][: cfg.eval.accuracy_limit]
+        if scored:
+            accuracy_fn = lambda m: answer_accuracy(m, tok, scored, cfg.data, cfg.eval, device)  # noqa: E731
+        else:
+            log.warning("eval.accuracy is on but no eval example has a checkable answer; skipping accuracy")
+
+    env = environment(device)
+    todo = [p for p in planned if store.get(p.trial_id).status != "done"]
+    if len(todo) < len(planned):
+        log.info("%d of %d trials already done; running the other %d", len(planned) - len(todo), len(planned), len(todo))
+    for i, p in enumerate(todo, start=1):
+        before = weights_fingerprint(model)
+        store.mark_running(p.trial_id)
+        desc = f"[{i}/{len(todo)}] {p.strategy} seed {p.seed}"
+        try:
+            result = run_trial(
+                model, p.placement, train_set, eval_set, cfg.train, cfg.eval, seed=p.seed, pad_id=pad, device=device,
+                adapter_dir=Path(cfg.out) / "adapters" / f"{p.strategy}-s{p.seed}-{p.trial_id[:8]}" if cfg.train.save_adapter else None,
+                zero_shot_loss=zero["eval_loss"], accuracy_fn=accuracy_fn, desc=desc,
+            )
+        except (TrialError, RuntimeError, ValueError) as e:  # recorded; the study goes on
+            store.mark_failed(p.trial_id, f"{type(e).__name__}: {e}", env=env)
+            log.error("%s failed: %s", desc, str(e).splitlines()[0] if str(e) else type(e).__name__)
+            continue
+        finally:
+            if weights_fingerprint(model) != before:
+                raise RuntimeError(f"base weights changed during trial {p.trial_id}: refusing to continue")
+        rel = str(result.adapter_dir.relative_to(cfg.out)) if result.adapter_dir else None
+        store.mark_done(p.trial_id, result.metrics, result.curve, result.placement, env, rel)
+        m = result.metrics
+        print(
+            f"{desc}: eval loss {m['eval_loss']:.4f} (zero-shot {zero['eval_loss']:.4f}), "
+            f"{m['trainable_params']:,} trainable, {m['train_time_s']:.0f} s",
+            file=sys.stderr,
+        )
+    records = [store.get(p.trial_id) for p in planned]
+    store.close()
+    return records
