@@ -66,3 +66,25 @@ def build(arch: str, seed: int = 0) -> torch.nn.Module:
 
 
 ARCHS = {name: (lambda name=name: build(name)) for name in ARCH_NAMES}
+
+
+def tokenizer():
+    """A character-level tokenizer whose ids fit the tiny vocabulary: pad 0, bos 1, eos 2, unk 3,
+    then printable ASCII. Any text tokenizes (unknown characters become <unk>)."""
+    from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers
+
+    chars = [chr(c) for c in range(32, 127)]
+    vocab = {"<pad>": 0, "<bos>": 1, "<eos>": 2, "<unk>": 3, **{c: i + 4 for i, c in enumerate(chars)}}
+    assert len(vocab) <= VOCAB
+    tk = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    tk.pre_tokenizer = pre_tokenizers.Split(Regex("."), behavior="isolated")
+    tk.decoder = decoders.Fuse()
+    return T.PreTrainedTokenizerFast(tokenizer_object=tk, pad_token="<pad>", bos_token="<bos>", eos_token="<eos>",
+                                     unk_token="<unk>")
+
+
+def save(arch: str, path) -> str:
+    """Save a tiny model and the character tokenizer as a local Hugging Face model directory."""
+    build(arch).save_pretrained(path)
+    tokenizer().save_pretrained(path)
+    return str(path)

@@ -54,7 +54,7 @@ class TrainSpec:
     lr: float = 5e-4  # peak learning rate (AdamW)
     schedule: str = "cosine"  # constant | linear | cosine, after warm-up
     warmup: float = 0.1  # warm-up: a fraction of the steps (< 1) or a number of steps (>= 1)
-    steps: int = 40  # optimizer steps (ignored when epochs is set)
+    steps: int = 30  # optimizer steps (ignored when epochs is set)
     epochs: float | None = None  # passes over the train split; overrides steps
     batch_size: int = 8  # examples per step
     weight_decay: float = 0.0
@@ -118,7 +118,7 @@ class StudyConfig:
     define: dict[str, dict] = field(default_factory=dict)  # user strategies, same vocabulary as built-ins
     baseline: str = "all_linear"  # the reference for deltas and retained improvement
     budget: str | None = None  # "same:STRATEGY" or a parameter count: budget-match every strategy
-    seeds: list[int] = field(default_factory=lambda: [0])
+    seeds: list[int] = field(default_factory=lambda: [0, 1, 2])
     out: str = "studies/default"  # study directory (database, adapters, report)
     threshold: float = 0.95  # retained improvement a cheaper strategy must keep to be recommended
 

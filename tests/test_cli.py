@@ -1,0 +1,96 @@
+"""The command line as a user meets it: each command on a tiny local model, and one-line errors."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import tiny_models
+
+from loraplace.cli import main
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory):
+    return tiny_models.save("llama", tmp_path_factory.mktemp("tiny-llama"))
+
+
+def _run(capsys, *argv) -> tuple[int, str, str]:
+    rc = main(list(argv))
+    out, err = capsys.readouterr()
+    return rc, out, err
+
+
+def test_inspect_table_and_json(capsys, model_dir):
+    rc, out, _ = _run(capsys, "inspect", "--model", model_dir)
+    assert rc == 0 and "llama: 2 blocks at model.layers" in out and "mlp.down" in out and "lm_head" in out
+    rc, out, _ = _run(capsys, "inspect", "--model", model_dir, "--json")
+    data = json.loads(out)
+    assert data["n_blocks"] == 2 and {l["role"] for l in data["layers"]} >= {"attn.q", "mlp.gate"}
+
+
+def test_plan_counts_and_budget(capsys, model_dir):
+    rc, out, _ = _run(capsys, "plan", "--model", model_dir, "--strategies", "all_linear,qv_only", "--json", "train.rank=4")
+    plans = json.loads(out)
+    assert rc == 0 and set(plans) == {"all_linear", "qv_only"}
+    qv = plans["qv_only"]
+    assert len(qv["modules"]) == 4 and {m["role"] for m in qv["modules"].values()} == {"attn.q", "attn.v"}
+    assert qv["trainable_params"] == 2 * 4 * ((48 + 48) + (48 + 16))  # 2 blocks x r4 x (q + v widths)
+    rc, out, _ = _run(capsys, "plan", "--model", model_dir, "--strategies", "attention_only", "--budget", "same:all_linear", "train.rank=4")
+    assert rc == 0 and "budget-matched to same:all_linear" in out and "attention_only" in out
+
+
+def test_study_status_report_export(capsys, model_dir, tmp_path):
+    out_dir = tmp_path / "s"
+    argv = ["study", f"model={model_dir}", f"out={out_dir}", "strategies=[all_linear,mlp_only]", "seeds=[0,1]",
+            "data.limit=60", "data.eval_size=12", "train.steps=2", "train.batch_size=4", "train.rank=4"]
+    rc, out, _ = _run(capsys, *argv)
+    assert rc == 0 and "all_linear" in out and "mlp_only" in out and "Recommendation" in out
+    rc, out, _ = _run(capsys, "status", str(out_dir))
+    assert rc == 0 and out.count("done") >= 4 and "4 done" in out
+    rc, out, _ = _run(capsys, "status", str(out_dir), "--csv")
+    assert out.splitlines()[0].startswith("trial_id,strategy,seed,status") and len(out.splitlines()) == 5
+    rc, out, _ = _run(capsys, "report", str(out_dir))
+    assert rc == 0 and (out_dir / "report" / "report.html").is_file()
+    rc, out, _ = _run(capsys, "export", str(out_dir), "--strategy", "mlp_only", "--format", "peft")
+    cfg = json.loads(out)
+    assert rc == 0 and all(".mlp." in name for name in cfg["target_modules"]) and len(cfg["target_modules"]) == 6
+
+
+@pytest.mark.parametrize(
+    "argv,needle",
+    [
+        (["inspect", "--model", "no-such-model"], "unknown model 'no-such-model'"),
+        (["inspect", "--model", "./missing-dir"], "no such file or directory"),
+        (["plan", "--strategies", "nope"], "unknown strategy 'nope'"),
+        (["plan", "train.rank=0"], "train.rank: must be > 0"),
+        (["plan", "train.lr=fast"], "train.lr: expected a number"),
+        (["study", "data.source=/nonexistent/data.jsonl"], "/nonexistent/data.jsonl"),
+        (["status", "/nonexistent/study"], "no study database"),
+        (["export", "/nonexistent/study", "--strategy", "x", "--format", "peft"], "no study database"),
+    ],
+)
+def test_bad_input_is_one_line_and_nonzero(capsys, argv, needle, model_dir):
+    argv = [a if a != "MODEL" else model_dir for a in argv]
+    if argv[0] in ("plan", "study") and not any(a.startswith("--model") or a.startswith("model=") for a in argv):
+        argv += ["--model", model_dir] if argv[0] == "plan" else [f"model={model_dir}"]
+    rc, out, err = _run(capsys, *argv)
+    assert rc == 2, (rc, out, err)
+    lines = [l for l in err.splitlines() if l.startswith("loraplace: error:")]
+    assert len(lines) == 1 and needle in lines[0], err
+    assert "Traceback" not in err
+
+
+def test_bad_dataset_lines_and_unwritable_output(capsys, model_dir, tmp_path):
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"question": "a?", "answer": "b"}\n{"question": "c?"\n')
+    rc, _, err = _run(capsys, "study", f"model={model_dir}", f"data.source={bad}", f"out={tmp_path / 'o'}")
+    assert rc == 2 and "bad.jsonl:2" in err
+    missing = tmp_path / "missing.jsonl"
+    missing.write_text('{"question": "a?", "answer": "b"}\n{"question": "c?"}\n')
+    rc, _, err = _run(capsys, "study", f"model={model_dir}", f"data.source={missing}", f"out={tmp_path / 'o'}")
+    assert rc == 2 and "missing.jsonl:2" in err and "answer" in err
+    blocker = tmp_path / "file"
+    blocker.write_text("not a directory")
+    rc, _, err = _run(capsys, "study", f"model={model_dir}", f"out={blocker / 'sub'}")
+    assert rc == 2 and "cannot use study directory" in err and "Traceback" not in err

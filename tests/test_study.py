@@ -1,0 +1,118 @@
+"""Study engine on a tiny model: trials x seeds stored, resumable, crash-safe, deterministic."""
+
+from __future__ import annotations
+
+import pytest
+import tiny_models
+import torch
+
+from loraplace import study as S
+from loraplace.config import StudyConfig
+from loraplace.store import Store
+from loraplace.trial import TrialError
+
+
+def _cfg(tmp_path, **over) -> StudyConfig:
+    data = {
+        "out": str(tmp_path / "study"),
+        "strategies": ["all_linear", "attention_only"],
+        "seeds": [0, 1],
+        "data": {"limit": 80, "eval_size": 16, "max_length": 96},
+        "train": {"steps": 3, "batch_size": 4, "rank": 4, "alpha": 8, "lr": 1e-2},
+        "eval": {"batch_size": 8},
+    }
+    for k, v in over.items():
+        data[k] = v
+    return StudyConfig.from_dict(data)
+
+
+def _model():
+    return tiny_models.build("llama"), tiny_models.tokenizer()
+
+
+def test_study_runs_every_trial_and_stores_it(tmp_path):
+    from peft import PeftModel
+
+    cfg = _cfg(tmp_path)
+    model, tok = _model()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    records = S.run_study(cfg, (model, tok))
+    assert [(r.strategy, r.seed, r.status) for r in records] == [
+        ("all_linear", 0, "done"), ("attention_only", 0, "done"), ("all_linear", 1, "done"), ("attention_only", 1, "done")
+    ]
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())  # base pristine
+    with Store.open(cfg.out, create=False) as store:
+        zero = store.get_meta("zero_shot")
+        saved = store.get_meta("study_config")
+        rec = store.get(records[0].trial_id)
+    assert saved["strategies"] == cfg.strategies and saved["train"]["steps"] == 3
+    assert rec.metrics["zero_shot_loss"] == zero["eval_loss"] and len(rec.curve) == 3
+    assert rec.env["torch"] == torch.__version__ and rec.placement["strategy"] == "all_linear"
+    loaded = PeftModel.from_pretrained(tiny_models.build("llama"), tmp_path / "study" / rec.adapter_path)
+    assert sum(p.numel() for n, p in loaded.named_parameters() if "lora_" in n) == rec.metrics["trainable_params"]
+    # the same seed gives the same numbers in a fresh study
+    again = S.run_study(_cfg(tmp_path, out=str(tmp_path / "again"), strategies=["all_linear"], seeds=[0]), _model())
+    assert again[0].metrics["eval_loss"] == records[0].metrics["eval_loss"]
+    assert again[0].curve == records[0].curve
+    assert records[0].metrics["eval_loss"] != records[2].metrics["eval_loss"]  # seed 1 differs
+
+
+def test_rerun_skips_finished_trials(tmp_path, monkeypatch):
+    cfg = _cfg(tmp_path, seeds=[0])
+    S.run_study(cfg, _model())
+
+    def boom(*a, **k):
+        raise AssertionError("a finished trial was run again")
+
+    monkeypatch.setattr(S, "run_trial", boom)
+    records = S.run_study(cfg, _model())
+    assert all(r.status == "done" for r in records)
+
+
+def test_interrupted_study_resumes_and_failures_are_recorded(tmp_path, monkeypatch):
+    cfg = _cfg(tmp_path, seeds=[0], strategies=["all_linear", "attention_only", "mlp_only"])
+    real = S.run_trial
+    calls = []
+
+    def flaky(model, placement, *a, **k):
+        calls.append(placement.strategy.name)
+        if placement.strategy.name == "attention_only":
+            raise TrialError("non-finite train loss (nan) at step 2")
+        if placement.strategy.name == "mlp_only" and calls.count("mlp_only") == 1:
+            raise KeyboardInterrupt  # the process dies mid-trial
+        return real(model, placement, *a, **k)
+
+    monkeypatch.setattr(S, "run_trial", flaky)
+    with pytest.raises(KeyboardInterrupt):
+        S.run_study(cfg, _model())
+    with Store.open(cfg.out, create=False) as store:
+        status = {t.strategy: (t.status, t.error) for t in store.trials()}
+    assert status["all_linear"][0] == "done"
+    assert status["attention_only"] == ("failed", "TrialError: non-finite train loss (nan) at step 2")
+    assert status["mlp_only"][0] == "running"  # no half-written result
+    records = S.run_study(cfg, _model())
+    assert {r.strategy: r.status for r in records} == {"all_linear": "done", "attention_only": "failed", "mlp_only": "done"}
+    assert calls.count("all_linear") == 1 and calls.count("mlp_only") == 2
+
+
+def test_changed_shared_setting_makes_new_trials(tmp_path):
+    m = tiny_models.build("llama")
+    from loraplace.anatomy import analyze
+
+    anat = analyze(m)
+    a = S.plan_trials(_cfg(tmp_path), S.resolve_placements(_cfg(tmp_path), anat))
+    b = S.plan_trials(_cfg(tmp_path, train={"steps": 4}), S.resolve_placements(_cfg(tmp_path), anat))
+    c = S.plan_trials(_cfg(tmp_path, out=str(tmp_path / "elsewhere")), S.resolve_placements(_cfg(tmp_path), anat))
+    assert len({p.trial_id for p in a}) == 4
+    assert not {p.trial_id for p in a} & {p.trial_id for p in b}
+    assert [p.trial_id for p in a] == [p.trial_id for p in c]  # the output directory is not part of a trial
+
+
+def test_budget_matched_study_resolves_ranks(tmp_path):
+    cfg = _cfg(tmp_path, budget="same:all_linear", strategies=["attention_only", "mlp_only"])
+    from loraplace.anatomy import analyze
+
+    anat = analyze(tiny_models.build("llama"))
+    placements = S.resolve_placements(cfg, anat)
+    target = S.resolve_placements(_cfg(tmp_path, strategies=["all_linear"]), anat)["all_linear"].trainable_params
+    assert all(abs(p.trainable_params - target) <= 0.05 * target for p in placements.values())
