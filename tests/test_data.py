@@ -14,6 +14,7 @@ from tokenizers import Tokenizer, models, pre_tokenizers, processors, trainers
 from transformers import PreTrainedTokenizerFast
 
 from loraplace import data as D
+from loraplace.builtin_data import builtin_examples
 from loraplace.config import DataSpec
 from loraplace.data import DataError, Example
 from loraplace.metrics import IGNORE_INDEX
@@ -190,8 +191,8 @@ def test_gsm8k_files_load_as_qa_with_numeric_answers():
 
 # -- built-in dataset -----------------------------------------------------------------------------------
 def test_builtin_dataset_is_deterministic_and_substantial():
-    ex = D.builtin_examples()
-    assert ex == D.builtin_examples() and ex is not D.builtin_examples()
+    ex = builtin_examples()
+    assert ex == builtin_examples() and ex is not builtin_examples()
     assert D.load_examples(DataSpec()) == ex
     assert 500 <= len(ex) <= 1200
     assert len({e.prompt for e in ex}) == len(ex)

@@ -17,6 +17,7 @@ import json
 import logging
 import os
 import sys
+import warnings
 
 from . import __version__
 
@@ -293,6 +294,7 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     # transformers' per-load "Loading weights" bars would drown our own progress bars
     os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+    warnings.filterwarnings("ignore", message="`is_gradient_checkpointing` is deprecated")  # peft on transformers 5
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO, format="%(message)s")
     for noisy in ("transformers", "peft", "httpx", "huggingface_hub"):
         logging.getLogger(noisy).setLevel(logging.ERROR)

@@ -101,7 +101,7 @@ def reset_peak_memory(device: torch.device | str = "cpu") -> None:
         torch.cuda.reset_peak_memory_stats(device)
         return
     try:
-        with open(f"/proc/self/clear_refs", "w") as f:
+        with open("/proc/self/clear_refs", "w") as f:
             f.write("5")
     except OSError:
         pass

@@ -1,0 +1,109 @@
+"""Benchmark: one loraplace trial vs the usual HF Trainer + PEFT script, same work, same numbers.
+
+Usage::
+
+    python benchmarks/bench_trial.py                       # GSM8K rows 0-127, 3 strategies
+    python benchmarks/bench_trial.py --rows 64 --strategies all_linear
+
+Both sides train the embedded SmolLM2-135M on the same GSM8K rows (max length 256, batch 8,
+one epoch, r16, alpha 32, lr 2e-4, AdamW, no warm-up, constant lr, loss on answer tokens only)
+and are evaluated by the same token-weighted eval loss on the same held-out rows. The Trainer
+side is the script people usually write: random batches with dynamic padding, the attention
+mask passed, logits for every position. Times are wall-clock in this process, one after the
+other; compare the ratios, not absolute seconds across machines or runs.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+from loraplace.anatomy import analyze
+from loraplace.config import DataSpec, EvalSpec, TrainSpec
+from loraplace.data import load_examples, padding_fraction, tokenize
+from loraplace.models import load
+from loraplace.placement import apply, get_strategy, resolve
+from loraplace.trial import evaluate, run_trial
+
+GSM8K = Path(__file__).resolve().parents[2] / "shared" / "data" / "gsm8k"
+
+
+def trainer_run(model, placement, train_set, spec: TrainSpec, pad_id: int, seed: int):
+    """The usual script: Trainer + PEFT + a padding collator. Returns (train wall time in s, PEFT model)."""
+    from transformers import Trainer, TrainingArguments
+
+    class Rows(torch.utils.data.Dataset):
+        def __len__(self):
+            return len(train_set.input_ids)
+
+        def __getitem__(self, i):
+            return {"input_ids": train_set.input_ids[i], "labels": train_set.labels[i]}
+
+    def collate(rows):
+        width = max(len(r["input_ids"]) for r in rows)
+        ids = torch.tensor([r["input_ids"] + [pad_id] * (width - len(r["input_ids"])) for r in rows])
+        labels = torch.tensor([r["labels"] + [-100] * (width - len(r["labels"])) for r in rows])
+        mask = torch.tensor([[1] * len(r["input_ids"]) + [0] * (width - len(r["input_ids"])) for r in rows])
+        return {"input_ids": ids, "attention_mask": mask, "labels": labels}
+
+    torch.manual_seed(seed)
+    peft_model = apply(model, placement, dropout=spec.dropout)
+    args = TrainingArguments(
+        output_dir="/tmp/loraplace-bench-trainer", per_device_train_batch_size=spec.batch_size, num_train_epochs=1,
+        learning_rate=spec.lr, lr_scheduler_type="constant", warmup_steps=0, weight_decay=0.0,
+        max_grad_norm=spec.max_grad_norm, logging_steps=1000, save_strategy="no", report_to="none",
+        use_cpu=not torch.cuda.is_available(), seed=seed, dataloader_num_workers=0, disable_tqdm=True,
+    )
+    trainer = Trainer(model=peft_model, args=args, train_dataset=Rows(), data_collator=collate)
+    t0 = time.perf_counter()
+    trainer.train()
+    elapsed = time.perf_counter() - t0
+    return elapsed, peft_model
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--rows", type=int, default=128, help="GSM8K train rows to train on (from row 0)")
+    ap.add_argument("--eval-rows", type=int, default=64, help="GSM8K test rows to evaluate on")
+    ap.add_argument("--strategies", nargs="+", default=["all_linear", "attention_only", "mlp_only"])
+    ap.add_argument("--json", help="also write the figures to this file")
+    args = ap.parse_args()
+    if not GSM8K.is_dir():
+        print(f"GSM8K not found at {GSM8K}: this benchmark needs ../shared/data/gsm8k beside the checkout")
+        return 1
+    model, tok = load("smollm2-135m")
+    anat = analyze(model)
+    spec = DataSpec(max_length=256)
+    train_ex = load_examples(DataSpec(source=str(GSM8K / "train.jsonl")))[: args.rows]
+    eval_ex = load_examples(DataSpec(source=str(GSM8K / "test.jsonl")))[: args.eval_rows]
+    train_set, eval_set = tokenize(train_ex, tok, spec), tokenize(eval_ex, tok, spec)
+    steps = (len(train_set.input_ids) + 7) // 8
+    train = TrainSpec(lr=2e-4, steps=steps, batch_size=8, warmup=0, schedule="constant", rank=16, alpha=32, dropout=0.05)
+    pad = tok.pad_token_id
+    print(f"GSM8K rows 0-{args.rows - 1}: {steps} steps of batch 8; padding share random {padding_fraction(train_set, 8, 0, False):.1%}, "
+          f"length-grouped {padding_fraction(train_set, 8, 0, True):.1%}", flush=True)
+    results = []
+    for name in args.strategies:
+        p = resolve(get_strategy(name), anat, rank=16, alpha=32)
+        r = run_trial(model, p, train_set, eval_set, train, EvalSpec(), seed=0, pad_id=pad)
+        t_lp, loss_lp = r.metrics["train_time_s"], r.metrics["eval_loss"]
+        t_hf, peft_model = trainer_run(model, p, train_set, train, pad, seed=0)
+        loss_hf = evaluate(peft_model, eval_set, 16, pad)["eval_loss"]
+        peft_model.unload()
+        row = {"strategy": name, "loraplace_s": t_lp, "trainer_s": t_hf, "speedup": t_hf / t_lp,
+               "loraplace_eval_loss": loss_lp, "trainer_eval_loss": loss_hf}
+        results.append(row)
+        print(f"{name:15s} loraplace {t_lp:6.1f} s  trainer {t_hf:6.1f} s  speed-up x{t_hf / t_lp:.2f}  "
+              f"eval loss {loss_lp:.4f} vs {loss_hf:.4f}", flush=True)
+    if args.json:
+        Path(args.json).write_text(json.dumps(results, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
