@@ -46,6 +46,7 @@ def test_study_runs_every_trial_and_stores_it(tmp_path):
         saved = store.get_meta("study_config")
         rec = store.get(records[0].trial_id)
     assert saved["strategies"] == cfg.strategies and saved["train"]["steps"] == 3
+    assert StudyConfig.load(tmp_path / "study" / "config.yaml") == cfg  # the resolved config, rerunnable
     assert rec.metrics["zero_shot_loss"] == zero["eval_loss"] and len(rec.curve) == 3
     assert rec.env["torch"] == torch.__version__ and rec.placement["strategy"] == "all_linear"
     loaded = PeftModel.from_pretrained(tiny_models.build("llama"), tmp_path / "study" / rec.adapter_path)

@@ -132,6 +132,14 @@ class Store:
             (key, json.dumps(value, sort_keys=True)),
         )
 
+    def write_file(self, name: str, text: str) -> Path:
+        """Write a text file into the study directory atomically (write a temp file, then rename)."""
+        path = self.directory / name
+        tmp = path.with_name(f".{name}.tmp")
+        tmp.write_text(text)
+        tmp.replace(path)
+        return path
+
     def get_meta(self, key: str, default=None):
         row = self._conn.execute("SELECT value_json FROM meta WHERE key=?", (key,)).fetchone()
         return json.loads(row[0]) if row else default

@@ -138,6 +138,7 @@ def run_study(cfg: StudyConfig, model_and_tokenizer=None, progress: bool = True)
     train_set, eval_set = tokenize(train_ex, tok, cfg.data), tokenize(eval_ex, tok, cfg.data)
     pad = tok.pad_token_id
     store.put_meta("study_config", {**cfg.to_dict(), "trial_ids": [p.trial_id for p in planned]})
+    store.write_file("config.yaml", cfg.to_yaml())  # rerun with: loraplace study OUT/config.yaml
     store.put_meta("anatomy", {"model_type": anat.model_type, "n_blocks": anat.n_blocks, "base_params": anat.base_params,
                                "roles": list(anat.roles_present())})
     store.put_meta("data", {"train_examples": len(train_set.input_ids), "eval_examples": len(eval_set.input_ids),
