@@ -106,13 +106,13 @@ def _aligned(headers: list[str], rows: list[list[str]]) -> str:
 def summary_table(a: StudyAnalysis) -> str:
     """Plain-text table with aligned columns, for the terminal."""
     headers, rows = results_table(a)
-    legend = "± 95% t-interval across seeds; Δ paired by seed (* significant); † on the params/loss Pareto frontier"
-    return _aligned(headers, rows) + "\n" + legend
+    return _aligned(headers, rows)
 
 
 def summary_text(a: StudyAnalysis) -> str:
     """Table, recommendation and failures, as the CLI prints them."""
-    parts = [summary_table(a), "", "Recommendation: " + a.recommendation.text]
+    legend = "± 95% t-interval across seeds; Δ paired by seed (* significant); † on the params/loss Pareto frontier"
+    parts = [summary_table(a), legend, "", "Recommendation: " + a.recommendation.text]
     if a.failed:
         failures = "; ".join(f"{f.strategy} seed {f.seed}: {f.error}" for f in a.failed)
         parts.append(f"Failed trials ({len(a.failed)}): {failures}")
