@@ -117,3 +117,31 @@ def test_budget_matched_study_resolves_ranks(tmp_path):
     placements = S.resolve_placements(cfg, anat)
     target = S.resolve_placements(_cfg(tmp_path, strategies=["all_linear"]), anat)["all_linear"].trainable_params
     assert all(abs(p.trainable_params - target) <= 0.05 * target for p in placements.values())
+
+
+def test_trial_ids_ignore_int_vs_float_spelling(tmp_path):
+    """A default of 32 and an override or YAML value of 32.0 are one setting, hence one trial."""
+    from loraplace.anatomy import analyze
+
+    anat = analyze(tiny_models.build("llama"))
+    default = _cfg(tmp_path)
+    spelled = StudyConfig.load(overrides=[f"{k}={v}" for k, v in {
+        "out": default.out, "strategies": "[all_linear,attention_only]", "seeds": "[0,1]", "data.limit": 80,
+        "data.eval_size": "16.0", "data.max_length": 96, "train.steps": 3, "train.batch_size": 4, "train.rank": 4,
+        "train.alpha": "8.0", "train.lr": 1e-2, "eval.batch_size": 8}.items()])
+    ids = [[p.trial_id for p in S.plan_trials(c, S.resolve_placements(c, anat))] for c in (default, spelled)]
+    assert ids[0] == ids[1]
+
+
+def test_analysis_counts_only_the_latest_configs_trials(tmp_path):
+    from loraplace.analysis import analyze_store
+
+    with Store.open(tmp_path) as store:
+        for tid, strategy, seed, loss in [("old", "all_linear", 0, 3.0), ("new0", "all_linear", 0, 2.0),
+                                          ("new1", "all_linear", 1, 2.2), ("gone", "mlp_only", 0, 2.5)]:
+            store.add_pending(tid, strategy, seed, {})
+            store.mark_done(tid, {"eval_loss": loss, "trainable_params": 10}, [], {}, {})
+        store.put_meta("study_config", {"strategies": ["all_linear"], "baseline": "all_linear", "trial_ids": ["new0", "new1"]})
+        a = analyze_store(store)
+    assert [s.strategy for s in a.strategies] == ["all_linear"]
+    assert a.get("all_linear").eval_loss.mean == pytest.approx(2.1)  # 'old' and 'gone' are not mixed in

@@ -290,14 +290,23 @@ def study_meta(store) -> dict:
         "dataset": cfg.get("dataset") or data.get("source", "?"),
         "threshold": float(cfg.get("threshold", 0.95)),
         "zero_shot_loss": zero.get("eval_loss") if isinstance(zero, dict) else None,
+        "trial_ids": list(cfg.get("trial_ids", [])),
     }
 
 
 def analyze_store(store, threshold: float | None = None) -> StudyAnalysis:
-    """``analyze`` over an open ``store.Store``; threshold None = the study config's (default 0.95)."""
+    """``analyze`` over an open ``store.Store``; threshold None = the study config's (default 0.95).
+
+    Only the trials of the study's latest config count: a directory reused with other settings
+    keeps its older trials in the database, but they are never mixed into the statistics.
+    """
     meta = study_meta(store)
     thr = meta["threshold"] if threshold is None else float(threshold)
-    a = analyze(store.trials(), meta["baseline"], meta["zero_shot_loss"], thr, order=meta["strategies"])
+    trials = store.trials()
+    if meta["trial_ids"]:
+        current = set(meta["trial_ids"])
+        trials = [t for t in trials if t.trial_id in current]
+    a = analyze(trials, meta["baseline"], meta["zero_shot_loss"], thr, order=meta["strategies"])
     a.meta = meta
     return a
 

@@ -3,7 +3,7 @@
 Usage::
 
     loraplace inspect [--model M] [--json]
-    loraplace plan [--model M] [--strategies S ...] [--budget B] [--json]
+    loraplace plan [--model M] [--strategies S,S,...] [--budget B] [--json] [key=value ...]
     loraplace study [CONFIG.yaml] [key=value ...]
     loraplace status STUDY_DIR [--csv | --json]
     loraplace report STUDY_DIR
@@ -94,21 +94,22 @@ def anatomy_text(anat) -> str:
     return "\n".join(out)
 
 
+_RANK_SYMBOLS = "#abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ"
+
+
 def placement_map(placement, anat) -> str:
-    """Roles x blocks grid: the rank digit(s) or '#' where adapted, '.' where not."""
+    """Roles x blocks grid: a symbol per distinct rank where adapted (legend below), '.' where not."""
     roles = list(anat.roles_present())
     where = {(anat.layer(n).role, anat.layer(n).block): r for n, r in placement.modules.items()}
-    uniform = len(set(placement.modules.values())) == 1
+    ranks = sorted(set(placement.modules.values()))
+    symbol = {r: ("#" if len(ranks) == 1 else _RANK_SYMBOLS[1 + i % 52]) for i, r in enumerate(ranks)}
     width = max(len(r) for r in roles)
     lines = [" " * width + "  blocks 0" + (f"..{anat.n_blocks - 1}" if anat.n_blocks > 1 else "")]
     for role in roles:
-        cells = []
-        for b in range(anat.n_blocks):
-            r = where.get((role, b))
-            cells.append("." if r is None else "#" if uniform else str(min(r, 99) // 10 or r % 10))
+        cells = ["." if (role, b) not in where else symbol[where[(role, b)]] for b in range(anat.n_blocks)]
         lines.append(f"{role.ljust(width)}  {''.join(cells)}")
-    legend = "# adapted" if uniform else "digit: rank // 10 (rank % 10 below 10)"
-    return "\n".join(lines + [f"{' ' * width}  ({legend}, . not adapted)"])
+    legend = ", ".join(f"{symbol[r]} rank {r}" for r in ranks)
+    return "\n".join(lines + [f"{' ' * width}  ({legend}; . not adapted)"])
 
 
 # -- commands ----------------------------------------------------------------------------------
@@ -221,6 +222,8 @@ def cmd_status(args) -> int:
         print(_table(rows, ["strategy", "seed", "status", "eval loss", "train time", "trial", "error"], right={1, 3, 4}))
         counts = {s: sum(r[2] == s for r in rows) for s in ("done", "failed", "running", "pending")}
         print("\n" + ", ".join(f"{n} {s}" for s, n in counts.items() if n))
+        if counts["running"]:
+            print("A trial left 'running' by a process that has ended reruns on the next `loraplace study`.")
     return 0
 
 
@@ -258,7 +261,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     s = sub.add_parser("plan", help="resolve strategies to modules and ranks, with trainable counts (no training)")
     s.add_argument("--model", default=None, help="model (default: the config's, smollm2-135m)")
-    s.add_argument("--strategies", nargs="+", help="strategy names (default: the study defaults)")
+    s.add_argument("--strategies", action="append", metavar="S[,S...]",
+                   help="strategy names, comma-separated or repeated (default: the study's)")
     s.add_argument("--budget", help="match every strategy to a trainable count: 1e6, 2.5M, or same:STRATEGY")
     s.add_argument("--config", help="study YAML whose model, strategies, definitions and ranks to use")
     s.add_argument("--json", action="store_true", help="machine-readable output")
@@ -303,6 +307,9 @@ def main(argv: list[str] | None = None) -> int:
     except _user_errors() as e:
         print(f"loraplace: error: {e}", file=sys.stderr)
         return 2
+    except BrokenPipeError:  # e.g. `loraplace status DIR --json | head`
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 0
     except KeyboardInterrupt:
         print("loraplace: interrupted (finished trials are kept; rerun to resume)", file=sys.stderr)
         return 130

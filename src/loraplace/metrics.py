@@ -24,6 +24,7 @@ IGNORE_INDEX = -100  # label of prompt and padding tokens: excluded from every l
 METRICS: dict[str, tuple[str, str]] = {
     "eval_loss": ("nats/token", "token-weighted mean cross-entropy over all eval target tokens (next-token, shifted)"),
     "perplexity": ("", "exp(eval_loss)"),
+    "eval_tokens": ("tokens", "target tokens in the eval set (the weights of eval_loss)"),
     "zero_shot_loss": ("nats/token", "the base model's eval_loss on the same eval set (once per study)"),
     "train_loss_final": ("nats/token", "token-weighted mean train loss over the last 10% of steps"),
     "accuracy": ("fraction", "generation exact match of the final answer (question/answer data, optional)"),
@@ -31,7 +32,7 @@ METRICS: dict[str, tuple[str, str]] = {
     "base_params": ("params", "parameters of the base model, adapters excluded, tied weights once"),
     "trainable_pct": ("%", "100 * trainable_params / base_params"),
     "n_modules": ("modules", "number of adapted modules"),
-    "adapter_bytes": ("bytes", "size on disk of the saved adapter (safetensors + config)"),
+    "adapter_bytes": ("bytes", "size on disk of the saved adapter: adapter_model.safetensors + adapter_config.json"),
     "train_time_s": ("s", "wall time of the training loop"),
     "eval_time_s": ("s", "wall time of the evaluation"),
     "train_tokens": ("tokens", "non-padding tokens fed to the model during training"),
@@ -107,9 +108,7 @@ def reset_peak_memory(device: torch.device | str = "cpu") -> None:
         pass
 
 
-def dir_bytes(path: str | os.PathLike) -> int:
-    """Total size of the files under a directory, in bytes."""
-    total = 0
-    for root, _, files in os.walk(path):
-        total += sum(os.path.getsize(os.path.join(root, f)) for f in files)
-    return total
+def adapter_bytes(path: str | os.PathLike) -> int:
+    """Bytes of a saved PEFT adapter: its weights and config (adapter_*), not the README PEFT adds."""
+    return sum(os.path.getsize(os.path.join(path, f)) for f in os.listdir(path) if f.startswith("adapter_"))
+

@@ -19,12 +19,12 @@ import importlib.metadata
 import json
 import logging
 import os
-import shutil
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+
+from .store import atomic_dir
 
 DEFAULT_MODEL = "smollm2-135m"
 
@@ -157,14 +157,10 @@ def _load_gguf(path: Path, cache_key: str, dtype: torch.dtype):
     )
     _strip_quantization(model)
     try:
-        cached.parent.mkdir(parents=True, exist_ok=True)
-        tmp = Path(tempfile.mkdtemp(dir=cached.parent, prefix=f".{cache_key}-"))
-        model.save_pretrained(tmp)
-        tok.save_pretrained(tmp)
-        (tmp / "loraplace.json").write_text(json.dumps({"source": str(path), "dtype": "float32"}))  # marks complete
-        if cached.exists():
-            shutil.rmtree(cached)
-        os.replace(tmp, cached)  # atomic: a crash never leaves a half-written cache entry
+        with atomic_dir(cached) as tmp:
+            model.save_pretrained(tmp)
+            tok.save_pretrained(tmp)
+            (tmp / "loraplace.json").write_text(json.dumps({"source": str(path), "dtype": "float32"}))  # marks complete
     except OSError as e:
         logging.getLogger("loraplace").warning("could not cache the dequantized model in %s: %s", cached, e)
     return model.to(dtype), tok

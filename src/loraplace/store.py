@@ -31,11 +31,15 @@ Every write is one transaction: a crash never leaves a half-written row.
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import datetime as _dt
 import io
 import json
+import os
+import shutil
 import sqlite3
+import tempfile
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -249,6 +253,31 @@ class Store:
         w.writeheader()
         w.writerows(rows)
         return buf.getvalue()
+
+
+@contextlib.contextmanager
+def atomic_dir(target: str | Path):
+    """Yield a temporary sibling of ``target`` to fill; on success it replaces ``target`` in one
+    rename, so a crash never leaves a half-written adapter or model cache behind."""
+    target = Path(target)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=target.parent, prefix=f".{target.name}-"))
+    try:
+        yield tmp
+        umask = os.umask(0)
+        os.umask(umask)
+        for root, dirs, files in os.walk(tmp):  # mkdtemp makes 0700; give the usual modes
+            for d in dirs:
+                os.chmod(os.path.join(root, d), 0o777 & ~umask)
+            for f in files:
+                os.chmod(os.path.join(root, f), 0o666 & ~umask)
+        os.chmod(tmp, 0o777 & ~umask)
+        if target.exists():
+            shutil.rmtree(target)
+        os.replace(tmp, target)
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)
 
 
 def _record(row: dict) -> TrialRecord:

@@ -57,8 +57,19 @@ def resolve_placements(cfg: StudyConfig, anat: Anatomy) -> dict[str, Placement]:
     return {name: match_budget(s, anat, target, **kw) for name, s in strategies.items()}
 
 
+def _canonical(obj):
+    """Integral floats become ints: a default of 32 and an override of 32.0 are the same setting."""
+    if isinstance(obj, dict):
+        return {k: _canonical(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_canonical(v) for v in obj]
+    if isinstance(obj, float) and obj.is_integer():
+        return int(obj)
+    return obj
+
+
 def trial_id(config: dict) -> str:
-    return hashlib.sha256(json.dumps(config, sort_keys=True).encode()).hexdigest()[:16]
+    return hashlib.sha256(json.dumps(_canonical(config), sort_keys=True).encode()).hexdigest()[:16]
 
 
 def plan_trials(cfg: StudyConfig, placements: dict[str, Placement]) -> list[PlannedTrial]:

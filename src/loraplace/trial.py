@@ -18,9 +18,6 @@ from __future__ import annotations
 
 import contextlib
 import math
-import os
-import shutil
-import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -33,6 +30,7 @@ from . import metrics as M
 from .config import EvalSpec, TrainSpec
 from .data import TokenizedSet, batches
 from .placement import Placement, apply
+from .store import atomic_dir
 
 
 class TrialError(RuntimeError):
@@ -205,7 +203,7 @@ def run_trial(
         "base_params": p.anatomy.base_params,
         "trainable_pct": p.trainable_pct,
         "n_modules": len(p.modules),
-        "adapter_bytes": M.dir_bytes(saved) if saved else p.adapter_bytes(),
+        "adapter_bytes": M.adapter_bytes(saved) if saved else p.adapter_bytes(),
         "train_time_s": train_time,
         "eval_time_s": eval_time,
         "tokens_per_s": stats["train_tokens"] / train_time if train_time > 0 else 0.0,
@@ -218,19 +216,10 @@ def run_trial(
 
 
 def _save_adapter(peft_model, target: Path) -> Path:
-    """Save in PEFT format through a temporary directory, so a crash never leaves half an adapter."""
-    target = Path(target)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=target.parent, prefix=f".{target.name}-"))
-    try:
+    """Save in PEFT format, all or nothing (see ``store.atomic_dir``)."""
+    with atomic_dir(target) as tmp:
         peft_model.save_pretrained(tmp)
-        if target.exists():
-            shutil.rmtree(target)
-        os.replace(tmp, target)
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp, ignore_errors=True)
-    return target
+    return Path(target)
 
 
 # -- generation-based accuracy (question/answer data with a checkable final answer) -------------
