@@ -180,3 +180,16 @@ def test_no_config_model_never_guesses():
     assert roles == {"mix.a": "other", "mix.b": "other", "mix.c": "other", "mix.proj": "attn.o",
                      "ffn.0": "mlp.up", "ffn.2": "mlp.down"}
     assert {l.role for l in anat.outside} == {"embedding", "other"}  # no get_output_embeddings: head is "other"
+
+
+def test_tied_output_head_is_marked_and_counted_once():
+    from tiny_models import build
+
+    tied = analyze(build("llama"))  # tie_word_embeddings=True
+    head = next(l for l in tied.outside if l.role == "lm_head")
+    emb = next(l for l in tied.outside if l.role == "embedding")
+    assert head.tied_to == emb.name and emb.tied_to is None
+    assert tied.base_params == sum(l.params for l in tied.layers) + emb.params + sum(
+        p.numel() for n, p in build("llama").named_parameters() if "norm" in n)
+    untied = analyze(build("mistral"))
+    assert all(l.tied_to is None for l in untied.outside)

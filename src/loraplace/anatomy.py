@@ -50,6 +50,7 @@ class Layer:
     in_features: int  # Embedding: vocabulary (num_embeddings)
     out_features: int  # Embedding: embedding_dim
     params: int  # weight + bias elements of the base layer (adapters excluded)
+    tied_to: str | None = None  # outside only: the earlier module whose weight this one shares
 
 
 @dataclass(frozen=True)
@@ -316,7 +317,7 @@ def analyze(model: nn.Module, trace: bool = True) -> Anatomy:
         head = _base(root.get_output_embeddings())
     except Exception:  # not a PreTrainedModel
         head = None
-    layers, outside = [], []
+    layers, outside, weight_owner = [], [], {}
     for n, m in mods:
         e = entries.get(id(m))
         if e is None:
@@ -325,7 +326,9 @@ def analyze(model: nn.Module, trace: bool = True) -> Anatomy:
             layers.append(Layer(n, block_of[id(m)], reader.roles.get(id(m), "other"), e.kind, e.inn, e.out, e.params))
         elif not n.startswith(blocks_path + "."):
             role = "embedding" if e.kind == "Embedding" else "lm_head" if _base(m) is head else "other"
-            outside.append(Layer(n, -1, role, e.kind, e.inn, e.out, e.params))
+            w = getattr(_base(m), "weight", None)
+            tied = weight_owner.setdefault(id(w), n) if w is not None else n  # tied embeddings share one tensor
+            outside.append(Layer(n, -1, role, e.kind, e.inn, e.out, e.params, tied if tied != n else None))
 
     seen, base_params = set(), 0
     for _, m in mods:  # wrappers: only the wrapped base layer's tensors; plain modules: their own tensors

@@ -89,8 +89,9 @@ def anatomy_text(anat) -> str:
     out.append(_table(total_rows, ["role", "modules", "params", "of base"], right={1, 2, 3}))
     if anat.outside:
         out += ["", "Outside the blocks (never adapted by default):"]
-        out.append(_table([[l.name, l.role, l.kind, f"{l.in_features}x{l.out_features}", _fmt_int(l.params)] for l in anat.outside],
-                          ["module", "role", "kind", "shape", "params"], right={4}))
+        out.append(_table([[l.name, l.role, l.kind, f"{l.in_features}x{l.out_features}", _fmt_int(l.params),
+                            f"tied to {l.tied_to} (counted once)" if l.tied_to else ""] for l in anat.outside],
+                          ["module", "role", "kind", "shape", "params", ""], right={4}))
     return "\n".join(out)
 
 
