@@ -195,7 +195,7 @@ def _hub_rows(name: str, split: str) -> list[tuple[str, dict]]:
     try:
         import datasets
     except ImportError:
-        raise DataError(f"hub:{name}: needs the 'datasets' package (pip install -e ".[hub]" or pip install datasets) and a reachable "
+        raise DataError(f"hub:{name}: needs the 'datasets' package (pip install datasets, or the [hub] extra) and a reachable "
                         f"Hugging Face hub; or {hint}") from None
     try:
         ds = datasets.load_dataset(repo, conf or None, split=split)
