@@ -49,10 +49,9 @@ def _fmt_bytes(n: float) -> str:
 
 
 def _table(rows: list[list[str]], header: list[str], right: set[int] = frozenset()) -> str:
-    widths = [max(len(str(r[i])) for r in [header, *rows]) for i in range(len(header))]
-    def line(r):
-        return "  ".join(str(c).rjust(w) if i in right else str(c).ljust(w) for i, (c, w) in enumerate(zip(r, widths)))
-    return "\n".join([line(header), "  ".join("-" * w for w in widths), *map(line, rows)])
+    from .report import text_table
+
+    return text_table(header, rows, set(right))
 
 
 def anatomy_text(anat) -> str:

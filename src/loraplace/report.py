@@ -20,7 +20,6 @@ import html
 import math
 from pathlib import Path
 
-from . import figures
 from .analysis import Interval, StudyAnalysis, analyze_store
 from .metrics import METRICS
 from .store import Store
@@ -94,11 +93,13 @@ def table_notes(a: StudyAnalysis) -> list[str]:
     return notes
 
 
-def _aligned(headers: list[str], rows: list[list[str]]) -> str:
-    widths = [max(len(r[i]) for r in [headers] + rows) for i in range(len(headers))]
+def text_table(headers: list[str], rows: list[list[str]], right: set[int] | None = None) -> str:
+    """Aligned plain-text table; columns in ``right`` are right-aligned (default: all but the first)."""
+    right = set(range(1, len(headers))) if right is None else right
+    widths = [max(len(str(r[i])) for r in [headers] + rows) for i in range(len(headers))]
 
-    def line(cells: list[str]) -> str:  # first column left-aligned, numbers right-aligned
-        return "  ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(cells, widths)))
+    def line(cells: list[str]) -> str:
+        return "  ".join(str(c).rjust(w) if i in right else str(c).ljust(w) for i, (c, w) in enumerate(zip(cells, widths))).rstrip()
 
     return "\n".join([line(headers), "  ".join("-" * w for w in widths)] + [line(r) for r in rows])
 
@@ -106,7 +107,7 @@ def _aligned(headers: list[str], rows: list[list[str]]) -> str:
 def summary_table(a: StudyAnalysis) -> str:
     """Plain-text table with aligned columns, for the terminal."""
     headers, rows = results_table(a)
-    return _aligned(headers, rows)
+    return text_table(headers, rows)
 
 
 def summary_text(a: StudyAnalysis) -> str:
@@ -225,6 +226,8 @@ def write_report(study_dir: str | Path, threshold: float | None = None) -> dict[
     with Store.open(study_dir, create=False) as store:
         a = analyze_store(store, threshold)
     out = study_dir / REPORT_DIR
+    from . import figures  # matplotlib loads only when figures are drawn
+
     figs = figures.draw_all(a, out)
     md, page = out / "report.md", out / "report.html"
     md.write_text(render_markdown(a, figs), encoding="utf-8")

@@ -13,6 +13,7 @@ silently mixing results.
 
 from __future__ import annotations
 
+import gc
 import hashlib
 import json
 import logging
@@ -193,6 +194,9 @@ def run_study(cfg: StudyConfig, model_and_tokenizer=None, progress: bool = True)
             log.error("%s failed: %s", desc, str(e).splitlines()[0] if str(e) else type(e).__name__)
             continue
         finally:
+            gc.collect()  # the trial's adapter, optimizer state and activations go before the next one
+            if device.startswith("cuda"):
+                torch.cuda.empty_cache()
             if weights_fingerprint(model) != before:
                 raise RuntimeError(f"base weights changed during trial {p.trial_id}: refusing to continue")
         rel = str(result.adapter_dir.relative_to(cfg.out)) if result.adapter_dir else None
