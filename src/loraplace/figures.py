@@ -123,7 +123,7 @@ def curves(a: StudyAnalysis, path: Path) -> Path:
         fig = Figure(figsize=(10, 5.6), layout="constrained")
         ax = fig.subplots()
         longest = max((len(s.curve) for s in a.strategies), default=0)
-        k = max(1, longest // 25)  # smooth only long, noisy curves
+        k = max(1, longest // 10)  # per-step losses are noisy (each step is one batch): smooth from 20 steps on
         for s in a.strategies:
             if not s.curve:
                 continue
