@@ -130,7 +130,9 @@ def test_peft_wrapped_matches_plain(arch):
     pre = "base_model.model."
     assert all(l.name in names for l in wrapped.layers + wrapped.outside)
     assert not any("lora_" in l.name or l.name.endswith("base_layer") for l in wrapped.layers + wrapped.outside)
-    strip = lambda ls: [(l.name.removeprefix(pre),) + tuple(vars(l).values())[1:] for l in ls]
+    def strip(ls):  # names (and the tied-to name) carry the wrapper's prefix; everything else is equal
+        return [(l.name.removeprefix(pre),) + tuple(vars(l).values())[1:-1] + ((l.tied_to or "").removeprefix(pre),)
+                for l in ls]
     assert strip(wrapped.layers) == strip(anat.layers)
     assert strip(wrapped.outside) == strip(anat.outside)
     assert wrapped.blocks_path == pre + anat.blocks_path
