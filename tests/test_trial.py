@@ -121,3 +121,17 @@ def test_answer_matching():
     assert answer_matches("The answer is 18.", "18") and not answer_matches("17", "18")
     assert not answer_matches("no number here", "18")
     assert answer_matches(" Yes.\nmore", "Yes") and not answer_matches("No", "Yes")
+
+
+@pytest.mark.parametrize("arch", ["llama", "gpt2"])
+def test_gradient_checkpointing_gives_the_same_training(arch):
+    model = build(arch)
+    p = resolve(get_strategy("all_linear"), analyze(model), rank=4, alpha=8)
+    ts = _toy_set()
+    plain, ev = _specs(steps=4)
+    ckpt, _ = _specs(steps=4, gradient_checkpointing=True)
+    a = run_trial(model, p, ts, ts, plain, ev, seed=0, pad_id=PAD)
+    b = run_trial(model, p, ts, ts, ckpt, ev, seed=0, pad_id=PAD)
+    assert [l for _, l in a.curve] == pytest.approx([l for _, l in b.curve], rel=1e-5)
+    assert b.metrics["eval_loss"] == pytest.approx(a.metrics["eval_loss"], rel=1e-5)
+    assert not any(getattr(m, "gradient_checkpointing", False) for m in model.modules())  # off again for the next trial

@@ -180,6 +180,8 @@ def run_trial(
     torch.manual_seed(seed)  # adapter init (lora_A) and dropout
     M.reset_peak_memory(device)
     peft_model = apply(base_model, placement, dropout=train_spec.dropout)
+    if train_spec.gradient_checkpointing:  # non-reentrant: the frozen embeddings need no grad hook
+        _checkpointing(base_model, True)
     try:
         t0 = time.perf_counter()
         curve, stats = train(peft_model, train_set, train_spec, seed, pad_id, device, desc=desc)
@@ -195,6 +197,8 @@ def run_trial(
         saved = _save_adapter(peft_model, adapter_dir) if adapter_dir is not None else None
     finally:
         peft_model.unload()  # removes the LoRA layers without merging: the base stays pristine
+        if train_spec.gradient_checkpointing:
+            _checkpointing(base_model, False)
     p = placement
     metrics = {
         **ev,
@@ -213,6 +217,19 @@ def run_trial(
     if zero_shot_loss is not None:
         metrics["zero_shot_loss"] = zero_shot_loss
     return TrialResult(metrics=metrics, curve=curve, placement=p.to_dict(), adapter_dir=saved)
+
+
+def _checkpointing(model, on: bool) -> None:
+    """Activation checkpointing on/off; transformers 5.x renamed the gradient_checkpointing_* methods."""
+    if hasattr(model, "activation_checkpointing_enable"):
+        if on:
+            model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+        else:
+            model.activation_checkpointing_disable()
+    elif on:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    else:
+        model.gradient_checkpointing_disable()
 
 
 def _save_adapter(peft_model, target: Path) -> Path:
