@@ -6,6 +6,7 @@ import pytest
 import tiny_models
 import torch
 
+from loraplace import executor as E
 from loraplace import study as S
 from loraplace.config import StudyConfig
 from loraplace.store import Store
@@ -65,14 +66,14 @@ def test_rerun_skips_finished_trials(tmp_path, monkeypatch):
     def boom(*a, **k):
         raise AssertionError("a finished trial was run again")
 
-    monkeypatch.setattr(S, "run_trial", boom)
+    monkeypatch.setattr(E, "run_trial", boom)
     records = S.run_study(cfg, _model())
     assert all(r.status == "done" for r in records)
 
 
 def test_interrupted_study_resumes_and_failures_are_recorded(tmp_path, monkeypatch):
     cfg = _cfg(tmp_path, seeds=[0], strategies=["all_linear", "attention_only", "mlp_only"])
-    real = S.run_trial
+    real = E.run_trial
     calls = []
 
     def flaky(model, placement, *a, **k):
@@ -83,7 +84,7 @@ def test_interrupted_study_resumes_and_failures_are_recorded(tmp_path, monkeypat
             raise KeyboardInterrupt  # the process dies mid-trial
         return real(model, placement, *a, **k)
 
-    monkeypatch.setattr(S, "run_trial", flaky)
+    monkeypatch.setattr(E, "run_trial", flaky)
     with pytest.raises(KeyboardInterrupt):
         S.run_study(cfg, _model())
     with Store.open(cfg.out, create=False) as store:

@@ -122,6 +122,10 @@ class StudyConfig:
     seeds: list[int] = field(default_factory=lambda: [0, 1, 2])
     out: str = "studies/default"  # study directory (database, adapters, report)
     threshold: float = 0.95  # retained improvement a cheaper strategy must keep to be recommended
+    executor: str = "local"  # local (this process, one trial at a time) | ray (Ray workers)
+    ray_address: str | None = None  # executor=ray: a cluster address; None starts Ray here (or uses RAY_ADDRESS)
+    cpus_per_trial: float = 2  # executor=ray: CPUs (and torch threads) per trial
+    gpus_per_trial: float = 0  # executor=ray: GPUs per trial (set 1 with train.device=cuda)
 
     def check(self) -> None:
         self.data.check()
@@ -135,6 +139,10 @@ class StudyConfig:
             raise ConfigError("seeds: empty; give at least one seed, e.g. seeds=[0]")
         if len(set(self.seeds)) != len(self.seeds):
             raise ConfigError(f"seeds: duplicates in {self.seeds}")
+        _choice("executor", self.executor, ("local", "ray"))
+        _positive("cpus_per_trial", self.cpus_per_trial)
+        if self.gpus_per_trial < 0:
+            raise ConfigError(f"gpus_per_trial: must be >= 0, got {self.gpus_per_trial}")
         if not 0 < self.threshold <= 1.5:
             raise ConfigError(f"threshold: must be in (0, 1.5], got {self.threshold}")
 

@@ -13,7 +13,6 @@ silently mixing results.
 
 from __future__ import annotations
 
-import gc
 import hashlib
 import json
 import logging
@@ -27,13 +26,12 @@ from pathlib import Path
 import torch
 
 from . import __version__
-from .anatomy import Anatomy, analyze
+from .anatomy import Anatomy
 from .config import StudyConfig
-from .data import load_examples, split_examples, tokenize
-from .models import load
+from .executor import TrialTask, Workspace, run_tasks
 from .placement import Placement, get_strategy, match_budget, parse_budget, resolve
 from .store import Store, TrialRecord
-from .trial import TrialError, answer_accuracy, evaluate, run_trial
+from .trial import evaluate
 
 log = logging.getLogger("loraplace")
 
@@ -121,34 +119,13 @@ def environment(device: str) -> dict:
     return env
 
 
-def pick_device(name: str) -> str:
-    if name == "auto":
-        return "cuda" if torch.cuda.is_available() else "cpu"
-    return name
-
-
-def weights_fingerprint(model: torch.nn.Module) -> float:
-    """A cheap checksum of every base weight (sum of |w| in float64), to prove trials leave it pristine."""
-    with torch.no_grad():
-        return float(sum(p.detach().double().abs().sum() for p in model.parameters()))
-
-
-def run_study(cfg: StudyConfig, model_and_tokenizer=None, progress: bool = True) -> list[TrialRecord]:
+def run_study(cfg: StudyConfig, model_and_tokenizer=None) -> list[TrialRecord]:
     """Run every unfinished trial of the study; returns all trial records of the study."""
-    device = pick_device(cfg.train.device)
-    if cfg.train.threads:
-        torch.set_num_threads(cfg.train.threads)
     store = Store.open(cfg.out)
-    dtype = getattr(torch, cfg.train.dtype)
-    model, tok = model_and_tokenizer or load(cfg.model, dtype=dtype, device=device)
-    anat = analyze(model)
+    ws = Workspace.build(cfg, model_and_tokenizer)
+    anat, train_set, eval_set = ws.anatomy, ws.train_set, ws.eval_set
     placements = resolve_placements(cfg, anat)  # every strategy error surfaces before any training
     planned = plan_trials(cfg, placements)
-
-    examples = load_examples(cfg.data)
-    train_ex, eval_ex = split_examples(examples, cfg.data)
-    train_set, eval_set = tokenize(train_ex, tok, cfg.data), tokenize(eval_ex, tok, cfg.data)
-    pad = tok.pad_token_id
     store.put_meta("study_config", {**cfg.to_dict(), "trial_ids": [p.trial_id for p in planned]})
     store.write_file("config.yaml", cfg.to_yaml())  # rerun with: loraplace study OUT/config.yaml
     store.put_meta("anatomy", {"model_type": anat.model_type, "n_blocks": anat.n_blocks, "base_params": anat.base_params,
@@ -164,46 +141,31 @@ def run_study(cfg: StudyConfig, model_and_tokenizer=None, progress: bool = True)
     zero = store.get_meta("zero_shot")
     if not zero or zero.get("key") != zkey:
         log.info("evaluating the base model (zero-shot) on %d eval examples", len(eval_set.input_ids))
-        zero = {**evaluate(model, eval_set, cfg.eval.batch_size, pad, device), "key": zkey}
+        zero = {**evaluate(ws.model, eval_set, cfg.eval.batch_size, ws.tokenizer.pad_token_id, ws.device), "key": zkey}
         store.put_meta("zero_shot", zero)
+    if cfg.eval.accuracy and not any(e.answer is not None for e in ws.eval_examples):
+        log.warning("eval.accuracy is on but no eval example has a checkable answer; skipping accuracy")
 
-    accuracy_fn = None
-    if cfg.eval.accuracy:
-        scored = [e for e in eval_ex if e.answer is not None][: cfg.eval.accuracy_limit]
-        if scored:
-            accuracy_fn = lambda m: answer_accuracy(m, tok, scored, cfg.data, cfg.eval, device)  # noqa: E731
-        else:
-            log.warning("eval.accuracy is on but no eval example has a checkable answer; skipping accuracy")
-
-    env = environment(device)
+    env = environment(ws.device)
     todo = [p for p in planned if store.get(p.trial_id).status != "done"]
     if len(todo) < len(planned):
         log.info("%d of %d trials already done; running the other %d", len(planned) - len(todo), len(planned), len(todo))
-    for i, p in enumerate(todo, start=1):
-        before = weights_fingerprint(model)
-        store.mark_running(p.trial_id)
-        desc = f"[{i}/{len(todo)}] {p.strategy} seed {p.seed}"
-        try:
-            result = run_trial(
-                model, p.placement, train_set, eval_set, cfg.train, cfg.eval, seed=p.seed, pad_id=pad, device=device,
-                adapter_dir=Path(cfg.out) / "adapters" / f"{p.strategy}-s{p.seed}-{p.trial_id[:8]}" if cfg.train.save_adapter else None,
-                zero_shot_loss=zero["eval_loss"], accuracy_fn=accuracy_fn, desc=desc,
-            )
-        except (TrialError, RuntimeError, ValueError) as e:  # recorded; the study goes on
-            store.mark_failed(p.trial_id, f"{type(e).__name__}: {e}", env=env)
-            log.error("%s failed: %s", desc, str(e).splitlines()[0] if str(e) else type(e).__name__)
+    tasks = [
+        TrialTask(p.trial_id, p.strategy, p.seed, p.placement.modules,
+                  str(Path(cfg.out) / "adapters" / f"{p.strategy}-s{p.seed}-{p.trial_id[:8]}") if cfg.train.save_adapter else None,
+                  f"[{i}/{len(todo)}] {p.strategy} seed {p.seed}")
+        for i, p in enumerate(todo, start=1)
+    ]
+    for task, result, error in run_tasks(cfg, ws, tasks, zero["eval_loss"], on_start=store.mark_running):
+        if error is not None:
+            store.mark_failed(task.trial_id, error, env=env)
+            log.error("%s failed: %s", task.desc, error)
             continue
-        finally:
-            gc.collect()  # the trial's adapter, optimizer state and activations go before the next one
-            if device.startswith("cuda"):
-                torch.cuda.empty_cache()
-            if weights_fingerprint(model) != before:
-                raise RuntimeError(f"base weights changed during trial {p.trial_id}: refusing to continue")
         rel = str(result.adapter_dir.relative_to(cfg.out)) if result.adapter_dir else None
-        store.mark_done(p.trial_id, result.metrics, result.curve, result.placement, env, rel)
+        store.mark_done(task.trial_id, result.metrics, result.curve, result.placement, env, rel)
         m = result.metrics
         print(
-            f"{desc}: eval loss {m['eval_loss']:.4f} (zero-shot {zero['eval_loss']:.4f}), "
+            f"{task.desc}: eval loss {m['eval_loss']:.4f} (zero-shot {zero['eval_loss']:.4f}), "
             f"{m['trainable_params']:,} trainable, {m['train_time_s']:.0f} s",
             file=sys.stderr,
         )
