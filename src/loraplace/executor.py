@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import gc
 import logging
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterator
 
@@ -34,12 +34,13 @@ log = logging.getLogger("loraplace")
 
 @dataclass(frozen=True)
 class TrialTask:
-    trial_id: str
+    trial_id: str  # hash of config
     strategy: str
     seed: int
     ranks: dict[str, int]  # full module name -> rank, as resolved (and budget-matched) by the driver
-    adapter_dir: str | None
-    desc: str
+    adapter_dir: str | None  # where the trained adapter goes; None: not saved
+    config: dict = field(default_factory=dict)  # the resolved trial config that trial_id hashes
+    desc: str = ""  # progress label, e.g. "[2/12] mlp_only seed 0"
 
 
 def pick_device(name: str) -> str:

@@ -20,7 +20,7 @@ import os
 import platform
 import subprocess
 import sys
-from dataclasses import dataclass
+from dataclasses import replace
 from pathlib import Path
 
 import torch
@@ -34,15 +34,6 @@ from .store import Store, TrialRecord
 from .trial import evaluate
 
 log = logging.getLogger("loraplace")
-
-
-@dataclass(frozen=True)
-class PlannedTrial:
-    trial_id: str
-    strategy: str
-    seed: int
-    placement: Placement
-    config: dict  # the resolved trial config that trial_id hashes
 
 
 def resolve_placements(cfg: StudyConfig, anat: Anatomy) -> dict[str, Placement]:
@@ -71,9 +62,11 @@ def trial_id(config: dict) -> str:
     return hashlib.sha256(json.dumps(_canonical(config), sort_keys=True).encode()).hexdigest()[:16]
 
 
-def plan_trials(cfg: StudyConfig, placements: dict[str, Placement]) -> list[PlannedTrial]:
+def plan_trials(cfg: StudyConfig, placements: dict[str, Placement]) -> list[TrialTask]:
+    """Every (strategy, seed) trial, keyed by a hash of what can change its numbers."""
     shared = cfg.to_dict()
-    train = {k: v for k, v in shared["train"].items() if k not in ("threads", "save_adapter", "device")}
+    same_numbers = ("threads", "save_adapter", "device", "gradient_checkpointing")  # not part of a trial's identity
+    train = {k: v for k, v in shared["train"].items() if k not in same_numbers}
     out = []
     for seed in cfg.seeds:  # seed-major order: every strategy gets seed 0 before any gets seed 1
         for name, p in placements.items():
@@ -87,7 +80,9 @@ def plan_trials(cfg: StudyConfig, placements: dict[str, Placement]) -> list[Plan
                 "ranks": p.modules,
                 "seed": seed,
             }
-            out.append(PlannedTrial(trial_id(config), name, seed, p, config))
+            tid = trial_id(config)
+            adapter_dir = str(Path(cfg.out) / "adapters" / f"{name}-s{seed}-{tid[:8]}") if cfg.train.save_adapter else None
+            out.append(TrialTask(tid, name, seed, p.modules, adapter_dir, config))
     return out
 
 
@@ -150,12 +145,7 @@ def run_study(cfg: StudyConfig, model_and_tokenizer=None) -> list[TrialRecord]:
     todo = [p for p in planned if store.get(p.trial_id).status != "done"]
     if len(todo) < len(planned):
         log.info("%d of %d trials already done; running the other %d", len(planned) - len(todo), len(planned), len(todo))
-    tasks = [
-        TrialTask(p.trial_id, p.strategy, p.seed, p.placement.modules,
-                  str(Path(cfg.out) / "adapters" / f"{p.strategy}-s{p.seed}-{p.trial_id[:8]}") if cfg.train.save_adapter else None,
-                  f"[{i}/{len(todo)}] {p.strategy} seed {p.seed}")
-        for i, p in enumerate(todo, start=1)
-    ]
+    tasks = [replace(t, desc=f"[{i}/{len(todo)}] {t.strategy} seed {t.seed}") for i, t in enumerate(todo, start=1)]
     for task, result, error in run_tasks(cfg, ws, tasks, zero["eval_loss"], on_start=store.mark_running):
         if error is not None:
             store.mark_failed(task.trial_id, error, env=env)
