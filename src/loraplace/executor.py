@@ -32,6 +32,10 @@ from .trial import TrialError, TrialResult, answer_accuracy, run_trial
 log = logging.getLogger("loraplace")
 
 
+class BaseWeightsChanged(Exception):
+    """A trial altered the shared base model: a bug, never recorded as a trial failure (not in RECORDED)."""
+
+
 @dataclass(frozen=True)
 class TrialTask:
     trial_id: str  # hash of config
@@ -103,7 +107,7 @@ class Workspace:
             if self.device.startswith("cuda"):
                 torch.cuda.empty_cache()
             if weights_fingerprint(self.model) != before:
-                raise RuntimeError(f"base weights changed during trial {task.trial_id}: refusing to continue")
+                raise BaseWeightsChanged(f"base weights changed during trial {task.trial_id}: refusing to continue")
 
 
 Outcome = tuple[TrialTask, TrialResult | None, str | None]  # (task, result, error) with one of the two set
@@ -124,8 +128,6 @@ def run_tasks(
         try:
             yield task, ws.run(task, zero_shot_loss), None
         except RECORDED as e:
-            if str(e).startswith("base weights changed"):
-                raise
             yield task, None, f"{type(e).__name__}: {e}"
 
 
@@ -179,6 +181,4 @@ class _RayWorker:
         try:
             return self.ws.run(task, zero_shot_loss), None
         except RECORDED as e:
-            if str(e).startswith("base weights changed"):
-                raise
             return None, f"{type(e).__name__}: {e}"

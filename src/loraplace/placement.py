@@ -115,7 +115,7 @@ class Placement:
             "definition": self.strategy.to_dict(),
             "model_type": self.anatomy.model_type,
             "n_blocks": self.anatomy.n_blocks,
-            "rank": max(set(ranks), key=ranks.count),
+            "rank": _most_common(ranks),
             "modules": {
                 n: {"rank": r, "alpha": self.alphas[n], "role": self.anatomy.layer(n).role, "block": self.anatomy.layer(n).block}
                 for n, r in self.modules.items()
@@ -129,9 +129,9 @@ class Placement:
         from peft import LoraConfig
 
         ranks = list(self.modules.values())
-        r = max(set(ranks), key=ranks.count)
+        r = _most_common(ranks)
         alphas = list(self.alphas.values())
-        alpha = max(set(alphas), key=alphas.count)
+        alpha = _most_common(alphas)
         kinds = {self.anatomy.layer(n).kind for n in self.modules}
         return LoraConfig(
             r=r,
@@ -144,6 +144,11 @@ class Placement:
             bias="none",
             task_type="CAUSAL_LM",
         )
+
+
+def _most_common(values: list):
+    """The value most modules share: PEFT's r / lora_alpha, with patterns only for the others."""
+    return max(set(values), key=values.count)
 
 
 # -- resolution --------------------------------------------------------------------------------
