@@ -1,12 +1,16 @@
 """Exports mean exactly the placement: PEFT and axolotl configs are applied to a tiny Llama with PEFT
 and the adapted modules/ranks compared; tools that cannot express a placement raise ExportError."""
 
+import functools
 import json
+from dataclasses import replace
 
 import pytest
 import yaml
 
+from loraplace.anatomy import analyze
 from loraplace.export import ExportError, export, export_study, placement_for
+from loraplace.placement import ModuleSpec, PlacementRecord, Strategy, resolve
 from loraplace.store import Store
 
 N_BLOCKS = 4
@@ -16,33 +20,46 @@ NAMES = {"attn.q": "self_attn.q_proj", "attn.k": "self_attn.k_proj", "attn.v": "
 ALL = list(NAMES)
 
 
-def placement(roles, blocks=range(N_BLOCKS), rank=8, ranks=None, model_type="llama", strategy="s"):
-    """ranks: {(role, block) or role: rank} overrides; alpha = 2 * rank per module."""
-    mods = {}
-    for b in blocks:
-        for role in roles:
-            r = (ranks or {}).get((role, b), (ranks or {}).get(role, rank))
-            mods[f"model.layers.{b}.{NAMES[role]}"] = {"rank": r, "alpha": 2.0 * r, "role": role, "block": b}
-    return {"strategy": strategy, "model_type": model_type, "n_blocks": N_BLOCKS, "lora_alpha": 2 * rank,
-            "lora_dropout": 0.05, "rank": rank, "modules": mods, "trainable_params": 1234}
+def _tiny_llama(n_blocks=N_BLOCKS):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    return LlamaForCausalLM(LlamaConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=n_blocks,
+                                        num_attention_heads=4, num_key_value_heads=2, vocab_size=64))
+
+
+@functools.lru_cache(maxsize=None)
+def _anatomy(n_blocks):
+    return analyze(_tiny_llama(n_blocks))
+
+
+def placement(roles, blocks=range(N_BLOCKS), rank=8, ranks=None, model_type="llama", strategy="s", n_blocks=N_BLOCKS):
+    """A placement resolved on a tiny Llama as a study resolves it, as the record a trial stores.
+    ranks: {(role, block) or role: rank} overrides; alpha = 2 * rank per module."""
+    anat = _anatomy(n_blocks)
+    by_name = {}
+    for layer in anat.layers:
+        r = (ranks or {}).get((layer.role, layer.block), (ranks or {}).get(layer.role))
+        if r is not None:
+            by_name[layer.name] = r
+    p = resolve(Strategy(strategy, "+".join(roles), ",".join(map(str, blocks))), anat, rank=rank, alpha=2 * rank,
+                alpha_per_rank=True, ranks=by_name)
+    record = p.record(dropout=0.05)
+    return record if model_type == "llama" else replace(record, model_type=model_type)
 
 
 def adapted(lora_kwargs, n_blocks=N_BLOCKS):
     """{module name: (r, alpha)} of the LoRA layers PEFT creates on a tiny Llama for this config."""
     from peft import LoraConfig, get_peft_model
     from peft.tuners.lora import LoraLayer
-    from transformers import LlamaConfig, LlamaForCausalLM
 
-    cfg = LlamaConfig(hidden_size=16, intermediate_size=32, num_hidden_layers=n_blocks, num_attention_heads=2,
-                      num_key_value_heads=1, vocab_size=64)
-    model = get_peft_model(LlamaForCausalLM(cfg), LoraConfig(**lora_kwargs))
+    model = get_peft_model(_tiny_llama(n_blocks), LoraConfig(**lora_kwargs))
     prefix = "base_model.model."
     return {n[len(prefix):]: (m.r["default"], m.lora_alpha["default"])
             for n, m in model.named_modules() if isinstance(m, LoraLayer)}
 
 
 def expected(pl):
-    return {n: (m["rank"], m["alpha"]) for n, m in pl["modules"].items()}
+    return {n: (m.rank, m.alpha) for n, m in pl.modules.items()}
 
 
 def axolotl_to_peft(cfg):
@@ -64,8 +81,7 @@ def test_peft_per_module_ranks_applied_exactly():
 
 def test_peft_patterns_do_not_leak_between_blocks_1_and_11():
     # PEFT matches pattern keys as regexes "(.*\\.)?KEY$": block 1's key must not catch block 11
-    pl = placement(["attn.v"], blocks=range(12), ranks={("attn.v", 1): 4, ("attn.v", 11): 16})
-    pl["n_blocks"] = 12
+    pl = placement(["attn.v"], blocks=range(12), ranks={("attn.v", 1): 4, ("attn.v", 11): 16}, n_blocks=12)
     cfg = json.loads(export(pl, "peft"))
     assert adapted(cfg, n_blocks=12) == expected(pl)
 
@@ -87,7 +103,7 @@ def test_axolotl_all_blocks_has_no_layer_list():
 
 def test_axolotl_uneven_blocks_use_full_names():
     pl = placement(["attn.q"], blocks=[0])
-    pl["modules"].update(placement(["mlp.up"], blocks=[3])["modules"])
+    pl = replace(pl, modules={**pl.modules, **placement(["mlp.up"], blocks=[3]).modules})
     cfg = yaml.safe_load(export(pl, "axolotl"))
     assert cfg["lora_target_modules"] == ["model.layers.0.self_attn.q_proj", "model.layers.3.mlp.up_proj"]
     assert adapted(axolotl_to_peft(cfg)) == expected(pl)
@@ -135,8 +151,7 @@ def test_torchtune_refuses_what_it_cannot_express(pl, message):
 
 def test_torchtune_refuses_fused_roles():
     pl = placement(["attn.q"], model_type="llama")
-    for m in pl["modules"].values():
-        m["role"] = "attn.qkv"
+    pl = replace(pl, modules={n: replace(m, role="attn.qkv") for n, m in pl.modules.items()})
     with pytest.raises(ExportError, match="attn.qkv"):
         export(pl, "torchtune")
 
@@ -145,7 +160,7 @@ def test_bad_inputs():
     with pytest.raises(ExportError, match="unknown format 'unsloth'"):
         export(placement(["attn.q"]), "unsloth")
     with pytest.raises(ExportError, match="no modules"):
-        export({"modules": {}}, "peft")
+        export(PlacementRecord("empty", {}), "peft")
     assert issubclass(ExportError, ValueError)
 
 
@@ -156,21 +171,54 @@ def test_placement_for_store(tmp_path):
         store.mark_done(name, {"eval_loss": 1.0}, [], placement(roles, strategy=name), {})
     store.add_pending("bad", "broken", 0, {})
     store.mark_failed("bad", "OOM")
-    assert placement_for(store, "attn")["strategy"] == "attn"
+    assert placement_for(store, "attn") == placement(["attn.q", "attn.v"], strategy="attn")  # round trip
     with pytest.raises(ExportError, match="no strategy 'nope'.*exportable: attn, mlp"):
         placement_for(store, "nope")
     with pytest.raises(ExportError, match="'broken' has no finished trial.*1 failed"):
         placement_for(store, "broken")
     store.close()
-    # placements as the engine stores them carry no dropout: it comes from the trial's train config
-    pl = placement(["mlp.up"], strategy="real")
-    del pl["lora_dropout"], pl["lora_alpha"]
+    # placements stored before records carried dropout: it comes from the trial's train config
+    pl = placement(["mlp.up"], strategy="real").to_dict()
+    del pl["dropout"]
     store = Store.open(tmp_path)
     store.add_pending("real", "real", 0, {"train": {"dropout": 0.1}})
     store.mark_done("real", {"eval_loss": 1.0}, [], pl, {})
     assert json.loads(export(placement_for(store, "real"), "peft"))["lora_dropout"] == 0.1
-    assert "lora_dropout" not in json.loads(export(pl, "peft"))  # unknown: the tool's default applies
+    assert "lora_dropout" not in json.loads(export(PlacementRecord.from_dict(pl), "peft"))  # unknown: tool default
     store.close()
     text = export_study(tmp_path, "attn", "llamafactory")
     assert text.startswith("# loraplace export for LLaMA-Factory: strategy 'attn'")
     assert yaml.safe_load(text)["lora_target"] == "q_proj,v_proj"
+
+
+def test_exported_peft_config_is_the_trained_one():
+    """The PEFT JSON export and the LoraConfig training uses come from one function: same settings, and
+    loading the exported JSON adapts exactly what apply() adapted, with the same ranks and alphas."""
+    from peft import LoraConfig
+
+    from loraplace.placement import apply
+
+    anat = _anatomy(N_BLOCKS)
+    p = resolve(Strategy("mixed", "attn.q+attn.v+mlp.down", "1-3", rank={"attn.v": 4, "default": 8}), anat,
+                rank=8, alpha=16)
+    exported = json.loads(export(p.record(dropout=0.1), "peft"))
+    exported.pop("peft_type")
+    assert LoraConfig(**exported) == p.record(dropout=0.1).lora_config()
+    trained = apply(_tiny_llama(N_BLOCKS), p, dropout=0.1)
+    prefix = "base_model.model."
+    from peft.tuners.lora import LoraLayer
+
+    got = {n[len(prefix):]: (m.r["default"], m.lora_alpha["default"], m.lora_dropout["default"].p)
+           for n, m in trained.named_modules() if isinstance(m, LoraLayer)}
+    assert {n: v[:2] for n, v in got.items()} == adapted(exported) == expected(p.record())
+    assert {v[2] for v in got.values()} == {0.1}
+
+
+def test_record_round_trip_and_gpt2_fan_in_fan_out():
+    import tiny_models
+
+    p = resolve(Strategy("all_linear"), analyze(tiny_models.build("gpt2")), rank=4, alpha=8)
+    record = p.record(dropout=0.0)
+    assert record.fan_in_fan_out and record.lora_kwargs()["fan_in_fan_out"] is True
+    assert PlacementRecord.from_dict(json.loads(json.dumps(record.to_dict()))) == record
+    assert isinstance(next(iter(record.modules.values())), ModuleSpec)

@@ -73,7 +73,7 @@ def test_rank_pattern_keyed_by_full_names_and_per_role_ranks():
         role = anat.layer(n).role
         assert r == (2 if role.startswith("attn") else 5 if role == "mlp.down" else 3)
         assert p.alphas[n] == 8 * r / 4
-    cfg = p.lora_config()
+    cfg = p.record().lora_config()
     assert set(cfg.target_modules) == set(p.modules)  # explicit full names, no suffixes
     assert cfg.rank_pattern and all(k in p.modules and p.modules[k] != cfg.r for k in cfg.rank_pattern)
     peft_model = apply(model, p)

@@ -11,6 +11,8 @@ import pytest
 from PIL import Image
 
 from loraplace.analysis import analyze_store
+from loraplace.config import StudyConfig
+from loraplace.placement import ModuleSpec, PlacementRecord
 from loraplace.report import summary_table, summary_text, write_report
 from loraplace.store import Store, StoreError
 
@@ -29,15 +31,13 @@ CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
 
 def make_study(path, seeds=(0, 1, 2), zero_shot=True):
     store = Store.open(path)
-    store.put_meta("study_config", {"baseline": "all_linear", "strategies": list(PLAN), "seeds": list(seeds),
-                                    "model": "tiny-llama", "data": {"source": "builtin"}, "threshold": 0.95})
+    store.put_study_config(StudyConfig(model="tiny-llama", strategies=list(PLAN), seeds=list(seeds)),
+                           [f"{name}-{seed}" for seed in seeds for name in PLAN] + ["top_half-9"])
     if zero_shot:
         store.put_meta("zero_shot", {"eval_loss": ZS, "perplexity": math.exp(ZS), "eval_tokens": 1000})
     for name, (roles, blocks, params, losses, time_s) in PLAN.items():
-        mods = {f"model.layers.{b}.{NAMES[r]}": {"rank": 8, "alpha": 16.0, "role": r, "block": b}
-                for b in blocks for r in roles}
-        placement = {"strategy": name, "model_type": "llama", "n_blocks": 6, "lora_alpha": 16, "lora_dropout": 0.05,
-                     "rank": 8, "modules": mods, "trainable_params": params}
+        mods = {f"model.layers.{b}.{NAMES[r]}": ModuleSpec(8, 16.0, r, b) for b in blocks for r in roles}
+        placement = PlacementRecord(name, mods, "llama", 6, params, 1_000_000, dropout=0.05)
         for seed in seeds:
             tid = f"{name}-{seed}"
             store.add_pending(tid, name, seed, {})
@@ -104,7 +104,7 @@ def test_table_values_by_hand(tmp_path):
     # paired deltas are all exactly +0.01: zero spread, the interval collapses on the mean
     assert "+0.0100" in row
     assert a.recommendation.decided and a.recommendation.strategy == "attention_only"
-    assert "top_half" in a.pareto_params and a.meta["model"] == "tiny-llama"
+    assert "top_half" in a.pareto_params and a.config.model == "tiny-llama"
     out = summary_text(a)
     assert "Recommendation: Use attention_only" in out and "top_half seed 9" in out
 

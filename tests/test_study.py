@@ -44,9 +44,9 @@ def test_study_runs_every_trial_and_stores_it(tmp_path):
     assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())  # base pristine
     with Store.open(cfg.out, create=False) as store:
         zero = store.get_meta("zero_shot")
-        saved = store.get_meta("study_config")
+        saved = store.study_config()
         rec = store.get(records[0].trial_id)
-    assert saved["strategies"] == cfg.strategies and saved["train"]["steps"] == 3
+    assert saved == cfg  # the config goes into the store and comes back typed
     assert StudyConfig.load(tmp_path / "study" / "config.yaml") == cfg  # the resolved config, rerunnable
     assert rec.metrics["zero_shot_loss"] == zero["eval_loss"] and len(rec.curve) == 3
     assert rec.env["torch"] == torch.__version__ and rec.placement["strategy"] == "all_linear"
@@ -142,7 +142,7 @@ def test_analysis_counts_only_the_latest_configs_trials(tmp_path):
                                           ("new1", "all_linear", 1, 2.2), ("gone", "mlp_only", 0, 2.5)]:
             store.add_pending(tid, strategy, seed, {})
             store.mark_done(tid, {"eval_loss": loss, "trainable_params": 10}, [], {}, {})
-        store.put_meta("study_config", {"strategies": ["all_linear"], "baseline": "all_linear", "trial_ids": ["new0", "new1"]})
+        store.put_study_config(StudyConfig(strategies=["all_linear"]), ["new0", "new1"])
         a = analyze_store(store)
     assert [s.strategy for s in a.strategies] == ["all_linear"]
     assert a.get("all_linear").eval_loss.mean == pytest.approx(2.1)  # 'old' and 'gone' are not mixed in

@@ -7,7 +7,7 @@ Usage::
     a.recommendation.text          # one paragraph; a.recommendation.evidence: the numbers behind it
 
 Pure functions over ``store.TrialRecord`` lists; no disk I/O. ``analyze_store(store)`` is the thin
-adapter that reads an open ``Store`` (trials, ``study_config`` and ``zero_shot`` meta) for the CLI
+adapter that reads an open ``Store`` (trials, the typed study config and the ``zero_shot`` meta) for the CLI
 and the report. Only ``done`` trials count; failed and unfinished ones are listed in
 ``StudyAnalysis.failed`` / ``.unfinished``.
 
@@ -35,6 +35,8 @@ from dataclasses import dataclass, field
 
 from scipy import stats
 
+from .config import StudyConfig
+from .placement import PlacementRecord
 from .store import TrialRecord
 
 CONFIDENCE = 0.95  # two-sided level of every interval
@@ -99,7 +101,7 @@ class StrategyStats:
     seeds: list[int]  # seeds of done trials, ascending
     metrics: dict[str, Interval]  # every numeric metric across seeds
     curve: list[tuple[float, float]]  # (step, mean train loss over the seeds logging that step)
-    placement: dict  # placement of the first done trial (identical across seeds)
+    placement: PlacementRecord | None  # of the first done trial (identical across seeds); None if not stored
     n_failed: int = 0
     paired: Paired | None = None  # None for the baseline itself or with no common seeds
     retained: Interval | None = None  # None without zero-shot loss, baseline or common seeds
@@ -143,7 +145,7 @@ class StudyAnalysis:
     failed: list[FailedTrial] = field(default_factory=list)
     unfinished: list[FailedTrial] = field(default_factory=list)  # pending / running
     notes: list[str] = field(default_factory=list)
-    meta: dict = field(default_factory=dict)  # study context (model, dataset, seeds) from analyze_store
+    config: StudyConfig | None = None  # the study's config, as stored (set by analyze_store)
 
     def get(self, strategy: str) -> StrategyStats | None:
         return next((s for s in self.strategies if s.strategy == strategy), None)
@@ -254,7 +256,7 @@ def analyze(
             seeds=sorted(ts),
             metrics={k: t_interval(v) for k, v in per_metric.items()},
             curve=mean_curve([ts[s].curve for s in sorted(ts)]),
-            placement=ts[min(ts)].placement,
+            placement=PlacementRecord.from_dict(ts[min(ts)].placement) if ts[min(ts)].placement.get("modules") else None,
             n_failed=sum(1 for f in failed if f.strategy == name),
         )
         if name != baseline and base_losses:
@@ -277,37 +279,21 @@ def analyze(
     return StudyAnalysis(baseline, threshold, zero_shot_loss, rows, front_p, front_t, rec, failed, unfinished, notes)
 
 
-def study_meta(store) -> dict:
-    """Study config fields the analysis and report need, with defaults when the config is missing."""
-    cfg = store.get_meta("study_config", {}) or {}
-    data = cfg.get("data") if isinstance(cfg.get("data"), dict) else {}
-    zero = store.get_meta("zero_shot")
-    return {
-        "baseline": cfg.get("baseline", "all_linear"),
-        "strategies": list(cfg.get("strategies", [])),
-        "seeds": list(cfg.get("seeds", [])),
-        "model": cfg.get("model", "?"),
-        "dataset": cfg.get("dataset") or data.get("source", "?"),
-        "threshold": float(cfg.get("threshold", 0.95)),
-        "zero_shot_loss": zero.get("eval_loss") if isinstance(zero, dict) else None,
-        "trial_ids": list(cfg.get("trial_ids", [])),
-    }
-
-
 def analyze_store(store, threshold: float | None = None) -> StudyAnalysis:
-    """``analyze`` over an open ``store.Store``; threshold None = the study config's (default 0.95).
+    """``analyze`` over an open ``store.Store``; threshold None = the study config's.
 
     Only the trials of the study's latest config count: a directory reused with other settings
     keeps its older trials in the database, but they are never mixed into the statistics.
     """
-    meta = study_meta(store)
-    thr = meta["threshold"] if threshold is None else float(threshold)
+    cfg = store.study_config() or StudyConfig()  # a store without a config (never run): the defaults
+    zero = store.get_meta("zero_shot")
     trials = store.trials()
-    if meta["trial_ids"]:
-        current = set(meta["trial_ids"])
-        trials = [t for t in trials if t.trial_id in current]
-    a = analyze(trials, meta["baseline"], meta["zero_shot_loss"], thr, order=meta["strategies"])
-    a.meta = meta
+    current = store.trial_ids()
+    if current:
+        trials = [t for t in trials if t.trial_id in set(current)]
+    a = analyze(trials, cfg.baseline, zero.get("eval_loss") if isinstance(zero, dict) else None,
+                cfg.threshold if threshold is None else float(threshold), order=cfg.strategies)
+    a.config = cfg
     return a
 
 

@@ -18,6 +18,8 @@ import torch
 from torch import nn
 from transformers.pytorch_utils import Conv1D
 
+from .core import ROLE_GROUPS, ROLES, LoraplaceError  # noqa: F401  (ROLE_GROUPS re-exported for callers)
+
 try:  # PEFT wrappers are looked through; without peft there are none to look through.
     from peft import PeftModel
     from peft.tuners.tuners_utils import BaseTuner, BaseTunerLayer
@@ -25,8 +27,6 @@ try:  # PEFT wrappers are looked through; without peft there are none to look th
 except ImportError:  # pragma: no cover
     PeftModel = BaseTuner = BaseTunerLayer = AuxiliaryTrainingWrapper = ()
 
-ROLES = ("attn.q", "attn.k", "attn.v", "attn.qkv", "attn.o", "mlp.up", "mlp.gate", "mlp.gate_up", "mlp.down")
-ROLE_GROUPS = {g: tuple(r for r in ROLES if r.startswith(g + ".")) for g in ("attn", "mlp")}
 
 # Container names/classes that hint at a sub-block's kind; only used to break ties between shape-valid readings.
 _HINT = {"attn": re.compile(r"att", re.I), "mlp": re.compile(r"mlp|ffn|feed_?forward|dense_?relu", re.I)}
@@ -37,7 +37,7 @@ _TOKENS = {
 }
 
 
-class AnatomyError(ValueError):
+class AnatomyError(LoraplaceError, ValueError):
     """The model's structure cannot be read (e.g. no stack of repeated transformer blocks)."""
 
 

@@ -20,19 +20,7 @@ import sys
 import warnings
 
 from . import __version__
-
-
-def _user_errors() -> tuple[type[Exception], ...]:
-    """Errors a user can cause; each is printed as one line with no traceback."""
-    from .anatomy import AnatomyError
-    from .config import ConfigError
-    from .data import DataError
-    from .export import ExportError
-    from .models import ModelError
-    from .placement import PlacementError
-    from .store import StoreError
-
-    return (AnatomyError, ConfigError, DataError, ExportError, ModelError, PlacementError, StoreError)
+from .core import LoraplaceError, text_table
 
 
 # -- text rendering of anatomy and placements ----------------------------------------------------
@@ -49,8 +37,6 @@ def _fmt_bytes(n: float) -> str:
 
 
 def _table(rows: list[list[str]], header: list[str], right: set[int] = frozenset()) -> str:
-    from .report import text_table
-
     return text_table(header, rows, set(right))
 
 
@@ -304,7 +290,7 @@ def main(argv: list[str] | None = None) -> int:
         logging.getLogger(noisy).setLevel(logging.ERROR)
     try:
         return args.func(args)
-    except _user_errors() as e:
+    except LoraplaceError as e:  # every error a user can cause: one line, no traceback
         print(f"loraplace: error: {e}", file=sys.stderr)
         return 2
     except BrokenPipeError:  # e.g. `loraplace status DIR --json | head`

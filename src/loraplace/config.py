@@ -20,8 +20,10 @@ from pathlib import Path
 
 import yaml
 
+from .core import LoraplaceError
 
-class ConfigError(ValueError):
+
+class ConfigError(LoraplaceError, ValueError):
     """A config value is missing, of the wrong type or out of range; the message names the field."""
 
 

@@ -44,12 +44,13 @@ from typing import Iterator, Sequence
 import torch
 
 from .config import DataSpec
+from .core import LoraplaceError
 from .metrics import IGNORE_INDEX
 
 log = logging.getLogger(__name__)
 
 
-class DataError(ValueError):
+class DataError(LoraplaceError, ValueError):
     """Bad data or data settings; the one-line message names the file, line and field."""
 
 

@@ -3,15 +3,17 @@
 Usage::
 
     from loraplace.export import export, placement_for
-    placement = placement_for(store, "top_half")          # ExportError names valid strategies
+    placement = placement_for(store, "top_half")          # a PlacementRecord; ExportError names valid strategies
     print(export(placement, "axolotl"))                   # peft | axolotl | llamafactory | torchtune
 
-A placement (``trial.placement``) lists every adapted module with its rank, alpha, role and block.
+A placement (``placement.PlacementRecord``, as the trial stored it) lists every adapted module with its rank,
+alpha, role and block, and the dropout it was trained with.
 Each format is written only when it means exactly that placement; otherwise ``ExportError`` says,
 in one line, what the tool cannot express:
 
-* peft: ``LoraConfig`` JSON; explicit full module names, per-module ``rank_pattern`` /
-  ``alpha_pattern`` keyed by full name (PEFT matches those keys as ``(.*\\.)?KEY$``). Always works.
+* peft: ``LoraConfig`` JSON from ``PlacementRecord.lora_kwargs``, the same settings the trial trained with:
+  explicit full module names, per-module ``rank_pattern`` / ``alpha_pattern`` keyed by full name (PEFT
+  matches those keys as ``(.*\\.)?KEY$``). Always works.
 * axolotl: ``lora_target_modules`` + ``peft_layers_to_transform`` when every chosen block adapts the
   same module short names; otherwise full module names (axolotl hands ``lora_target_modules`` to
   PEFT's ``target_modules``, which accepts full names). One ``lora_r``/``lora_alpha``: ranks must be uniform.
@@ -25,8 +27,12 @@ from __future__ import annotations
 
 import json
 from collections import Counter
+from dataclasses import replace
 
 import yaml
+
+from .core import LoraplaceError, role_rank
+from .placement import PlacementRecord
 
 FORMATS = ("peft", "axolotl", "llamafactory", "torchtune")
 
@@ -35,25 +41,23 @@ TORCHTUNE_ATTN = {"attn.q": "q_proj", "attn.k": "k_proj", "attn.v": "v_proj", "a
 TORCHTUNE_MLP = {"mlp.gate", "mlp.up", "mlp.down"}  # apply_lora_to_mlp adapts w1, w2, w3 together
 # HF model_types whose torchtune builders take lora_attn_modules with that vocabulary
 TORCHTUNE_MODEL_TYPES = {"llama", "mistral", "qwen2", "gemma"}
-# canonical order of roles, for readable module lists
-ROLE_ORDER = ["attn.q", "attn.k", "attn.v", "attn.qkv", "attn.o", "mlp.gate", "mlp.up", "mlp.gate_up", "mlp.down"]
 
 
-class ExportError(ValueError):
+class ExportError(LoraplaceError, ValueError):
     """The placement cannot be expressed in the requested tool's vocabulary (one-line message)."""
 
 
-def placement_for(store, strategy: str) -> dict:
+def placement_for(store, strategy: str) -> PlacementRecord:
     """Placement of a strategy's first finished trial in a ``store.Store``."""
     done = [t for t in store.trials(status="done") if t.placement.get("modules")]
     valid = sorted({t.strategy for t in done})
     for t in done:
         if t.strategy == strategy:
-            placement = dict(t.placement)
-            dropout = (t.config.get("train") or {}).get("dropout")  # a training setting, kept in the trial config
-            if "lora_dropout" not in placement and dropout is not None:
-                placement["lora_dropout"] = dropout
-            return placement
+            record = PlacementRecord.from_dict(t.placement)
+            if record.dropout is None:  # stored before records carried it: the trial config has it
+                dropout = (t.config.get("train") or {}).get("dropout")
+                record = replace(record, dropout=None if dropout is None else float(dropout))
+            return record
     others = store.trials(strategy=strategy)
     if others:
         states = Counter(t.status for t in others)
@@ -71,12 +75,12 @@ def export_study(study_dir, strategy: str, fmt: str) -> str:
         return export(placement_for(store, strategy), fmt)
 
 
-def export(placement: dict, fmt: str) -> str:
+def export(placement: PlacementRecord, fmt: str) -> str:
     """The config text for ``fmt`` (one of FORMATS); raises ExportError when it cannot be exact."""
     writers = {"peft": _peft, "axolotl": _axolotl, "llamafactory": _llamafactory, "torchtune": _torchtune}
     if fmt not in writers:
         raise ExportError(f"unknown format {fmt!r}; choose one of {', '.join(FORMATS)}")
-    if not placement.get("modules"):
+    if not placement.modules:
         raise ExportError("the placement adapts no modules; nothing to export")
     return writers[fmt](placement)
 
@@ -91,30 +95,16 @@ def _num(x):
     return int(x) if isinstance(x, float) and x.is_integer() else x
 
 
-def _alpha(placement: dict, spec: dict):
-    return _num(spec.get("alpha", placement.get("lora_alpha", 2 * spec["rank"])))
-
-
-def _dropout(placement: dict, key: str) -> dict:
+def _dropout(placement: PlacementRecord, key: str) -> dict:
     """{key: dropout} when the study recorded it; otherwise nothing, so the tool's default applies."""
-    d = placement.get("lora_dropout")
-    return {} if d is None else {key: d}
+    return {} if placement.dropout is None else {key: placement.dropout}
 
 
-def _role_key(role: str) -> int:
-    return ROLE_ORDER.index(role) if role in ROLE_ORDER else len(ROLE_ORDER)
-
-
-def _sorted_names(placement: dict) -> list[str]:
-    mods = placement["modules"]
-    return sorted(mods, key=lambda n: (mods[n].get("block", -1), _role_key(mods[n].get("role", "")), n))
-
-
-def _uniform(placement: dict, tool: str) -> tuple[int, float]:
+def _uniform(placement: PlacementRecord, tool: str) -> tuple[int, float]:
     """The single (rank, alpha) of every module, or ExportError naming the tool."""
-    mods = placement["modules"]
-    ranks = sorted({int(m["rank"]) for m in mods.values()})
-    alphas = sorted({_alpha(placement, m) for m in mods.values()})
+    mods = placement.modules.values()
+    ranks = sorted({m.rank for m in mods})
+    alphas = sorted({_num(m.alpha) for m in mods})
     if len(ranks) > 1:
         raise ExportError(f"{tool} has one LoRA rank for all modules; this placement uses ranks "
                           f"{', '.join(map(str, ranks))} (export to peft, which has rank_pattern)")
@@ -124,31 +114,30 @@ def _uniform(placement: dict, tool: str) -> tuple[int, float]:
     return ranks[0], alphas[0]
 
 
-def _block_sets(placement: dict, key: str) -> dict[int, frozenset]:
+def _block_sets(placement: PlacementRecord, key: str) -> dict[int, frozenset]:
     """{block: set of the modules' `key` ("short" name or "role")} over adapted blocks."""
     sets: dict[int, set] = {}
-    for name, m in placement["modules"].items():
-        if m.get("block") is None:
+    for name, m in placement.modules.items():
+        if m.block < 0:
             raise ExportError(f"module {name} is outside the transformer blocks; only peft can target it")
-        sets.setdefault(int(m["block"]), set()).add(_short(name) if key == "short" else m.get("role", "?"))
+        sets.setdefault(m.block, set()).add(_short(name) if key == "short" else m.role)
     return {b: frozenset(s) for b, s in sets.items()}
 
 
-def _blocks_shape(placement: dict, key: str, tool: str, need_all_blocks: bool) -> tuple[list, list[int], bool]:
+def _blocks_shape(placement: PlacementRecord, key: str, tool: str, need_all_blocks: bool) -> tuple[list, list[int], bool]:
     """(the common per-block set, adapted blocks, whether they are all blocks); ExportError if uneven."""
     sets = _block_sets(placement, key)
     blocks = sorted(sets)
     common = set(sets[blocks[0]])
     uneven = any(s != sets[blocks[0]] for s in sets.values())
-    n_blocks = placement.get("n_blocks")
+    n_blocks = placement.n_blocks
     all_blocks = n_blocks is not None and blocks == list(range(int(n_blocks)))
     if need_all_blocks and (uneven or not all_blocks):
         what = "different modules in different blocks" if uneven else (
             f"blocks {_ranges(blocks)} of {n_blocks}" if n_blocks is not None else "an unknown block count")
         raise ExportError(f"{tool} applies LoRA to the same modules in every block; this placement adapts {what}")
-    role_of = {(_short(n) if key == "short" else m.get("role")): m.get("role", "")
-               for n, m in placement["modules"].items()}
-    return sorted(common, key=lambda x: (_role_key(role_of.get(x, "")), x)), blocks, all_blocks and not uneven
+    role_of = {(_short(n) if key == "short" else m.role): m.role for n, m in placement.modules.items()}
+    return sorted(common, key=lambda x: (role_rank(role_of.get(x, "")), x)), blocks, all_blocks and not uneven
 
 
 def _ranges(blocks: list[int]) -> str:
@@ -163,12 +152,11 @@ def _ranges(blocks: list[int]) -> str:
     return ", ".join(out)
 
 
-def _header(placement: dict, tool: str) -> str:
-    mods = placement["modules"]
-    params = placement.get("trainable_params")
+def _header(placement: PlacementRecord, tool: str) -> str:
+    params = placement.trainable_params
     extra = f", {params:,} trainable params" if params else ""
-    return (f"# loraplace export for {tool}: strategy {placement.get('strategy', '?')!r}, "
-            f"{len(mods)} modules{extra}, model_type {placement.get('model_type', '?')}\n")
+    return (f"# loraplace export for {tool}: strategy {placement.strategy or '?'!r}, "
+            f"{len(placement.modules)} modules{extra}, model_type {placement.model_type or '?'}\n")
 
 
 class _Dumper(yaml.SafeDumper):
@@ -184,31 +172,11 @@ def _yaml(data: dict) -> str:
 
 
 # -- writers ---------------------------------------------------------------------------------------
-def _peft(placement: dict) -> str:
-    mods = placement["modules"]
-    names = _sorted_names(placement)
-    rank_counts = Counter(int(mods[n]["rank"]) for n in names)
-    default_r = placement.get("rank")
-    # the base r: the placement's default rank when used, else the most common one (smallest patterns)
-    r = int(default_r) if default_r in rank_counts else rank_counts.most_common(1)[0][0]
-    alpha_counts = Counter(_alpha(placement, mods[n]) for n in names)
-    default_a = _num(placement.get("lora_alpha"))
-    alpha = default_a if default_a in alpha_counts else alpha_counts.most_common(1)[0][0]
-    config = {
-        "peft_type": "LORA",
-        "task_type": "CAUSAL_LM",
-        "r": r,
-        "lora_alpha": alpha,
-        **_dropout(placement, "lora_dropout"),
-        "bias": "none",
-        "target_modules": names,
-        "rank_pattern": {n: int(mods[n]["rank"]) for n in names if int(mods[n]["rank"]) != r},
-        "alpha_pattern": {n: _alpha(placement, mods[n]) for n in names if _alpha(placement, mods[n]) != alpha},
-    }
-    return json.dumps(config, indent=2) + "\n"
+def _peft(placement: PlacementRecord) -> str:
+    return json.dumps({"peft_type": "LORA", **placement.lora_kwargs()}, indent=2) + "\n"
 
 
-def _axolotl(placement: dict) -> str:
+def _axolotl(placement: PlacementRecord) -> str:
     r, alpha = _uniform(placement, "axolotl")
     sets = _block_sets(placement, "short")
     blocks = sorted(sets)
@@ -219,11 +187,11 @@ def _axolotl(placement: dict) -> str:
         if not all_blocks:  # block subset: PEFT layers_to_transform
             config["peft_layers_to_transform"] = blocks
     else:  # uneven per block: explicit full names (PEFT matches them exactly)
-        config["lora_target_modules"] = _sorted_names(placement)
+        config["lora_target_modules"] = placement.names()
     return _header(placement, "axolotl") + _yaml(config)
 
 
-def _llamafactory(placement: dict) -> str:
+def _llamafactory(placement: PlacementRecord) -> str:
     r, alpha = _uniform(placement, "LLaMA-Factory")
     shorts, _, _ = _blocks_shape(placement, "short", "LLaMA-Factory lora_target", need_all_blocks=True)
     config = {"finetuning_type": "lora", "lora_target": ",".join(shorts), "lora_rank": r,
@@ -231,9 +199,9 @@ def _llamafactory(placement: dict) -> str:
     return _header(placement, "LLaMA-Factory") + _yaml(config)
 
 
-def _torchtune(placement: dict) -> str:
-    model_type = placement.get("model_type")
-    if model_type is not None and model_type not in TORCHTUNE_MODEL_TYPES:
+def _torchtune(placement: PlacementRecord) -> str:
+    model_type = placement.model_type
+    if model_type and model_type not in TORCHTUNE_MODEL_TYPES:
         raise ExportError(f"torchtune's lora_attn_modules vocabulary covers {', '.join(sorted(TORCHTUNE_MODEL_TYPES))} "
                           f"models, not {model_type!r}")
     roles, _, _ = _blocks_shape(placement, "role", "torchtune", need_all_blocks=True)

@@ -21,7 +21,7 @@ from matplotlib.figure import Figure
 from matplotlib.ticker import FuncFormatter, LogLocator, NullFormatter
 
 from .analysis import StrategyStats, StudyAnalysis
-from .export import ROLE_ORDER as ROLES  # rows of the block x role map, attention first
+from .core import ROLES  # rows of the block x role map, in data-flow order
 COLOURS = ["#0072B2", "#D55E00", "#009E73", "#CC79A7", "#E69F00", "#56B4E9", "#000000", "#F0E442"]
 MARKERS = ["o", "s", "^", "D", "v", "P", "X", "*"]
 LINESTYLES = ["-", "--", "-.", ":", (0, (5, 1, 1, 1, 1, 1)), (0, (1, 1)), (0, (8, 2)), (0, (3, 1, 1, 1))]
@@ -147,12 +147,12 @@ def curves(a: StudyAnalysis, path: Path) -> Path:
 
 def placement_map(a: StudyAnalysis, path: Path) -> Path:
     """Block x role grid per strategy; cell colour = LoRA rank, white = not adapted."""
-    rows = [s for s in a.strategies if s.placement.get("modules")]
-    present = {m.get("role") for s in rows for m in s.placement["modules"].values()}
+    rows = [s for s in a.strategies if s.placement is not None and s.placement.modules]
+    present = {m.role for s in rows for m in s.placement.modules.values()}
     roles = [r for r in ROLES if r in present] + sorted(r for r in present - set(ROLES) if r)
-    n_blocks = max([int(s.placement.get("n_blocks") or 0) for s in rows] +
-                   [int(m.get("block", -1)) + 1 for s in rows for m in s.placement["modules"].values()] + [1])
-    max_rank = max([int(m["rank"]) for s in rows for m in s.placement["modules"].values()] + [1])
+    n_blocks = max([int(s.placement.n_blocks or 0) for s in rows] +
+                   [m.block + 1 for s in rows for m in s.placement.modules.values()] + [1])
+    max_rank = max([m.rank for s in rows for m in s.placement.modules.values()] + [1])
     with matplotlib.rc_context(RC):
         height = max(2.5, len(rows) * (0.33 * max(len(roles), 1) + 1.0) + 0.8)
         fig = Figure(figsize=(12, height), layout="constrained")
@@ -165,14 +165,14 @@ def placement_map(a: StudyAnalysis, path: Path) -> Path:
         mesh = None
         for ax, s in zip(axes, rows):
             grid = [[math.nan] * n_blocks for _ in roles]
-            for m in s.placement["modules"].values():
-                if m.get("role") in roles and m.get("block") is not None:
-                    grid[roles.index(m["role"])][int(m["block"])] = float(m["rank"])
+            for m in s.placement.modules.values():
+                if m.role in roles and m.block >= 0:
+                    grid[roles.index(m.role)][m.block] = float(m.rank)
             mesh = ax.pcolormesh(np.ma.masked_invalid(np.array(grid)), cmap=cmap, norm=norm,
                                  edgecolors="lightgray", linewidth=0.5)
             ax.set_yticks([i + 0.5 for i in range(len(roles))], roles)
             ax.invert_yaxis()
-            n_mod = len(s.placement["modules"])
+            n_mod = len(s.placement.modules)
             params = s.mean("trainable_params")
             ptxt = f", {params:,.0f} params" if not math.isnan(params) else ""
             ax.set_title(f"{s.strategy}: {n_mod} modules{ptxt}", loc="left")

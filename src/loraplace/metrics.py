@@ -1,11 +1,13 @@
-"""Losses, perplexity and efficiency figures, with their units.
+"""What a trial measures: every metric's name, unit and meaning, and the torch-free measurements.
 
 Usage::
 
-    total_nll, n_tokens = shifted_nll(logits, labels)   # sum of -log p over target tokens, count
-    loss = total_nll / n_tokens; ppl = perplexity(loss)
+    ppl = perplexity(loss)                      # loss: token-weighted mean NLL, nats/token
+    unit, meaning = METRICS["peak_mem_bytes"]
 
-``METRICS`` documents every figure a trial records (the ``metrics_json`` column of the store).
+``METRICS`` documents every figure a trial records (the ``metrics_json`` column of the store). The
+loss itself is computed where the model runs (``trial.target_nll``). Torch is imported only to read
+CUDA memory counters, so this module is part of the torch-free core.
 """
 
 from __future__ import annotations
@@ -14,9 +16,6 @@ import math
 import os
 import resource
 import sys
-
-import torch
-import torch.nn.functional as F
 
 IGNORE_INDEX = -100  # label of prompt and padding tokens: excluded from every loss
 
@@ -44,23 +43,6 @@ METRICS: dict[str, tuple[str, str]] = {
 }
 
 
-def shifted_nll(logits: torch.Tensor, labels: torch.Tensor) -> tuple[float, int]:
-    """Sum of next-token negative log-likelihood and count of target tokens.
-
-    logits: (batch, seq, vocab); labels: (batch, seq) with IGNORE_INDEX on non-targets.
-    Position t predicts token t+1, so logits drop the last step and labels the first.
-    """
-    logits = logits[:, :-1, :].float()
-    labels = labels[:, 1:]
-    n = int((labels != IGNORE_INDEX).sum())
-    if n == 0:
-        return 0.0, 0
-    total = F.cross_entropy(
-        logits.reshape(-1, logits.size(-1)), labels.reshape(-1), ignore_index=IGNORE_INDEX, reduction="sum"
-    )
-    return float(total), n
-
-
 def perplexity(loss: float) -> float:
     """exp(loss); inf when the loss is too large to exponentiate."""
     try:
@@ -78,10 +60,15 @@ def train_flops(base_params: int, trainable_params: int, tokens: int) -> float:
     return float(4 * base_params * tokens + 6 * trainable_params * tokens)
 
 
-def peak_memory_bytes(device: torch.device | str = "cpu") -> int:
+def _is_cuda(device) -> bool:
+    return str(device).startswith("cuda")
+
+
+def peak_memory_bytes(device="cpu") -> int:
     """CUDA: max allocated since the last reset. CPU: the process's RSS high-water mark."""
-    device = torch.device(device)
-    if device.type == "cuda":
+    if _is_cuda(device):
+        import torch
+
         return int(torch.cuda.max_memory_allocated(device))
     try:  # Linux: VmHWM, which reset_peak_memory can reset between trials
         with open("/proc/self/status") as f:
@@ -94,11 +81,12 @@ def peak_memory_bytes(device: torch.device | str = "cpu") -> int:
     return int(rss if sys.platform == "darwin" else rss * 1024)  # Linux reports KiB
 
 
-def reset_peak_memory(device: torch.device | str = "cpu") -> None:
+def reset_peak_memory(device="cpu") -> None:
     """Start a new CUDA peak window. RSS high-water cannot be reset portably; on Linux we try
     /proc/self/clear_refs (5 resets VmHWM) so each trial reports its own peak."""
-    device = torch.device(device)
-    if device.type == "cuda":
+    if _is_cuda(device):
+        import torch
+
         torch.cuda.reset_peak_memory_stats(device)
         return
     try:

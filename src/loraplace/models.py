@@ -24,6 +24,7 @@ from pathlib import Path
 
 import torch
 
+from .core import LoraplaceError
 from .store import atomic_dir
 
 DEFAULT_MODEL = "smollm2-135m"
@@ -47,7 +48,7 @@ ALIASES: dict[str, Alias] = {
 }
 
 
-class ModelError(ValueError):
+class ModelError(LoraplaceError, ValueError):
     """The model cannot be found or loaded; the message says what was tried and what is valid."""
 
 

@@ -6,6 +6,8 @@ Usage::
     p = resolve(get_strategy("attention_only"), anat, rank=16, alpha=32)
     p = match_budget(get_strategy("mlp_only"), anat, target=resolve(get_strategy("all_linear"), anat).trainable_params)
     peft_model = apply(model, p, dropout=0.05)     # checked: LoRA lands exactly on p.modules
+    record = p.record(dropout=0.05)                 # torch-free: stored with the trial, read back by export
+    record.lora_config()                            # the one PEFT LoraConfig, for training and export alike
 
 A strategy says which roles (``all``, ``attn``, ``mlp`` or ``attn.q+attn.v``), which blocks
 (see ``BLOCKS_HELP``) and what rank (one number, or per role / role group). PEFT receives the
@@ -16,11 +18,16 @@ names; its suffix matching is never relied on, and the result is verified after 
 from __future__ import annotations
 
 import math
+from collections import Counter
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
-import torch
+from .core import ROLE_GROUPS, ROLES, LoraplaceError, role_rank
 
-from .anatomy import ROLE_GROUPS, ROLES, Anatomy
+if TYPE_CHECKING:  # placement.py stays torch-free: the record and export need no model
+    import torch
+
+    from .anatomy import Anatomy
 
 BLOCKS_HELP = (
     "all | first:N | last:N | middle:N (N a count or a percent like 25%) | top:P% | bottom:P% | "
@@ -29,7 +36,7 @@ BLOCKS_HELP = (
 BUDGET_TOLERANCE = 0.05  # budget-matched strategies land within 5% of the target
 
 
-class PlacementError(ValueError):
+class PlacementError(LoraplaceError, ValueError):
     """A strategy cannot be resolved on this model; the message names the bad value and what is valid."""
 
 
@@ -82,6 +89,112 @@ def get_strategy(name: str, defined: dict[str, dict] | None = None) -> Strategy:
     raise PlacementError(f"unknown strategy {name!r}; valid: {', '.join([*BUILTIN, *defined])} (or define it in the study YAML)")
 
 
+
+@dataclass(frozen=True)
+class ModuleSpec:
+    """One adapted module as trained: LoRA rank and alpha, the module's role and block in the base model."""
+
+    rank: int
+    alpha: float
+    role: str
+    block: int
+
+
+@dataclass(frozen=True)
+class PlacementRecord:
+    """A placement as plain data: what a trial stores (``placement_json``), what analysis, figures and export
+    read, and the one source of the PEFT ``LoraConfig`` (``lora_kwargs``), so "exported" means "trained".
+
+    ``from_dict(record.to_dict()) == record``; records stored before ``dropout``/``fan_in_fan_out`` existed
+    read back with dropout None (unknown: exports then leave the tool's default) and fan_in_fan_out False.
+    """
+
+    strategy: str
+    modules: dict[str, ModuleSpec]  # full module name -> spec, sorted by name
+    model_type: str = ""
+    n_blocks: int | None = None
+    trainable_params: int | None = None  # sum of r * (in + out)
+    base_params: int | None = None  # base model, adapters excluded, tied weights once
+    definition: dict = field(default_factory=dict)  # the strategy as defined (roles, blocks, rank, description)
+    dropout: float | None = None  # LoRA dropout used in training
+    fan_in_fan_out: bool = False  # GPT-2 style Conv1D layers store weights as (in, out)
+
+    @property
+    def rank(self) -> int:
+        """The rank most modules share (PEFT's ``r``; the others go to ``rank_pattern``)."""
+        return _most_common([m.rank for m in self.modules.values()])
+
+    @property
+    def alpha(self) -> float:
+        return _most_common([m.alpha for m in self.modules.values()])
+
+    def names(self) -> list[str]:
+        """Module names in reading order: by block, then role (``core.ROLES``), then name."""
+        return sorted(self.modules, key=lambda n: (self.modules[n].block, role_rank(self.modules[n].role), n))
+
+    def to_dict(self) -> dict:
+        return {
+            "strategy": self.strategy,
+            "definition": self.definition,
+            "model_type": self.model_type,
+            "n_blocks": self.n_blocks,
+            "rank": self.rank if self.modules else None,
+            "modules": {n: {"rank": m.rank, "alpha": m.alpha, "role": m.role, "block": m.block}
+                        for n, m in self.modules.items()},
+            "trainable_params": self.trainable_params,
+            "base_params": self.base_params,
+            "dropout": self.dropout,
+            "fan_in_fan_out": self.fan_in_fan_out,
+        }
+
+    @classmethod
+    def from_dict(cls, data: dict) -> "PlacementRecord":
+        mods = data.get("modules") or {}
+        try:
+            modules = {n: ModuleSpec(int(m["rank"]), float(m["alpha"]), str(m.get("role", "other")),
+                                     int(m["block"]) if m.get("block") is not None else -1)
+                       for n, m in sorted(mods.items())}
+        except (KeyError, TypeError, ValueError) as e:
+            raise PlacementError(f"stored placement of {data.get('strategy', '?')!r} is malformed ({e!r})") from None
+        dropout = data.get("dropout")
+        return cls(
+            strategy=str(data.get("strategy", "")), modules=modules, model_type=data.get("model_type") or "",
+            n_blocks=data.get("n_blocks"), trainable_params=data.get("trainable_params"),
+            base_params=data.get("base_params"), definition=dict(data.get("definition") or {}),
+            dropout=None if dropout is None else float(dropout), fan_in_fan_out=bool(data.get("fan_in_fan_out", False)),
+        )
+
+    def lora_kwargs(self) -> dict:
+        """``LoraConfig`` keyword arguments: explicit full module names; ``rank_pattern``/``alpha_pattern``
+        (keyed by full name) only for modules that differ from ``r``/``lora_alpha``."""
+        r, alpha, names = self.rank, self.alpha, self.names()
+        kw = {
+            "r": r,
+            "lora_alpha": _plain(alpha),
+            "target_modules": names,
+            "rank_pattern": {n: self.modules[n].rank for n in names if self.modules[n].rank != r},
+            "alpha_pattern": {n: _plain(self.modules[n].alpha) for n in names if self.modules[n].alpha != alpha},
+            "bias": "none",
+            "task_type": "CAUSAL_LM",
+        }
+        if self.dropout is not None:
+            kw["lora_dropout"] = self.dropout
+        if self.fan_in_fan_out:
+            kw["fan_in_fan_out"] = True
+        return kw
+
+    def lora_config(self):
+        """The PEFT ``LoraConfig`` of this placement (imports peft)."""
+        from peft import LoraConfig
+
+        return LoraConfig(**self.lora_kwargs())
+
+
+def _plain(x: float):
+    """Integral floats as ints (alpha 32.0 -> 32), as configs are usually written."""
+    return int(x) if isinstance(x, float) and x.is_integer() else x
+
+
 @dataclass(frozen=True)
 class Placement:
     strategy: Strategy
@@ -107,48 +220,29 @@ class Placement:
         header = sum(2 * (len(n) + 100) for n in self.modules)
         return self.trainable_params * bytes_per_param + header
 
-    def to_dict(self) -> dict:
-        """The placement as stored with a trial and read by the report and exporters."""
-        ranks = list(self.modules.values())
-        return {
-            "strategy": self.strategy.name,
-            "definition": self.strategy.to_dict(),
-            "model_type": self.anatomy.model_type,
-            "n_blocks": self.anatomy.n_blocks,
-            "rank": _most_common(ranks),
-            "modules": {
-                n: {"rank": r, "alpha": self.alphas[n], "role": self.anatomy.layer(n).role, "block": self.anatomy.layer(n).block}
-                for n, r in self.modules.items()
-            },
-            "trainable_params": self.trainable_params,
-            "base_params": self.anatomy.base_params,
-        }
-
-    def lora_config(self, dropout: float = 0.0):
-        """PEFT LoraConfig with explicit full names; patterns only for modules that differ from r."""
-        from peft import LoraConfig
-
-        ranks = list(self.modules.values())
-        r = _most_common(ranks)
-        alphas = list(self.alphas.values())
-        alpha = _most_common(alphas)
-        kinds = {self.anatomy.layer(n).kind for n in self.modules}
-        return LoraConfig(
-            r=r,
-            lora_alpha=alpha,
-            lora_dropout=dropout,
-            target_modules=list(self.modules),
-            rank_pattern={n: k for n, k in self.modules.items() if k != r},
-            alpha_pattern={n: a for n, a in self.alphas.items() if a != alpha},
-            fan_in_fan_out=kinds == {"Conv1D"},  # GPT-2 style Conv1D stores weights (in, out)
-            bias="none",
-            task_type="CAUSAL_LM",
+    def record(self, dropout: float | None = None) -> PlacementRecord:
+        """The placement as plain data (stored with the trial); ``dropout`` is the trial's LoRA dropout."""
+        layer = self.anatomy.layer
+        return PlacementRecord(
+            strategy=self.strategy.name,
+            modules={n: ModuleSpec(r, self.alphas[n], layer(n).role, layer(n).block) for n, r in self.modules.items()},
+            model_type=self.anatomy.model_type,
+            n_blocks=self.anatomy.n_blocks,
+            trainable_params=self.trainable_params,
+            base_params=self.anatomy.base_params,
+            definition=self.strategy.to_dict(),
+            dropout=dropout,
+            fan_in_fan_out={layer(n).kind for n in self.modules} == {"Conv1D"},
         )
+
+    def to_dict(self, dropout: float | None = None) -> dict:
+        return self.record(dropout).to_dict()
 
 
 def _most_common(values: list):
-    """The value most modules share: PEFT's r / lora_alpha, with patterns only for the others."""
-    return max(set(values), key=values.count)
+    """The value most modules share (ties: the smallest): PEFT's r / lora_alpha, patterns for the others."""
+    counts = Counter(values)
+    return min(counts, key=lambda v: (-counts[v], v))
 
 
 # -- resolution --------------------------------------------------------------------------------
@@ -336,11 +430,11 @@ def match_budget(
 
 
 # -- applying to a model -----------------------------------------------------------------------
-def apply(model: torch.nn.Module, placement: Placement, dropout: float = 0.0):
+def apply(model: "torch.nn.Module", placement: Placement, dropout: float = 0.0):
     """Wrap ``model`` with PEFT LoRA on exactly ``placement.modules`` and verify the result."""
     from peft import get_peft_model
 
-    peft_model = get_peft_model(model, placement.lora_config(dropout))
+    peft_model = get_peft_model(model, placement.record(dropout).lora_config())
     verify(peft_model, placement)
     return peft_model
 

@@ -21,6 +21,7 @@ import math
 from pathlib import Path
 
 from .analysis import Interval, StudyAnalysis, analyze_store
+from .core import text_table
 from .metrics import METRICS
 from .store import Store
 
@@ -93,17 +94,6 @@ def table_notes(a: StudyAnalysis) -> list[str]:
     return notes
 
 
-def text_table(headers: list[str], rows: list[list[str]], right: set[int] | None = None) -> str:
-    """Aligned plain-text table; columns in ``right`` are right-aligned (default: all but the first)."""
-    right = set(range(1, len(headers))) if right is None else right
-    widths = [max(len(str(r[i])) for r in [headers] + rows) for i in range(len(headers))]
-
-    def line(cells: list[str]) -> str:
-        return "  ".join(str(c).rjust(w) if i in right else str(c).ljust(w) for i, (c, w) in enumerate(zip(cells, widths))).rstrip()
-
-    return "\n".join([line(headers), "  ".join("-" * w for w in widths)] + [line(r) for r in rows])
-
-
 def summary_table(a: StudyAnalysis) -> str:
     """Plain-text table with aligned columns, for the terminal."""
     headers, rows = results_table(a)
@@ -124,10 +114,10 @@ def summary_text(a: StudyAnalysis) -> str:
 
 # -- documents -------------------------------------------------------------------------------------
 def _context(a: StudyAnalysis) -> list[tuple[str, str]]:
-    meta = a.meta
+    cfg = a.config
     zs = "not recorded" if a.zero_shot_loss is None else f"{a.zero_shot_loss:.4f} nats/token"
-    seeds = meta.get("seeds") or sorted({sd for s in a.strategies for sd in s.seeds})
-    return [("Model", str(meta.get("model", "?"))), ("Dataset", str(meta.get("dataset", "?"))),
+    seeds = (cfg.seeds if cfg else None) or sorted({sd for s in a.strategies for sd in s.seeds})
+    return [("Model", cfg.model if cfg else "?"), ("Dataset", cfg.data.source if cfg else "?"),
             ("Baseline", a.baseline),
             ("Seeds", ", ".join(map(str, seeds))), ("Threshold", f"{100 * a.threshold:.0f}% retained improvement"),
             ("Zero-shot eval loss", zs),

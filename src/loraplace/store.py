@@ -43,6 +43,8 @@ import tempfile
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+from .core import LoraplaceError
+
 DB_NAME = "study.db"
 STATUSES = ("pending", "running", "done", "failed")
 
@@ -67,7 +69,7 @@ CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value_json TEXT NOT NULL)
 """
 
 
-class StoreError(RuntimeError):
+class StoreError(LoraplaceError, RuntimeError):
     """The study directory or its database cannot be used."""
 
 
@@ -144,6 +146,33 @@ class Store:
         tmp.replace(path)
         return path
 
+    def put_study_config(self, cfg, trial_ids: list[str]) -> None:
+        """The study's typed config (``config.StudyConfig``) and the ids of the trials it plans."""
+        with self._conn:  # both or neither
+            for key, value in (("study_config", cfg.to_dict()), ("trial_ids", list(trial_ids))):
+                self._conn.execute("INSERT INTO meta(key, value_json) VALUES(?, ?) ON CONFLICT(key) DO UPDATE SET "
+                                   "value_json=excluded.value_json", (key, json.dumps(value, sort_keys=True)))
+
+    def study_config(self):
+        """The stored study config as a typed ``StudyConfig``, or None before the first ``study`` run."""
+        from .config import ConfigError, StudyConfig
+
+        raw = self.get_meta("study_config")
+        if not raw:
+            return None
+        raw = {k: v for k, v in raw.items() if k != "trial_ids"}  # older stores kept the ids inside the config
+        try:
+            return StudyConfig.from_dict(raw)
+        except ConfigError as e:
+            raise StoreError(f"{self.directory}: the stored study config is not valid for this loraplace ({e})") from None
+
+    def trial_ids(self) -> list[str]:
+        """Ids of the trials the latest study config plans (older trials in the directory are not among them)."""
+        ids = self.get_meta("trial_ids")
+        if ids is None:  # stores written before trial_ids had a key of its own
+            ids = (self.get_meta("study_config") or {}).get("trial_ids", [])
+        return list(ids)
+
     def get_meta(self, key: str, default=None):
         row = self._conn.execute("SELECT value_json FROM meta WHERE key=?", (key,)).fetchone()
         return json.loads(row[0]) if row else default
@@ -166,7 +195,7 @@ class Store:
         trial_id: str,
         metrics: dict,
         curve: list,
-        placement: dict,
+        placement,  # a placement.PlacementRecord (or its dict)
         env: dict,
         adapter_path: str | None = None,
     ) -> None:
@@ -176,7 +205,7 @@ class Store:
             (
                 json.dumps(metrics, sort_keys=True),
                 json.dumps([list(p) for p in curve]),
-                json.dumps(placement, sort_keys=True),
+                json.dumps(placement.to_dict() if hasattr(placement, "to_dict") else placement, sort_keys=True),
                 json.dumps(env, sort_keys=True),
                 adapter_path,
                 _now(),

@@ -121,7 +121,7 @@ def run_study(cfg: StudyConfig, model_and_tokenizer=None) -> list[TrialRecord]:
     anat, train_set, eval_set = ws.anatomy, ws.train_set, ws.eval_set
     placements = resolve_placements(cfg, anat)  # every strategy error surfaces before any training
     planned = plan_trials(cfg, placements)
-    store.put_meta("study_config", {**cfg.to_dict(), "trial_ids": [p.trial_id for p in planned]})
+    store.put_study_config(cfg, [p.trial_id for p in planned])
     store.write_file("config.yaml", cfg.to_yaml())  # rerun with: loraplace study OUT/config.yaml
     store.put_meta("anatomy", {"model_type": anat.model_type, "n_blocks": anat.n_blocks, "base_params": anat.base_params,
                                "roles": list(anat.roles_present())})

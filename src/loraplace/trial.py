@@ -28,12 +28,13 @@ from tqdm.auto import tqdm
 
 from . import metrics as M
 from .config import EvalSpec, TrainSpec
+from .core import LoraplaceError
 from .data import TokenizedSet, batches
-from .placement import Placement, apply
+from .placement import Placement, PlacementRecord, apply
 from .store import atomic_dir
 
 
-class TrialError(RuntimeError):
+class TrialError(LoraplaceError, RuntimeError):
     """A trial failed in a way worth recording (e.g. a non-finite loss); the message is one line."""
 
 
@@ -41,7 +42,7 @@ class TrialError(RuntimeError):
 class TrialResult:
     metrics: dict
     curve: list[tuple[int, float]]  # (step, token-weighted train loss of that step's batch)
-    placement: dict
+    placement: PlacementRecord  # what was trained, as stored and exported
     adapter_dir: Path | None = None
     notes: list[str] = field(default_factory=list)
 
@@ -216,7 +217,7 @@ def run_trial(
     }
     if zero_shot_loss is not None:
         metrics["zero_shot_loss"] = zero_shot_loss
-    return TrialResult(metrics=metrics, curve=curve, placement=p.to_dict(), adapter_dir=saved)
+    return TrialResult(metrics=metrics, curve=curve, placement=p.record(dropout=train_spec.dropout), adapter_dir=saved)
 
 
 def _checkpointing(model, on: bool) -> None:
