@@ -1,0 +1,74 @@
+"""The typed study config: YAML and key=value overrides only serialize it; types are checked and coerced."""
+
+from __future__ import annotations
+
+import pytest
+
+from loraplace.config import ConfigError, StudyConfig
+from loraplace.core import LoraplaceError
+
+
+def test_defaults_round_trip_through_yaml_and_dict(tmp_path):
+    cfg = StudyConfig.load()
+    assert cfg == StudyConfig() and cfg.train.rank == 16 and cfg.seeds == [0, 1, 2]
+    path = tmp_path / "study.yaml"
+    path.write_text(cfg.to_yaml())
+    assert StudyConfig.load(path) == cfg
+    assert StudyConfig.from_dict(cfg.to_dict()) == cfg
+
+
+@pytest.mark.parametrize("override, path, value", [
+    ("train.lr=1e-4", ("train", "lr"), 1e-4),            # YAML reads 1e-4 as a string: coerced to float
+    ("train.alpha=32", ("train", "alpha"), 32.0),         # an int where a float is expected
+    ("train.steps=60.0", ("train", "steps"), 60),         # an integral float where an int is expected
+    ("seeds=0", ("seeds",), [0]),                         # a scalar where a list is expected
+    ("strategies=all_linear", ("strategies",), ["all_linear"]),
+    ("'seeds=[3, 4]'", ("seeds",), [3, 4]),
+    ("data.limit=null", ("data", "limit"), None),         # Optional fields take null
+    ("model=123", ("model",), "123"),                     # numbers where a string is expected
+    ("train.epochs=1.5", ("train", "epochs"), 1.5),
+])
+def test_overrides_are_coerced_to_the_field_types(override, path, value):
+    cfg = StudyConfig.load(overrides=[override.strip("'")])
+    node = cfg
+    for p in path:
+        node = getattr(node, p)
+    assert node == value and type(node) is type(value)
+
+
+@pytest.mark.parametrize("override, message", [
+    ("train.steps=1.5", "train.steps: expected an integer, got 1.5"),
+    ("train.gradient_checkpointing=yes please", "expected true or false"),
+    ("train.lr=fast", "train.lr: expected a number"),
+    ("seeds={a: 1}", "seeds: expected a list"),
+    ("train.rnk=8", "train.rnk: unknown setting; valid:"),
+    ("data=3", "data: expected a mapping"),
+    ("train.dtype=float8", "train.dtype: 'float8' is not one of"),
+    ("seeds=[0, 0]", "seeds: duplicates"),
+    ("noequals", "expected key=value"),
+    ("train.steps.x=1", "train.steps: expected an integer"),
+])
+def test_bad_values_name_the_field(override, message):
+    with pytest.raises(ConfigError, match=message.replace("[", r"\[").replace("{", r"\{")) as err:
+        StudyConfig.load(overrides=[override])
+    assert "\n" not in str(err.value)
+    assert isinstance(err.value, LoraplaceError)  # the CLI's one error class
+
+
+def test_yaml_file_errors(tmp_path):
+    with pytest.raises(ConfigError, match="config file .*missing.yaml"):
+        StudyConfig.load(tmp_path / "missing.yaml")
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("train: [unclosed\n")
+    with pytest.raises(ConfigError, match="not valid YAML"):
+        StudyConfig.load(bad)
+    bad.write_text("- a list\n")
+    with pytest.raises(ConfigError, match="expected a mapping of settings"):
+        StudyConfig.load(bad)
+
+
+def test_overrides_win_over_the_file(tmp_path):
+    path = tmp_path / "s.yaml"
+    path.write_text("train:\n  steps: 10\n  lr: 0.001\nseeds: [5]\n")
+    cfg = StudyConfig.load(path, overrides=["train.steps=20"])
+    assert (cfg.train.steps, cfg.train.lr, cfg.seeds) == (20, 0.001, [5])
