@@ -570,3 +570,23 @@ def test_gsm8k_train_and_test_files_as_train_and_fixed_eval():
     train, evals = D.train_eval_examples(DataSpec(source=str(GSM8K / "train.jsonl"),
                                                   eval_source=str(GSM8K / "test.jsonl"), eval_limit=100))
     assert len(train) == 7473 and evals == D.load_examples(DataSpec(source=str(GSM8K / "test.jsonl")))[:100]
+
+
+@pytest.mark.slow
+def test_real_smollm2_template_default_system_prompt_and_loss_spans():
+    from loraplace.models import ModelError, load
+
+    try:
+        _, tok = load("smollm2-135m")
+    except ModelError as e:
+        pytest.skip(f"embedded model not available: {e}")
+    system = [{"role": "system", "content": "You add numbers."}]
+    exs = [D.format_example("messages", {"messages": m}, "x") for m in (TALK, system + TALK)]
+    ts = D.tokenize(exs, tok, chat_spec())
+    for row, messages in enumerate((TALK, system + TALK)):
+        assert tok.decode(ts.input_ids[row]) == tok.apply_chat_template(messages, tokenize=False)
+        assert spans(ts, tok, row) == ["It is 4.<|im_end|>", "Six.\n#### 6<|im_end|>"]
+    assert "named SmolLM" in tok.decode(ts.input_ids[0]) and "named SmolLM" not in tok.decode(ts.input_ids[1])
+    assert tok.eos_token == "<|im_end|>"
+    prompt = D.encode_prompt(exs[0], tok, chat_spec())
+    assert tok.decode(prompt) == tok.apply_chat_template(TALK[:3], tokenize=False, add_generation_prompt=True)
