@@ -590,3 +590,14 @@ def test_real_smollm2_template_default_system_prompt_and_loss_spans():
     assert tok.eos_token == "<|im_end|>"
     prompt = D.encode_prompt(exs[0], tok, chat_spec())
     assert tok.decode(prompt) == tok.apply_chat_template(TALK[:3], tokenize=False, add_generation_prompt=True)
+
+
+def test_a_template_without_an_end_of_turn_token_is_warned_about(caplog):
+    tok = tiny_models.chat_tokenizer()
+    ex = D.format_example("messages", {"messages": TALK[:2]}, "x")
+    D.tokenize([ex], tok, chat_spec())
+    assert "no special token" not in caplog.text
+    tok.chat_template = "{% for m in messages %}{{ m.role }}: {{ m.content }}\n{% endfor %}" \
+                        "{% if add_generation_prompt %}assistant: {% endif %}"
+    ts = D.tokenize([ex], tok, chat_spec())
+    assert spans(ts, tok) == ["It is 4."] and "closes assistant turns with no special token" in caplog.text

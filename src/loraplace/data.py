@@ -1,4 +1,4 @@
-"""Examples, train/eval split, tokenization with completion-only labels, and length-grouped batches.
+"""Examples (records and conversations), train/eval sets, tokenization with target-only labels, and batches.
 
 Usage::
 
@@ -34,8 +34,8 @@ the completion, plus EOS, is the target):
 ``template: chat`` wraps the plain prompt as one user message in the tokenizer's chat template
 (``add_generation_prompt=True``) and strips the completion's leading whitespace. Prompt and completion
 (and a conversation's context and target pieces) are tokenized separately and concatenated (no merges
-across a boundary); BOS is prepended only if
-the tokenizer adds it by default; the first token is never a target. Sequences longer than
+across a boundary); with ``template: plain``, BOS is prepended only if the tokenizer adds it by
+default (a chat template writes its own); the first token is never a target. Sequences longer than
 ``max_length`` lose their tail; examples left with no target token are dropped (``TokenizedSet.dropped``).
 """
 
@@ -441,12 +441,15 @@ def _tokenize(examples: Sequence[Example], tokenizer, template: str, max_length:
     encoded = iter(_encode([p for ps in pieces for p, _ in ps], tokenizer))
     ts = TokenizedSet([], [])
     need_one, need_all = [], 0
+    specials, stops = set(tokenizer.all_special_ids), None  # stops: do a conversation's targets hold a special token
     for i, ps in enumerate(pieces):
         full, labels = [], []
         for _, target in ps:
             ids = next(encoded)
             full += ids
             labels += ids if target else [IGNORE_INDEX] * len(ids)
+        if stops is None and examples[i].messages is not None:
+            stops = not specials.isdisjoint(t for t in labels if t != IGNORE_INDEX)
         labels[0] = IGNORE_INDEX  # nothing predicts the first token
         need_one.append(next((j + 1 for j, t in enumerate(labels) if t != IGNORE_INDEX), len(labels) + 1))
         need_all = max(need_all, len(full))
@@ -461,6 +464,9 @@ def _tokenize(examples: Sequence[Example], tokenizer, template: str, max_length:
     if not ts.input_ids:
         raise DataError(f"data.max_length={max_length} truncates away the completion of all {len(examples)} "
                         f"examples; max_length >= {min(need_one)} keeps some, >= {need_all} keeps all whole")
+    if stops is False:
+        log.warning("data: the chat template of %r closes assistant turns with no special token; the model will "
+                    "not learn to stop", tokenizer.name_or_path)
     if ts.dropped or ts.truncated:
         log.warning("data: max_length=%d dropped %d of %d examples (no completion token left) and truncated %d",
                     max_length, ts.dropped, len(examples), ts.truncated)
