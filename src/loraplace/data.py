@@ -90,6 +90,8 @@ def load_examples(spec: DataSpec, eval_set: bool = False) -> list[Example]:
     """All examples of ``spec.source`` in file order, formatted with the plain template; with
     ``eval_set``, the first ``spec.eval_limit`` (default: all) of ``spec.eval_source`` instead."""
     src, split = (spec.eval_source, spec.eval_hub_split) if eval_set else (spec.source, spec.hub_split)
+    if src is None:
+        raise DataError("data.eval_source: not set; the eval set is then a split of data.source (split_examples)")
     if src == "builtin":
         from .builtin_data import builtin_examples
 
