@@ -541,6 +541,8 @@ def test_eval_source_is_used_as_given_and_all_of_source_trains(tmp_path, caplog)
     assert "also in the train set" not in caplog.text
     D.train_eval_examples(DataSpec(source=str(src), eval_source=str(src), eval_limit=4))
     assert "4 of the 4 eval examples" in caplog.text and "also in the train set" in caplog.text
+    with pytest.raises(DataError, match="data.eval_source: not set"):
+        D.load_examples(DataSpec(source=str(src)), eval_set=True)
 
 
 def test_eval_source_from_the_hub_uses_eval_hub_split(monkeypatch, tmp_path):
