@@ -32,21 +32,31 @@ class DataSpec:
     """Which examples to train and evaluate on, and how to turn them into tokens."""
 
     source: str = "builtin"  # "builtin", a .json/.jsonl/.csv/.parquet path, or "hub:NAME" (needs the hub)
-    format: str = "auto"  # auto | alpaca | prompt_completion | qa | text
-    template: str = "plain"  # plain (documented in data.py) | chat (the model's chat template)
+    format: str = "auto"  # auto (per file) | messages | sharegpt | alpaca | prompt_completion | qa | text
+    template: str = "plain"  # plain (documented in data.py) | chat (the model's chat template); conversations always chat
     max_length: int = 256  # tokens per example; longer ones are truncated
-    eval_size: float = 64  # eval examples: a count (>= 1) or a fraction (< 1) of all examples
-    limit: int | None = None  # use at most this many examples (after the seeded shuffle)
+    eval_size: float = 64  # eval examples: a count (>= 1) or a fraction (< 1) of all examples; unused with eval_source
+    limit: int | None = None  # use at most this many train examples of source (after the seeded shuffle)
     split_seed: int = 0  # fixed across trial seeds, so every trial sees the same eval set
     hub_split: str = "train"  # split name for hub datasets
+    eval_source: str | None = None  # a fixed eval set (same kinds as source), used as given; None: split source
+    eval_hub_split: str = "test"  # split name for a hub eval_source
+    eval_limit: int | None = None  # eval_source: use only its first N examples (file order); None: all
 
     def check(self) -> None:
-        _choice("data.format", self.format, ("auto", "alpaca", "prompt_completion", "qa", "text"))
+        _choice("data.format", self.format, ("auto", "messages", "sharegpt", "alpaca", "prompt_completion", "qa", "text"))
         _choice("data.template", self.template, ("plain", "chat"))
         _positive("data.max_length", self.max_length)
         _positive("data.eval_size", self.eval_size)
         if self.limit is not None:
             _positive("data.limit", self.limit)
+        if self.eval_source is not None and not self.eval_source.strip():
+            raise ConfigError("data.eval_source: empty; give a file, hub:NAME, or leave it null to split data.source")
+        if self.eval_limit is not None:
+            _positive("data.eval_limit", self.eval_limit)
+            if self.eval_source is None:
+                raise ConfigError("data.eval_limit: applies to data.eval_source, which is not set; "
+                                  "use data.eval_size to size a split of data.source")
 
 
 @dataclass

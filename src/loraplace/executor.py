@@ -24,7 +24,7 @@ import torch
 
 from .anatomy import Anatomy, analyze
 from .config import StudyConfig
-from .data import TokenizedSet, load_examples, split_examples, tokenize
+from .data import TokenizedSet, tokenize, train_eval_examples
 from .models import load
 from .placement import Placement, get_strategy, resolve
 from .trial import TrialError, TrialResult, answer_accuracy, run_trial
@@ -78,7 +78,7 @@ class Workspace:
         if cfg.train.threads:
             torch.set_num_threads(cfg.train.threads)
         model, tok = model_and_tokenizer or load(cfg.model, dtype=getattr(torch, cfg.train.dtype), device=device)
-        train_ex, eval_ex = split_examples(load_examples(cfg.data), cfg.data)
+        train_ex, eval_ex = train_eval_examples(cfg.data)
         return cls(cfg, model, tok, analyze(model), tokenize(train_ex, tok, cfg.data), tokenize(eval_ex, tok, cfg.data),
                    eval_ex, device)
 

@@ -125,7 +125,8 @@ def run_study(cfg: StudyConfig, model_and_tokenizer=None) -> list[TrialRecord]:
     store.write_file("config.yaml", cfg.to_yaml())  # rerun with: loraplace study OUT/config.yaml
     store.put_meta("anatomy", {"model_type": anat.model_type, "n_blocks": anat.n_blocks, "base_params": anat.base_params,
                                "roles": list(anat.roles_present())})
-    store.put_meta("data", {"train_examples": len(train_set.input_ids), "eval_examples": len(eval_set.input_ids),
+    store.put_meta("data", {"source": cfg.data.source, "eval_source": cfg.data.eval_source,
+                            "train_examples": len(train_set.input_ids), "eval_examples": len(eval_set.input_ids),
                             "eval_tokens": eval_set.n_target_tokens, "dropped": train_set.dropped + eval_set.dropped})
     for p in planned:
         store.add_pending(p.trial_id, p.strategy, p.seed, p.config)
