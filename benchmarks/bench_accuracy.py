@@ -76,7 +76,7 @@ def summarize(name, seconds, outs, examples, tok, max_new) -> dict:
     at_limit = sum(len(o) >= max_new for o in outs)
     final_line = sum(len(o) < max_new and FINAL_LINE.search(t) is not None and t.endswith("\n")
                      for o, t in zip(outs, texts))
-    row = {"side": name, "examples": n, "seconds": seconds, "s_per_example": seconds / n,
+    row = {"outputs": outs, "side": name, "examples": n, "seconds": seconds, "s_per_example": seconds / n,
            "new_tokens": sum(map(len, outs)), "tokens_per_example": sum(map(len, outs)) / n,
            "accuracy": hits / n, "rows_at_token_limit": at_limit, "rows_ended_by_final_line": final_line}
     print(f"{name:12s} {seconds:8.1f} s  {seconds / n:7.2f} s/example  {row['tokens_per_example']:6.1f} new tokens/example  "
@@ -122,7 +122,12 @@ def main() -> int:
             rows.append(summarize("generate", *run_hf_generate(model, tok, prompts, args.batch_size,
                                                                args.max_new_tokens, args.device),
                                   examples, tok, args.max_new_tokens))
-            print(f"speed-up x{rows[1]['seconds'] / rows[0]['seconds']:.2f} per example", flush=True)
+            lp, hf = rows[0].pop("outputs"), rows[1].pop("outputs")
+            same = sum(h[: len(mine)] == mine for mine, h in zip(lp, hf))  # loraplace may stop earlier, never differ
+            print(f"speed-up x{rows[1]['seconds'] / rows[0]['seconds']:.2f} per example; loraplace's tokens are a prefix "
+                  f"of generate's in {same}/{len(lp)} rows", flush=True)
+        for r in rows:
+            r.pop("outputs", None)
     if args.json:
         Path(args.json).write_text(json.dumps(rows, indent=2))
     return 0
