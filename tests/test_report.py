@@ -239,3 +239,13 @@ def test_accuracy_metric_on_a_study_without_accuracy_is_one_line(tmp_path, capsy
     assert not (tmp_path / "report").exists()
     assert main(["report", str(tmp_path)]) == 0  # eval_loss still works, and no accuracy figure is drawn
     assert not (tmp_path / "report" / "accuracy.png").exists() and "Accuracy" not in capsys.readouterr().out
+
+
+def test_zero_shot_accuracy_over_other_examples_is_not_used(tmp_path):
+    make_study(tmp_path, accuracy=True)
+    with Store.open(tmp_path, create=False) as store:
+        store.put_meta("zero_shot", {"eval_loss": ZS, "accuracy": ZA, "accuracy_n": 40})  # trials: 50 examples
+        a = analyze_store(store, metric="accuracy")
+    assert a.zero_shot_accuracy is None and a.get("top_half").retained is None
+    assert any("over 40 examples but the trials' over 50" in n for n in a.notes)
+    assert not a.recommendation.decided and "zero-shot accuracy of the base model is unknown" in a.recommendation.text

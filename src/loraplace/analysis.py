@@ -384,9 +384,17 @@ def analyze_store(store, threshold: float | None = None, metric: str | None = No
         current = set(meta["trial_ids"])
         trials = [t for t in trials if t.trial_id in current]
     meta["metric"] = meta["metric"] if metric is None else metric
+    zero_acc, stale = meta["zero_shot_accuracy"], None
+    ns = {int(t.metrics["accuracy_n"]) for t in trials if t.status == "done" and "accuracy_n" in t.metrics}
+    if zero_acc is not None and ns and meta["zero_shot_accuracy_n"] not in ns:
+        stale = (f"The stored zero-shot accuracy is over {meta['zero_shot_accuracy_n']} examples but the trials' over "
+                 f"{', '.join(map(str, sorted(ns)))}; it is not used (rerun `loraplace study` to measure it again).")
+        zero_acc = meta["zero_shot_accuracy"] = None
     a = analyze(trials, meta["baseline"], meta["zero_shot_loss"], thr, order=meta["strategies"], metric=meta["metric"],
-                zero_shot_accuracy=meta["zero_shot_accuracy"])
+                zero_shot_accuracy=zero_acc)
     a.meta = meta
+    if stale:
+        a.notes.append(stale)
     return a
 
 

@@ -192,7 +192,7 @@ def _context(a: StudyAnalysis) -> list[tuple[str, str]]:
            ("Seeds", ", ".join(map(str, seeds))), ("Threshold", f"{100 * a.threshold:.0f}% retained improvement"),
            ("Quality metric (retained improvement, frontier, recommendation)", _metric_text(a)),
            ("Zero-shot eval loss", zs)]
-    if a.has_accuracy or a.zero_shot_accuracy is not None:
+    if a.has_accuracy:
         n = meta.get("zero_shot_accuracy_n")
         za = "not recorded" if a.zero_shot_accuracy is None else (
             f"{100 * a.zero_shot_accuracy:.1f}%" + (f" of {n} examples" if n else ""))
