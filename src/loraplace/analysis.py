@@ -5,6 +5,7 @@ Usage::
     from loraplace.analysis import analyze
     a = analyze(store.trials(), baseline="all_linear", zero_shot_loss=2.9, threshold=0.95)
     a.recommendation.text          # one paragraph; a.recommendation.evidence: the numbers behind it
+    analyze(trials, "all_linear", 2.9, metric="accuracy", zero_shot_accuracy=0.12)   # decide on accuracy
 
 Pure functions over ``store.TrialRecord`` lists; no disk I/O. ``analyze_store(store)`` is the thin
 adapter that reads an open ``Store`` (trials, ``study_config`` and ``zero_shot`` meta) for the CLI
@@ -174,8 +175,8 @@ class StudyAnalysis:
     threshold: float
     zero_shot_loss: float | None
     strategies: list[StrategyStats]  # ordered cheapest first (trainable params, train time, name)
-    pareto_params: list[str]  # frontier over (trainable_params, eval_loss), cheapest first
-    pareto_time: list[str]  # frontier over (train_time_s, eval_loss), fastest first
+    pareto_params: list[str]  # frontier over (trainable_params, metric), cheapest first
+    pareto_time: list[str]  # frontier over (train_time_s, metric), fastest first
     recommendation: Recommendation
     failed: list[FailedTrial] = field(default_factory=list)
     unfinished: list[FailedTrial] = field(default_factory=list)  # pending / running
