@@ -43,7 +43,7 @@ def _batches(prompts: list[list[int]], batch_size: int) -> list[list[int]]:
 
 
 def run_loraplace(model, tok, prompts, batch_size, max_new, device):
-    stop_ids, stop = eos_ids(model, tok), final_line_stop(tok)
+    stop_ids, stop = eos_ids(model, tok), final_line_stop(tok)  # GSM8K answers are numeric: the '####' line
     outs = [None] * len(prompts)
     t0 = time.perf_counter()
     for chunk in _batches(prompts, batch_size):

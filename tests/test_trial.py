@@ -167,6 +167,9 @@ def test_greedy_generation_matches_hf_generate_and_drops_finished_rows(arch):
     assert got == [cut(r) for r in ref]
     assert widths[0] == 4 and widths[2] < 4  # row 0 left the batch after its second token
     assert len(widths) == max(len(r) for r in got)  # one prefill + one call per further token, no more
+    # one stop function per prompt: only row 0 watches for the token
+    first_only = generate_greedy(model, prompts, 12, PAD, set(), stop=[lambda new: new[-1] == stop_tok, None, None, None])
+    assert first_only == [cut(ref[0])] + ref[1:]
     # an end-of-turn id ends a row and is not part of the answer
     eos_got = generate_greedy(model, prompts, 12, PAD, {stop_tok})
     assert eos_got == [r[: r.index(stop_tok)] if stop_tok in r else r for r in ref]
@@ -189,6 +192,9 @@ def test_final_line_stop_waits_for_the_end_of_the_answer_line():
             break
     assert Chars().decode(ids) == "3 + 4 = 7.\nSo 7 apples.\n#### 1,080\n" and stopped_at is not None
     assert not stop([ord(c) for c in "#### \n"])  # no number on the line yet
+    assert final_line_stop(Chars(), "18")([ord(c) for c in "So 18.\n"]) is False  # numeric: wait for '####'
+    text_stop = final_line_stop(Chars(), "readability beautiful")  # compared on its first line: stop there
+    assert not text_stop([ord(c) for c in " \n"]) and text_stop([ord(c) for c in " \nreadability beautiful\n"])
 
 
 def test_accuracy_examples_are_the_first_with_an_answer_and_answer_accuracy_counts_them():

@@ -241,7 +241,8 @@ def _save_adapter(peft_model, target: Path) -> Path:
 
 
 # -- generation-based accuracy (question/answer data with a checkable final answer) -------------
-STOP_RULE = "greedy; stop at eos or a completed '#### <number>' line"  # part of the zero-shot accuracy key
+# part of the zero-shot accuracy key: a change of the rule measures the base model again
+STOP_RULE = "greedy; stop at eos, a completed '#### <number>' line (numeric answers) or the first line (text answers)"
 
 
 def accuracy_examples(eval_examples, limit: int) -> list:
@@ -276,18 +277,24 @@ def answer_matches(generated: str, answer: str) -> bool:
 
 
 FINAL_LINE = re.compile(r"####[^\n]*\d[^\n]*\n")  # a GSM8K final-answer line, complete once its newline is out
+FIRST_LINE = re.compile(r"\S[^\n]*\n")  # a complete first non-empty line
 
 
-def final_line_stop(tokenizer):
-    """A ``stop(ids)`` for ``generate_greedy``: True once the generated text holds a complete
-    '#### <number>' line. The text is decoded only after tokens that contain a newline."""
+def final_line_stop(tokenizer, answer: str | None = None):
+    """A ``stop(ids)`` for ``generate_greedy``: True once the generated text holds its final answer line.
+
+    For a numeric answer (and by default) that is a complete '#### <number>' line (GSM8K style;
+    before it the model may reason over many lines); for a text answer, which ``answer_matches``
+    compares on its first line, the first non-empty line. The text is decoded only after tokens
+    that contain a newline."""
+    line = FIRST_LINE if answer is not None and final_number(answer) is None else FINAL_LINE
     has_newline: dict[int, bool] = {}
 
     def stop(ids: list[int]) -> bool:
         t = ids[-1]
         if t not in has_newline:
             has_newline[t] = "\n" in tokenizer.decode([t])
-        return has_newline[t] and FINAL_LINE.search(tokenizer.decode(ids)) is not None
+        return has_newline[t] and line.search(tokenizer.decode(ids)) is not None
 
     return stop
 
@@ -316,7 +323,8 @@ def generate_greedy(model, prompts: list[list[int]], max_new_tokens: int, pad_id
     """Greedy continuations of a batch of prompts (token ids), one list of new ids per prompt.
 
     Prompts are left-padded into one batch. A row ends at a token in ``stop_ids`` (not included),
-    when ``stop(ids_so_far)`` says so (the token that completed it is included), or after
+    when its stop function says so (``stop``: one ``stop(ids_so_far) -> bool`` for every row, or a
+    list of them, one per prompt; the token that completed it is included), or after
     max_new_tokens. Finished rows leave the batch and the KV cache at once, so a row that stops
     early costs nothing more while the others go on."""
     width = max(len(p) for p in prompts)
@@ -325,6 +333,7 @@ def generate_greedy(model, prompts: list[list[int]], max_new_tokens: int, pad_id
     pos = (mask.cumsum(-1) - 1).clamp(min=0)  # positions count real tokens only, as in training
     logits, cache = _forward_last(model, input_ids=ids, attention_mask=mask, position_ids=pos)
     prune = hasattr(cache, "batch_select_indices")
+    stops = list(stop) if isinstance(stop, (list, tuple)) else [stop] * len(prompts)
     out: list[list[int]] = [[] for _ in prompts]
     active = list(range(len(prompts)))  # prompt index of each batch row
     live = set(active)  # rows still generating
@@ -337,7 +346,7 @@ def generate_greedy(model, prompts: list[list[int]], max_new_tokens: int, pad_id
             if t in stop_ids:
                 continue
             out[row].append(t)
-            if not (stop is not None and stop(out[row])):
+            if not (stops[row] is not None and stops[row](out[row])):
                 keep.append(j)
         live = {active[j] for j in keep}
         if not keep or step + 1 == max_new_tokens:
@@ -360,22 +369,23 @@ def answer_accuracy(model, tokenizer, examples, data_spec, eval_spec: EvalSpec, 
     """Share of examples whose greedy generation matches the answer (see ``answer_matches``).
 
     Returns {"accuracy": hits / n, "accuracy_n": n}. Generation: ``generate_greedy`` in batches of
-    eval.batch_size (prompts grouped by length, so little padding), stopping at eos or a complete
-    '#### <number>' line, at most eval.max_new_tokens new tokens."""
+    eval.batch_size (prompts grouped by length, so little padding), stopping at eos or at the end of
+    the answer line (``final_line_stop``), at most eval.max_new_tokens new tokens."""
     from .data import encode_prompt
 
     was_training = model.training
     model.eval()
     hits = 0
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-    stop_ids, stop = eos_ids(model, tokenizer), final_line_stop(tokenizer)
+    stop_ids = eos_ids(model, tokenizer)
+    stops = [final_line_stop(tokenizer, e.answer) for e in examples]
     prompts = [encode_prompt(e, tokenizer, data_spec) for e in examples]
     order = sorted(range(len(examples)), key=lambda i: len(prompts[i]))
     bar = tqdm(total=len(examples), desc="accuracy", unit="ex", leave=False, dynamic_ncols=True, disable=None)
     for i in range(0, len(order), eval_spec.batch_size):
         chunk = order[i : i + eval_spec.batch_size]
-        outs = generate_greedy(model, [prompts[j] for j in chunk], eval_spec.max_new_tokens, pad, stop_ids, stop,
-                               device)
+        outs = generate_greedy(model, [prompts[j] for j in chunk], eval_spec.max_new_tokens, pad, stop_ids,
+                               [stops[j] for j in chunk], device)
         for j, new in zip(chunk, outs):
             hits += answer_matches(tokenizer.decode(new, skip_special_tokens=True), examples[j].answer)
         bar.update(len(chunk))
