@@ -116,6 +116,19 @@ class EvalSpec:
         _positive("eval.max_new_tokens", self.max_new_tokens)
 
 
+METRIC_CHOICES = ("eval_loss", "accuracy")  # quality measures the analysis can decide on
+
+
+@dataclass
+class AnalysisSpec:
+    """How the study's trials are compared (changes no trial: only the summary and the report)."""
+
+    metric: str = "eval_loss"  # eval_loss | accuracy: the quality measure of retained improvement, Pareto fronts, recommendation
+
+    def check(self) -> None:
+        _choice("analysis.metric", self.metric, METRIC_CHOICES)
+
+
 DEFAULT_STRATEGIES = ["all_linear", "attention_only", "mlp_only", "top_half"]
 
 
@@ -138,11 +151,15 @@ class StudyConfig:
     ray_address: str | None = None  # executor=ray: a cluster address; None starts Ray here (or uses RAY_ADDRESS)
     cpus_per_trial: float = 2  # executor=ray: CPUs (and torch threads) per trial
     gpus_per_trial: float = 0  # executor=ray: GPUs per trial (set 1 with train.device=cuda)
+    analysis: AnalysisSpec = field(default_factory=AnalysisSpec)
 
     def check(self) -> None:
         self.data.check()
         self.train.check()
         self.eval.check()
+        self.analysis.check()
+        if self.analysis.metric == "accuracy" and not self.eval.accuracy:
+            raise ConfigError("analysis.metric=accuracy needs eval.accuracy=true (accuracy is not measured otherwise)")
         if not self.strategies:
             raise ConfigError("strategies: empty; name at least one strategy")
         if len(set(self.strategies)) != len(self.strategies):

@@ -27,7 +27,7 @@ from .config import StudyConfig
 from .data import TokenizedSet, tokenize, train_eval_examples
 from .models import load
 from .placement import Placement, get_strategy, resolve
-from .trial import TrialError, TrialResult, answer_accuracy, run_trial
+from .trial import TrialError, TrialResult, accuracy_examples, answer_accuracy, run_trial
 
 log = logging.getLogger("loraplace")
 
@@ -92,7 +92,7 @@ class Workspace:
         cfg, before = self.cfg, weights_fingerprint(self.model)
         accuracy_fn = None
         if cfg.eval.accuracy:
-            scored = [e for e in self.eval_examples if e.answer is not None][: cfg.eval.accuracy_limit]
+            scored = accuracy_examples(self.eval_examples, cfg.eval.accuracy_limit)
             if scored:
                 accuracy_fn = lambda m: answer_accuracy(m, self.tokenizer, scored, cfg.data, cfg.eval, self.device)  # noqa: E731
         try:
