@@ -178,7 +178,6 @@ def test_hub_without_datasets_or_network_is_one_line(monkeypatch):
 def test_gsm8k_answer_extraction():
     ex = D.format_example("qa", {"question": "How many?", "answer": "3 + 4 = <<3+4=7>>7\n#### 1,080"}, "x")
     assert ex.answer == "1080" and ex.completion == " 3 + 4 = <<3+4=7>>7\n#### 1,080"
-    assert D.final_answer("Paris ") == "Paris"
 
 
 @needs_gsm8k

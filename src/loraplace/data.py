@@ -55,6 +55,7 @@ from typing import Iterator, Sequence
 import torch
 
 from .config import DataSpec
+from .answers import final_answer
 from .core import LoraplaceError
 from .metrics import IGNORE_INDEX
 
@@ -193,13 +194,6 @@ def _conversation(fmt: str, row: dict, where: str) -> Example:
         raise DataError(f"{where}: {key}[{said.index('assistant')}]: the first assistant turn must follow a user turn")
     last = next(text for role, text in reversed(messages) if role == "assistant")
     return Example("", "", final_answer(last), tuple(messages), where)
-
-
-def final_answer(answer: str) -> str:
-    """The checkable answer: the number after GSM8K's ``####`` (commas removed), else the stripped text."""
-    if "####" in answer:
-        return answer.rsplit("####", 1)[1].strip().replace(",", "")
-    return answer.strip()
 
 
 def _file_rows(path: Path) -> list[tuple[str, dict]]:
