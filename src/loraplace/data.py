@@ -56,6 +56,7 @@ import torch
 
 from .config import DataSpec
 from .answers import final_answer
+from .builtin_data import builtin_rows
 from .core import LoraplaceError
 from .metrics import IGNORE_INDEX
 
@@ -95,15 +96,15 @@ def load_examples(spec: DataSpec, eval_set: bool = False) -> list[Example]:
     if src is None:
         raise DataError("data.eval_source: not set; the eval set is then a split of data.source (split_examples)")
     if src == "builtin":
-        from .builtin_data import builtin_examples
-
-        examples = builtin_examples()
+        rows = [(f"builtin row {i + 1}", row) for i, row in enumerate(builtin_rows())]
+    elif src.startswith("hub:"):
+        rows = _hub_rows(src[4:], split)
     else:
-        rows = _hub_rows(src[4:], split) if src.startswith("hub:") else _file_rows(Path(src))
-        if not rows:
-            raise DataError(f"{src}: no examples")
-        fmt = spec.format if spec.format != "auto" else detect_format(*rows[0])
-        examples = [format_example(fmt, row, where) for where, row in rows]
+        rows = _file_rows(Path(src))
+    if not rows:
+        raise DataError(f"{src}: no examples")
+    fmt = spec.format if spec.format != "auto" else detect_format(*rows[0])
+    examples = [format_example(fmt, row, where) for where, row in rows]
     return examples[: spec.eval_limit] if eval_set and spec.eval_limit is not None else examples
 
 
