@@ -123,6 +123,16 @@ def run_tasks(
     if cfg.executor == "ray" and tasks:
         yield from _run_ray(cfg, tasks, zero_shot_loss, on_start)
         return
+    if cfg.executor == "local" and len(tasks) > 1:
+        from . import fused
+
+        size = fused.group_size(cfg, ws.model, ws.device, len(tasks), max(ws.train_set.lengths, default=0))
+        if size > 1:  # train.fuse: groups of trials in one pass over the base, same results (fused.py)
+            for group in fused.plan_groups(tasks, size):
+                for task in group:
+                    on_start(task.trial_id)
+                yield from fused.run_group(ws, group, zero_shot_loss)
+            return
     for task in tasks if cfg.executor == "local" else ():
         on_start(task.trial_id)
         try:
