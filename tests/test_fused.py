@@ -227,3 +227,37 @@ def test_fuse_setting_parses(value, expected):
 def test_bad_fuse_setting_is_a_config_error(value):
     with pytest.raises(ConfigError, match="train.fuse"):
         StudyConfig.load(overrides=[f"train.fuse={value}"])
+
+
+def test_out_of_memory_splits_the_group_and_loses_no_trial(tmp_path, monkeypatch):
+    """The CUDA fallback, exercised on CPU: a group 'too big' for memory runs as smaller groups."""
+    from loraplace import study as S
+
+    real = fused.run_fused_trials
+    sizes = []
+
+    def tight(model, placements, *a, **kw):
+        sizes.append(len(placements))
+        if len(placements) > 2:
+            raise torch.cuda.OutOfMemoryError("CUDA out of memory (simulated)")
+        return real(model, placements, *a, **kw)
+
+    monkeypatch.setattr(fused, "run_fused_trials", tight)
+    cfg = _study_cfg(tmp_path, "oom", 3)
+    cfg.seeds = [0]
+    records = S.run_study(cfg, (tiny_models.build("llama"), tiny_models.tokenizer()))
+    assert sizes == [3, 2]  # 3 -> 1 (the sequential engine) + 2
+    assert [r.status for r in records] == ["done"] * 3
+    assert sorted(r.metrics.get("fused_trials", 1) for r in records) == [1, 2, 2]
+
+
+def test_auto_on_cuda_sizes_groups_from_free_memory(tmp_path, monkeypatch):
+    """auto's CUDA branch, exercised on CPU with a stated amount of free memory."""
+    model = tiny_models.build("llama")
+    cfg = _study_cfg(tmp_path, "a", "auto")
+    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device=None: (64 * 2**30, 80 * 2**30))
+    assert fused.group_size(cfg, model, "cuda", 12) == 12  # tiny model: all of them fit
+    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device=None: (16 * 2**20, 80 * 2**30))
+    small = fused.group_size(cfg, model, "cuda", 12)
+    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device=None: (2**10, 80 * 2**30))
+    assert fused.group_size(cfg, model, "cuda", 12) == 1 < small < 12  # estimate scales with free memory
