@@ -101,6 +101,7 @@ def test_fused_group_equals_sequential_trials(tmp_path, arch, dropout):
     got = fused.run_fused_trials(model, placements, seeds, ts, ts, spec, EvalSpec(batch_size=8), pad_id=PAD,
                                  adapter_dirs=[tmp_path / f"fused{i}" for i in range(4)])
     assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())  # base pristine
+    assert all(p.grad is None for p in model.parameters())  # the frozen base got no gradients
     for i, (s, f) in enumerate(zip(seq, got)):
         assert isinstance(s, TrialResult) and isinstance(f, TrialResult), (s, f)
         assert [st for st, _ in f.curve] == [st for st, _ in s.curve] == list(range(1, 13))

@@ -24,8 +24,12 @@ Trials of the same seed draw identical batches, so a same-seed group adds no pad
 mixed-seed groups pad to the widest batch of the step (``fused_padding_frac``). Not fused
 (run one after the other instead, same results): base models with their own dropout (GPT-2's
 defaults: their masks would come from one stream), and LoRA dropout under gradient checkpointing
-(the recompute would redraw the masks). Frozen-prefix reuse (running the blocks below the
-group's lowest adapted block once for same-seed rows) is not implemented yet.
+(the recompute would redraw the masks).
+
+Frozen prefix: the base is frozen, so the blocks below the group's lowest adapted block never
+enter the backward graph. Not done yet: running that prefix once for the identical rows of a
+same-seed group (and caching its output across epochs); rows of a trial whose adapters start
+higher than the group's lowest one still get (zero) activation gradients between the two.
 """
 
 from __future__ import annotations
@@ -275,6 +279,11 @@ def train_group(model, members: list[_Member], train_set: TokenizedSet, spec: Tr
         m.opt = torch.optim.AdamW(m.params, lr=spec.lr, weight_decay=spec.weight_decay)
         m.sched = torch.optim.lr_scheduler.LambdaLR(m.opt, lambda s: lr_factor(s, steps, spec))
         m.batches = _train_batches(train_set, spec, m.seed, pad_id, steps)
+    # The base is frozen, so autograd records nothing until the first LoRA delta: the blocks below
+    # the group's lowest adapted block are outside the backward graph.
+    frozen = [(p, p.requires_grad) for p in model.parameters()]
+    for p, _ in frozen:
+        p.requires_grad_(False)
     hooks = _Hooks(model, members, spec.dropout, device)
     was_training = model.training
     model.train()
@@ -322,6 +331,8 @@ def train_group(model, members: list[_Member], train_set: TokenizedSet, spec: Tr
         bar.close()
         hooks.remove()
         model.train(was_training)
+        for p, flag in frozen:
+            p.requires_grad_(flag)
     for m in members:
         m.opt = m.sched = m.batches = None  # AdamW state goes with the group
     return {"fused_padding_frac": 1.0 - real / max(slots, 1), "group_train_time_s": time.perf_counter() - t_group}
