@@ -262,3 +262,20 @@ def test_auto_on_cuda_sizes_groups_from_free_memory(tmp_path, monkeypatch):
     small = fused.group_size(cfg, model, "cuda", 12)
     monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device=None: (2**10, 80 * 2**30))
     assert fused.group_size(cfg, model, "cuda", 12) == 1 < small < 12  # estimate scales with free memory
+
+
+def test_fused_trials_score_accuracy_like_sequential_ones(tmp_path):
+    """eval.accuracy runs on the restored PEFT wrapping of each fused trial, on the same examples."""
+    from loraplace import study as S
+
+    def cfg(out, fuse):
+        c = _study_cfg(tmp_path, out, fuse)
+        c.strategies, c.seeds = ["all_linear", "attention_only"], [0]
+        c.eval.accuracy, c.eval.accuracy_limit, c.eval.max_new_tokens = True, 3, 4
+        return c
+
+    off = S.run_study(cfg("off", "off"), (tiny_models.build("llama"), tiny_models.tokenizer()))
+    on = S.run_study(cfg("on", 2), (tiny_models.build("llama"), tiny_models.tokenizer()))
+    for a, b in zip(off, on):
+        assert b.metrics["fused_trials"] == 2 and "accuracy" in a.metrics
+        assert b.metrics["accuracy"] == a.metrics["accuracy"]

@@ -87,20 +87,26 @@ class Workspace:
         strategy = get_strategy(task.strategy, self.cfg.define)
         return resolve(strategy, self.anatomy, rank=t.rank, alpha=t.alpha, alpha_per_rank=t.alpha_per_rank, ranks=task.ranks)
 
+    def accuracy_fn(self):
+        """The accuracy callback of a trial (generation on the scored eval examples), or None; shared by
+        the sequential and the fused engine so both score the same examples."""
+        cfg = self.cfg
+        if not cfg.eval.accuracy:
+            return None
+        scored = [e for e in self.eval_examples if e.answer is not None][: cfg.eval.accuracy_limit]
+        if not scored:
+            return None
+        return lambda m: answer_accuracy(m, self.tokenizer, scored, cfg.data, cfg.eval, self.device)
+
     def run(self, task: TrialTask, zero_shot_loss: float | None) -> TrialResult:
         """One trial; raises TrialError (recorded by the caller) or, if the base changed, RuntimeError."""
         cfg, before = self.cfg, weights_fingerprint(self.model)
-        accuracy_fn = None
-        if cfg.eval.accuracy:
-            scored = [e for e in self.eval_examples if e.answer is not None][: cfg.eval.accuracy_limit]
-            if scored:
-                accuracy_fn = lambda m: answer_accuracy(m, self.tokenizer, scored, cfg.data, cfg.eval, self.device)  # noqa: E731
         try:
             return run_trial(
                 self.model, self.placement(task), self.train_set, self.eval_set, cfg.train, cfg.eval, seed=task.seed,
                 pad_id=self.tokenizer.pad_token_id, device=self.device,
                 adapter_dir=Path(task.adapter_dir) if task.adapter_dir else None,
-                zero_shot_loss=zero_shot_loss, accuracy_fn=accuracy_fn, desc=task.desc,
+                zero_shot_loss=zero_shot_loss, accuracy_fn=self.accuracy_fn(), desc=task.desc,
             )
         finally:
             gc.collect()  # the trial's adapter, optimizer state and activations go before the next one

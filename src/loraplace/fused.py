@@ -470,7 +470,7 @@ def run_group(ws, tasks: list, zero_shot_loss: float | None) -> list[tuple]:
         placements = [ws.placement(t) for t in tasks]
     except RECORDED:  # a placement that cannot be built fails on its own, as in the sequential engine
         return [o for t in tasks for o in run_group(ws, [t], zero_shot_loss)]
-    accuracy_fn = _accuracy_fn(ws)
+    accuracy_fn = ws.accuracy_fn()
     try:
         results = run_fused_trials(
             ws.model, placements, [t.seed for t in tasks], ws.train_set, ws.eval_set, cfg.train, cfg.eval,
@@ -490,19 +490,6 @@ def run_group(ws, tasks: list, zero_shot_loss: float | None) -> list[tuple]:
         if weights_fingerprint(ws.model) != before:
             raise BaseWeightsChanged(f"base weights changed during a fused group ({tasks[0].trial_id}...): refusing to continue")
     return [(t, r, None) if isinstance(r, TrialResult) else (t, None, f"{type(r).__name__}: {r}") for t, r in zip(tasks, results)]
-
-
-def _accuracy_fn(ws):
-    """The accuracy callback the Workspace gives a sequential trial (generation on eval examples)."""
-    from .trial import answer_accuracy
-
-    cfg = ws.cfg
-    if not cfg.eval.accuracy:
-        return None
-    scored = [e for e in ws.eval_examples if e.answer is not None][: cfg.eval.accuracy_limit]
-    if not scored:
-        return None
-    return lambda m: answer_accuracy(m, ws.tokenizer, scored, cfg.data, cfg.eval, ws.device)
 
 
 def _free(device: str) -> None:
