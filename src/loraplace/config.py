@@ -80,6 +80,7 @@ class TrainSpec:
     threads: int | None = None  # torch CPU threads; None leaves torch's default
     save_adapter: bool = True
     gradient_checkpointing: bool = False  # recompute block activations in the backward: about half the memory, ~10% more time
+    fuse: int | str | bool = "auto"  # trials trained together over one base pass: auto | off | N (same results; see fused.py)
 
     def check(self) -> None:
         _positive("train.lr", self.lr)
@@ -99,6 +100,22 @@ class TrainSpec:
         _choice("train.dtype", self.dtype, ("float32", "bfloat16", "float16"))
         if not (self.device in ("auto", "cpu", "cuda", "mps") or self.device.startswith("cuda:")):
             raise ConfigError(f"train.device: {self.device!r} is not one of auto, cpu, cuda, cuda:N, mps")
+        if self.fuse is False:  # YAML reads a bare off as false
+            self.fuse = "off"
+        self.fuse_trials()
+
+    def fuse_trials(self) -> int | str:
+        """train.fuse as "auto" or a number of trials per group (off -> 1)."""
+        value = self.fuse
+        if value is False:
+            return 1
+        if isinstance(value, str) and value.strip().lower() in ("auto", "off"):
+            return value.strip().lower() if value.strip().lower() == "auto" else 1
+        if isinstance(value, str) and value.strip().isdigit():
+            value = int(value)
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise ConfigError(f"train.fuse: {self.fuse!r} is not one of auto, off or a number of trials >= 1")
+        return value
 
 
 @dataclass

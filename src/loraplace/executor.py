@@ -24,11 +24,10 @@ import torch
 
 from .anatomy import Anatomy, analyze
 from .config import StudyConfig
-from .data import TokenizedSet, tokenize, train_eval_examples
+from .answers import accuracy_examples, answer_accuracy
+from .data import TokenizedSet, encode_prompt, tokenize, train_eval_examples
 from .models import load
 from .placement import Placement, get_strategy, resolve
-from .answers import accuracy_examples, answer_accuracy
-from .data import encode_prompt
 from .trial import TrialError, TrialResult, run_trial
 
 log = logging.getLogger("loraplace")
@@ -102,16 +101,20 @@ class Workspace:
         strategy = get_strategy(task.strategy, self.cfg.define)
         return resolve(strategy, self.anatomy, rank=t.rank, alpha=t.alpha, alpha_per_rank=t.alpha_per_rank, ranks=task.ranks)
 
+    def accuracy_fn(self):
+        """The accuracy callback of a trial (``accuracy`` on the fixed examples), or None when accuracy is off
+        or no example has an answer; shared by the sequential and the fused engine so both score the same."""
+        return self.accuracy if self.accuracy_examples else None
+
     def run(self, task: TrialTask, zero_shot_loss: float | None) -> TrialResult:
         """One trial; raises TrialError (recorded by the caller) or, if the base changed, RuntimeError."""
         cfg, before = self.cfg, weights_fingerprint(self.model)
-        accuracy_fn = self.accuracy if self.accuracy_examples else None
         try:
             return run_trial(
                 self.model, self.placement(task), self.train_set, self.eval_set, cfg.train, cfg.eval, seed=task.seed,
                 pad_id=self.tokenizer.pad_token_id, device=self.device,
                 adapter_dir=Path(task.adapter_dir) if task.adapter_dir else None,
-                zero_shot_loss=zero_shot_loss, accuracy_fn=accuracy_fn, desc=task.desc,
+                zero_shot_loss=zero_shot_loss, accuracy_fn=self.accuracy_fn(), desc=task.desc,
             )
         finally:
             gc.collect()  # the trial's adapter, optimizer state and activations go before the next one
@@ -134,6 +137,16 @@ def run_tasks(
     if cfg.executor == "ray" and tasks:
         yield from _run_ray(cfg, tasks, zero_shot_loss, on_start)
         return
+    if cfg.executor == "local" and len(tasks) > 1:
+        from . import fused
+
+        size = fused.group_size(cfg, ws.model, ws.device, len(tasks), max(ws.train_set.lengths, default=0))
+        if size > 1:  # train.fuse: groups of trials in one pass over the base, same results (fused.py)
+            for group in fused.plan_groups(tasks, size):
+                for task in group:
+                    on_start(task.trial_id)
+                yield from fused.run_group(ws, group, zero_shot_loss)
+            return
     for task in tasks if cfg.executor == "local" else ():
         on_start(task.trial_id)
         try:

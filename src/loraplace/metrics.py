@@ -41,6 +41,10 @@ METRICS: dict[str, tuple[str, str]] = {
     "steps": ("steps", "optimizer steps"),
     "peak_mem_bytes": ("bytes", "CPU: process RSS high-water mark; CUDA: max memory allocated"),
     "train_flops": ("FLOP", "estimate: 2*N_base*T forward + 2*N_base*T backward through activations + 6*N_lora*T"),
+    # only in trials trained in a fused group (train.fuse); their train/eval times are equal shares of the group's
+    "fused_trials": ("trials", "size of the fused group the trial trained in"),
+    "fused_padding_frac": ("fraction", "padding share of the token slots in the group's stacked batches"),
+    "group_train_time_s": ("s", "wall time of the fused group's training loop (all its trials)"),
 }
 
 

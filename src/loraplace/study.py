@@ -66,7 +66,7 @@ def trial_id(config: dict) -> str:
 def plan_trials(cfg: StudyConfig, placements: dict[str, Placement]) -> list[TrialTask]:
     """Every (strategy, seed) trial, keyed by a hash of what can change its numbers."""
     shared = cfg.to_dict()
-    same_numbers = ("threads", "save_adapter", "device", "gradient_checkpointing")  # not part of a trial's identity
+    same_numbers = ("threads", "save_adapter", "device", "gradient_checkpointing", "fuse")  # not part of a trial's identity
     train = {k: v for k, v in shared["train"].items() if k not in same_numbers}
     out = []
     for seed in cfg.seeds:  # seed-major order: every strategy gets seed 0 before any gets seed 1

@@ -200,7 +200,16 @@ def run_trial(
         peft_model.unload()  # removes the LoRA layers without merging: the base stays pristine
         if train_spec.gradient_checkpointing:
             _checkpointing(base_model, False)
-    p = placement
+    return trial_result(placement, ev, stats, curve, train_time, eval_time, peak, saved, train_spec.dropout,
+                        zero_shot_loss)
+
+
+def trial_result(p: Placement, ev: dict, stats: dict, curve: list, train_time: float, eval_time: float, peak: int,
+                 saved: Path | None, dropout: float, zero_shot_loss: float | None = None, **extra) -> TrialResult:
+    """A trial's TrialResult from its measurements, as every engine (sequential or fused) records it.
+
+    ev: evaluate()'s figures (and accuracy); stats: train()'s (steps, train_tokens, padding_frac, ...);
+    times in s; peak in bytes; saved: the adapter directory, or None; extra: engine-specific metrics."""
     metrics = {
         **ev,
         **stats,
@@ -214,10 +223,11 @@ def run_trial(
         "tokens_per_s": stats["train_tokens"] / train_time if train_time > 0 else 0.0,
         "peak_mem_bytes": peak,
         "train_flops": M.train_flops(p.anatomy.base_params, p.trainable_params, stats["train_tokens"]),
+        **extra,
     }
     if zero_shot_loss is not None:
         metrics["zero_shot_loss"] = zero_shot_loss
-    return TrialResult(metrics=metrics, curve=curve, placement=p.record(dropout=train_spec.dropout), adapter_dir=saved)
+    return TrialResult(metrics=metrics, curve=curve, placement=p.record(dropout=dropout), adapter_dir=saved)
 
 
 def _checkpointing(model, on: bool) -> None:

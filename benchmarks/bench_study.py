@@ -1,0 +1,101 @@
+"""Benchmark (CPU): a whole study (3 strategies, one seed) by loraplace sequential, loraplace fused
+and the HF Trainer + PEFT script trial after trial, in one run.
+
+Usage::
+
+    python benchmarks/bench_study.py                      # the reference workload (BENCHMARKS.md); quiet machine
+    python benchmarks/bench_study.py --rows 16 --eval-rows 8 --max-length 64   # a quick check that it runs
+
+The reference workload of ``bench_trial.py``: the embedded SmolLM2-135M, GSM8K train rows 0-127
+(max length 256), batch 8, one epoch (16 steps), r16 / alpha 32 / LoRA dropout 0.05, lr 2e-4
+constant, loss on answer tokens only, evaluated by the token-weighted eval loss on GSM8K test
+rows 0-63. Whole-study wall time = training and evaluation of every trial, one after the other
+(the fused engine: all of them as one group). The fused engine gives the sequential engine's
+numbers (tests/test_fused.py), so its eval losses must match the sequential ones to ~1e-4;
+the Trainer's differ by its batch order (about 1%, see BENCHMARKS.md).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from bench_trial import GSM8K, trainer_run  # noqa: E402
+
+from loraplace.anatomy import analyze  # noqa: E402
+from loraplace.config import DataSpec, EvalSpec, TrainSpec  # noqa: E402
+from loraplace.data import load_examples, padding_fraction, tokenize  # noqa: E402
+from loraplace.fused import run_fused_trials  # noqa: E402
+from loraplace.models import load  # noqa: E402
+from loraplace.placement import get_strategy, resolve  # noqa: E402
+from loraplace.trial import evaluate, run_trial  # noqa: E402
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--rows", type=int, default=128, help="GSM8K train rows (from row 0)")
+    ap.add_argument("--eval-rows", type=int, default=64, help="GSM8K test rows to evaluate on")
+    ap.add_argument("--max-length", type=int, default=256)
+    ap.add_argument("--strategies", nargs="+", default=["all_linear", "attention_only", "mlp_only"])
+    ap.add_argument("--engines", nargs="+", default=["sequential", "fused", "hf"], choices=["sequential", "fused", "hf"])
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--json", help="also write the figures to this file")
+    args = ap.parse_args()
+    if not GSM8K.is_dir():
+        print(f"GSM8K not found at {GSM8K}: this benchmark needs ../shared/data/gsm8k beside the checkout")
+        return 1
+    model, tok = load("smollm2-135m")
+    anat = analyze(model)
+    spec = DataSpec(max_length=args.max_length)
+    train_set = tokenize(load_examples(DataSpec(source=str(GSM8K / "train.jsonl")))[: args.rows], tok, spec)
+    eval_set = tokenize(load_examples(DataSpec(source=str(GSM8K / "test.jsonl")))[: args.eval_rows], tok, spec)
+    steps = (len(train_set.input_ids) + 7) // 8
+    train = TrainSpec(lr=2e-4, steps=steps, batch_size=8, warmup=0, schedule="constant", rank=16, alpha=32,
+                      dropout=0.05)
+    ev = EvalSpec()
+    pad = tok.pad_token_id
+    placements = [resolve(get_strategy(s), anat, rank=16, alpha=32) for s in args.strategies]
+    print(f"{len(placements)} trials, {steps} steps of batch 8 each; length-grouped padding "
+          f"{padding_fraction(train_set, 8, args.seed, True):.1%}; torch threads {torch.get_num_threads()}", flush=True)
+    out = {"rows": args.rows, "eval_rows": args.eval_rows, "steps": steps, "strategies": args.strategies,
+           "threads": torch.get_num_threads()}
+    for engine in args.engines:
+        t0 = time.perf_counter()
+        if engine == "sequential":
+            rs = [run_trial(model, p, train_set, eval_set, train, ev, seed=args.seed, pad_id=pad) for p in placements]
+            losses = [r.metrics["eval_loss"] for r in rs]
+            train_s = sum(r.metrics["train_time_s"] for r in rs)
+        elif engine == "fused":
+            rs = run_fused_trials(model, placements, [args.seed] * len(placements), train_set, eval_set, train, ev,
+                                  pad_id=pad)
+            losses = [r.metrics["eval_loss"] for r in rs]
+            train_s = rs[0].metrics["group_train_time_s"]
+        else:
+            losses, train_s = [], 0.0
+            for p in placements:
+                t, peft_model = trainer_run(model, p, train_set, train, pad, seed=args.seed)
+                losses.append(evaluate(peft_model, eval_set, ev.batch_size, pad)["eval_loss"])
+                peft_model.unload()
+                train_s += t
+        wall = time.perf_counter() - t0
+        out[engine] = {"study_s": wall, "train_s": train_s, "eval_loss": dict(zip(args.strategies, losses))}
+        print(f"{engine:10s} study {wall:7.1f} s (training {train_s:7.1f} s)  eval loss "
+              + "  ".join(f"{s} {v:.4f}" for s, v in zip(args.strategies, losses)), flush=True)
+    for engine in ("sequential", "fused"):
+        if engine in out and "hf" in out:
+            out[f"{engine}_speedup_vs_hf"] = out["hf"]["study_s"] / out[engine]["study_s"]
+            print(f"{engine} vs Trainer script: x{out[f'{engine}_speedup_vs_hf']:.2f} whole-study wall time")
+    if args.json:
+        Path(args.json).write_text(json.dumps(out, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
