@@ -119,12 +119,14 @@ def run_tasks(
     cfg: StudyConfig, ws: Workspace, tasks: list[TrialTask], zero_shot_loss: float | None, on_start=lambda trial_id: None
 ) -> Iterator[Outcome]:
     """Run tasks with the study's executor, yielding each outcome as it finishes; ``on_start(trial_id)``
-    is called as each task starts (or is handed to a Ray worker)."""
+    is called as each task starts (or is handed to a Ray worker), and a task for which it returns
+    False (claimed by another process) is skipped."""
     if cfg.executor == "ray" and tasks:
         yield from _run_ray(cfg, tasks, zero_shot_loss, on_start)
         return
     for task in tasks if cfg.executor == "local" else ():
-        on_start(task.trial_id)
+        if on_start(task.trial_id) is False:
+            continue
         try:
             yield task, ws.run(task, zero_shot_loss), None
         except RECORDED as e:
@@ -149,10 +151,11 @@ def _run_ray(cfg: StudyConfig, tasks: list[TrialTask], zero_shot_loss: float | N
     pending, queue = {}, list(tasks)
 
     def hand_out(actor) -> None:
-        if queue:
+        while queue:
             task = queue.pop(0)
-            on_start(task.trial_id)
-            pending[actor.run.remote(task, zero_shot_loss)] = (actor, task)
+            if on_start(task.trial_id) is not False:
+                pending[actor.run.remote(task, zero_shot_loss)] = (actor, task)
+                return
 
     for actor in actors:
         hand_out(actor)

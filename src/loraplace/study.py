@@ -30,7 +30,7 @@ from .anatomy import Anatomy
 from .config import StudyConfig
 from .executor import TrialTask, Workspace, run_tasks
 from .placement import Placement, get_strategy, match_budget, parse_budget, resolve
-from .store import Store, TrialRecord
+from .store import Heartbeat, Store, TrialRecord
 from .trial import evaluate
 
 log = logging.getLogger("loraplace")
@@ -129,7 +129,8 @@ def run_study(cfg: StudyConfig, model_and_tokenizer=None) -> list[TrialRecord]:
                             "eval_tokens": eval_set.n_target_tokens, "dropped": train_set.dropped + eval_set.dropped})
     for p in planned:
         store.add_pending(p.trial_id, p.strategy, p.seed, p.config)
-    store.reset_interrupted()
+    store.requeue_failed([p.trial_id for p in planned])  # a rerun tries failed trials again
+    store.reset_interrupted()  # only trials whose process is gone; another live process keeps its own
 
     # The base model's loss on the same eval set, once per study (and per eval set).
     zkey = trial_id({"model": cfg.model, "data": cfg.to_dict()["data"], "eval_bs": cfg.eval.batch_size})
@@ -146,19 +147,36 @@ def run_study(cfg: StudyConfig, model_and_tokenizer=None) -> list[TrialRecord]:
     if len(todo) < len(planned):
         log.info("%d of %d trials already done; running the other %d", len(planned) - len(todo), len(planned), len(todo))
     tasks = [replace(t, desc=f"[{i}/{len(todo)}] {t.strategy} seed {t.seed}") for i, t in enumerate(todo, start=1)]
-    for task, result, error in run_tasks(cfg, ws, tasks, zero["eval_loss"], on_start=store.mark_running):
-        if error is not None:
-            store.mark_failed(task.trial_id, error, env=env)
-            log.error("%s failed: %s", task.desc, error)
-            continue
-        rel = str(result.adapter_dir.relative_to(cfg.out)) if result.adapter_dir else None
-        store.mark_done(task.trial_id, result.metrics, result.curve, result.placement, env, rel)
-        m = result.metrics
-        print(
-            f"{task.desc}: eval loss {m['eval_loss']:.4f} (zero-shot {zero['eval_loss']:.4f}), "
-            f"{m['trainable_params']:,} trainable, {m['train_time_s']:.0f} s",
-            file=sys.stderr,
-        )
+
+    with Heartbeat(cfg.out) as heartbeat:
+
+        def claim(tid: str) -> bool:  # other processes on this directory skip what this one claims
+            if not store.claim(tid):
+                log.info("trial %s is done or held by another process; skipping it", tid)
+                return False
+            heartbeat.add(tid)
+            return True
+
+        try:
+            for task, result, error in run_tasks(cfg, ws, tasks, zero["eval_loss"], on_start=claim):
+                if error is not None:
+                    store.mark_failed(task.trial_id, error, env=env)
+                    log.error("%s failed: %s", task.desc, error)
+                else:
+                    rel = str(result.adapter_dir.relative_to(cfg.out)) if result.adapter_dir else None
+                    store.mark_done(task.trial_id, result.metrics, result.curve, result.placement, env, rel)
+                    m = result.metrics
+                    print(
+                        f"{task.desc}: eval loss {m['eval_loss']:.4f} (zero-shot {zero['eval_loss']:.4f}), "
+                        f"{m['trainable_params']:,} trainable, {m['train_time_s']:.0f} s",
+                        file=sys.stderr,
+                    )
+                heartbeat.discard(task.trial_id)
+        finally:
+            store.release(heartbeat.held)  # stopped early (an exception, Ctrl-C): the next run takes them
     records = [store.get(p.trial_id) for p in planned]
+    elsewhere = sum(r.status == "running" for r in records)
+    if elsewhere:
+        log.info("%d trial(s) still running in other processes (see `loraplace status %s`)", elsewhere, cfg.out)
     store.close()
     return records
