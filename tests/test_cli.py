@@ -94,3 +94,18 @@ def test_bad_dataset_lines_and_unwritable_output(capsys, model_dir, tmp_path):
     blocker.write_text("not a directory")
     rc, _, err = _run(capsys, "study", f"model={model_dir}", f"out={blocker / 'sub'}")
     assert rc == 2 and "cannot use study directory" in err and "Traceback" not in err
+
+
+def test_status_shows_which_process_holds_a_running_trial(capsys, tmp_path):
+    import os
+
+    from loraplace.store import HOST, Store
+
+    with Store.open(tmp_path) as store:
+        store.add_pending("held", "all_linear", 0, {})
+        store.add_pending("waiting", "mlp_only", 0, {})
+        assert store.claim("held")
+    rc, out, _ = _run(capsys, "status", str(tmp_path))
+    line = next(l for l in out.splitlines() if l.startswith("all_linear"))
+    assert rc == 0 and "running" in line and f"{os.getpid()}@{HOST}, beat " in line and "(gone)" not in line
+    assert "1 running, 1 pending" in out and "gone" not in out

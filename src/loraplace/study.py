@@ -114,6 +114,10 @@ def environment(device: str) -> dict:
     return env
 
 
+def _claimable(t: TrialRecord) -> bool:
+    return t.status == "pending" or t.claim_is_dead()
+
+
 def run_study(cfg: StudyConfig, model_and_tokenizer=None) -> list[TrialRecord]:
     """Run every unfinished trial of the study; returns all trial records of the study."""
     store = Store.open(cfg.out)
@@ -143,10 +147,9 @@ def run_study(cfg: StudyConfig, model_and_tokenizer=None) -> list[TrialRecord]:
         log.warning("eval.accuracy is on but no eval example has a checkable answer; skipping accuracy")
 
     env = environment(ws.device)
-    todo = [p for p in planned if store.get(p.trial_id).status != "done"]
-    if len(todo) < len(planned):
-        log.info("%d of %d trials already done; running the other %d", len(planned) - len(todo), len(planned), len(todo))
-    tasks = [replace(t, desc=f"[{i}/{len(todo)}] {t.strategy} seed {t.seed}") for i, t in enumerate(todo, start=1)]
+    done = sum(store.get(p.trial_id).status == "done" for p in planned)
+    if done:
+        log.info("%d of %d trials already done; running the other %d", done, len(planned), len(planned) - done)
 
     with Heartbeat(cfg.out) as heartbeat:
 
@@ -158,20 +161,31 @@ def run_study(cfg: StudyConfig, model_and_tokenizer=None) -> list[TrialRecord]:
             return True
 
         try:
-            for task, result, error in run_tasks(cfg, ws, tasks, zero["eval_loss"], on_start=claim):
-                if error is not None:
-                    store.mark_failed(task.trial_id, error, env=env)
-                    log.error("%s failed: %s", task.desc, error)
-                else:
-                    rel = str(result.adapter_dir.relative_to(cfg.out)) if result.adapter_dir else None
-                    store.mark_done(task.trial_id, result.metrics, result.curve, result.placement, env, rel)
-                    m = result.metrics
-                    print(
-                        f"{task.desc}: eval loss {m['eval_loss']:.4f} (zero-shot {zero['eval_loss']:.4f}), "
-                        f"{m['trainable_params']:,} trainable, {m['train_time_s']:.0f} s",
-                        file=sys.stderr,
-                    )
-                heartbeat.discard(task.trial_id)
+            # Passes until nothing is left to claim: a trial whose process died while this one ran
+            # (or was skipped because it was held then) is picked up by the next pass.
+            while True:
+                todo = [p for p in planned if _claimable(store.get(p.trial_id))]
+                if not todo:
+                    break
+                tasks = [replace(t, desc=f"[{i}/{len(todo)}] {t.strategy} seed {t.seed}") for i, t in enumerate(todo, start=1)]
+                ran = 0
+                for task, result, error in run_tasks(cfg, ws, tasks, zero["eval_loss"], on_start=claim):
+                    ran += 1
+                    if error is not None:
+                        store.mark_failed(task.trial_id, error, env=env)
+                        log.error("%s failed: %s", task.desc, error)
+                    else:
+                        rel = str(result.adapter_dir.relative_to(cfg.out)) if result.adapter_dir else None
+                        store.mark_done(task.trial_id, result.metrics, result.curve, result.placement, env, rel)
+                        m = result.metrics
+                        print(
+                            f"{task.desc}: eval loss {m['eval_loss']:.4f} (zero-shot {zero['eval_loss']:.4f}), "
+                            f"{m['trainable_params']:,} trainable, {m['train_time_s']:.0f} s",
+                            file=sys.stderr,
+                        )
+                    heartbeat.discard(task.trial_id)
+                if not ran:
+                    break
         finally:
             store.release(heartbeat.held)  # stopped early (an exception, Ctrl-C): the next run takes them
     records = [store.get(p.trial_id) for p in planned]
