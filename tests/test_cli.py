@@ -65,6 +65,13 @@ def test_study_status_report_export(capsys, model_dir, tmp_path):
         (["plan", "--strategies", "nope"], "unknown strategy 'nope'"),
         (["plan", "train.rank=0"], "train.rank: must be > 0"),
         (["plan", "train.lr=fast"], "train.lr: expected a number"),
+        (["plan", "train.lr=nan"], "train.lr: expected a finite number, got 'nan'"),
+        (["plan", "train.alpha=.inf"], "train.alpha: expected a finite number"),
+        (["plan", "train.warmup=nan"], "train.warmup: expected a finite number"),
+        (["plan", "train.weight_decay=-inf"], "train.weight_decay: expected a finite number"),
+        (["plan", "threshold=nan"], "threshold: expected a finite number"),
+        (["study", "strategies=[all_linear]", "baseline=attention_only"],
+         "baseline: 'attention_only' is not among strategies ['all_linear']"),
         (["study", "data.source=/nonexistent/data.jsonl"], "/nonexistent/data.jsonl"),
         (["status", "/nonexistent/study"], "no study database"),
         (["export", "/nonexistent/study", "--strategy", "x", "--format", "peft"], "no study database"),
@@ -109,3 +116,18 @@ def test_status_shows_which_process_holds_a_running_trial(capsys, tmp_path):
     line = next(l for l in out.splitlines() if l.startswith("all_linear"))
     assert rc == 0 and "running" in line and f"{os.getpid()}@{HOST}, beat " in line and "(gone)" not in line
     assert "1 running, 1 pending" in out and "gone" not in out
+
+
+def test_a_corrupt_gguf_is_one_line_and_leaves_the_cache_empty(capsys, caplog, tmp_path, monkeypatch):
+    monkeypatch.setenv("LORAPLACE_CACHE", str(tmp_path / "cache"))
+    garbage = tmp_path / "garbage.gguf"
+    garbage.write_bytes(bytes(range(256)) * 16)  # not a GGUF file at all
+    truncated = tmp_path / "truncated.gguf"
+    truncated.write_bytes(b"GGUF\x03\x00\x00\x00")  # the magic and a version, then nothing
+    for path in (garbage, truncated):
+        with caplog.at_level("INFO", logger="loraplace"):
+            rc, _, err = _run(capsys, "inspect", "--model", str(path))
+        assert rc == 2 and f"model {str(path)!r} could not be loaded" in err and "Traceback" not in err
+        assert not any("cached" in r.getMessage() for r in caplog.records)  # no claim of a cache that is not there
+    cache = tmp_path / "cache"
+    assert not cache.exists() or not any(cache.rglob("*")), sorted(cache.rglob("*"))

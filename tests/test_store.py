@@ -76,6 +76,8 @@ def test_interrupted_trials_go_back_to_pending_and_meta_round_trips(tmp_path):
 def test_bad_directories_are_store_errors(tmp_path):
     with pytest.raises(StoreError, match="no study database"):
         Store.open(tmp_path / "nothing", create=False)
+    with pytest.raises(StoreError, match="run `loraplace study out="):  # the documented form, not --out
+        Store.open(tmp_path / "nothing", create=False)
     blocker = tmp_path / "file"
     blocker.write_text("x")
     with pytest.raises(StoreError, match="cannot use study directory"):

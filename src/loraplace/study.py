@@ -27,7 +27,7 @@ import torch
 
 from . import __version__
 from .anatomy import Anatomy
-from .config import StudyConfig
+from .config import ConfigError, StudyConfig
 from .executor import TrialTask, Workspace, run_tasks
 from .placement import Placement, get_strategy, match_budget, parse_budget, resolve
 from .store import Heartbeat, Store, TrialRecord
@@ -120,6 +120,9 @@ def _claimable(t: TrialRecord) -> bool:
 
 def run_study(cfg: StudyConfig, model_and_tokenizer=None) -> list[TrialRecord]:
     """Run every unfinished trial of the study; returns all trial records of the study."""
+    if cfg.baseline not in cfg.strategies:  # deltas and retained improvement would have no reference
+        raise ConfigError(f"baseline: {cfg.baseline!r} is not among strategies {cfg.strategies}; "
+                          f"add it to strategies or set baseline= to one of them")
     store = Store.open(cfg.out)
     ws = Workspace.build(cfg, model_and_tokenizer)
     anat, train_set, eval_set = ws.anatomy, ws.train_set, ws.eval_set
