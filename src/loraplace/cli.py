@@ -244,6 +244,9 @@ def cmd_report(args) -> int:
     from .report import write_report
 
     paths = write_report(args.study_dir, threshold=args.threshold)
+    from .tracking import log_report  # imports MLflow only if the study is tracked
+
+    log_report(args.study_dir, paths)
     print(_summary(args.study_dir, args.threshold))
     print()
     for kind, path in paths.items():

@@ -129,6 +129,9 @@ class StudyConfig:
     ray_address: str | None = None  # executor=ray: a cluster address; None starts Ray here (or uses RAY_ADDRESS)
     cpus_per_trial: float = 2  # executor=ray: CPUs (and torch threads) per trial
     gpus_per_trial: float = 0  # executor=ray: GPUs per trial (set 1 with train.device=cuda)
+    max_retries: int = 1  # executor=ray: reruns of a trial whose worker died, before it is recorded as failed
+    track: str | None = None  # experiment tracking besides the store: mlflow | wandb (needs that package)
+    tracking_uri: str | None = None  # track=mlflow: tracking server or store; None: sqlite:///OUT/mlflow.db
 
     def check(self) -> None:
         self.data.check()
@@ -145,6 +148,10 @@ class StudyConfig:
         _choice("executor", self.executor, ("local", "ray"))
         _positive("cpus_per_trial", self.cpus_per_trial)
         _finite("gpus_per_trial", self.gpus_per_trial)
+        if self.max_retries < 0:
+            raise ConfigError(f"max_retries: must be >= 0, got {self.max_retries}")
+        if self.track is not None:
+            _choice("track", self.track, ("mlflow", "wandb"))
         _finite("threshold", self.threshold)
         if self.gpus_per_trial < 0:
             raise ConfigError(f"gpus_per_trial: must be >= 0, got {self.gpus_per_trial}")

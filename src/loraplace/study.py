@@ -124,6 +124,11 @@ def run_study(cfg: StudyConfig, model_and_tokenizer=None) -> list[TrialRecord]:
         raise ConfigError(f"baseline: {cfg.baseline!r} is not among strategies {cfg.strategies}; "
                           f"add it to strategies or set baseline= to one of them")
     store = Store.open(cfg.out)
+    tracker = None
+    if cfg.track:  # before the model loads: a missing package is a one-line error at once
+        from .tracking import open_tracker  # MLflow / W&B load only when asked for
+
+        tracker = open_tracker(cfg)
     ws = Workspace.build(cfg, model_and_tokenizer)
     anat, train_set, eval_set = ws.anatomy, ws.train_set, ws.eval_set
     placements = resolve_placements(cfg, anat)  # every strategy error surfaces before any training
@@ -187,6 +192,8 @@ def run_study(cfg: StudyConfig, model_and_tokenizer=None) -> list[TrialRecord]:
                             file=sys.stderr,
                         )
                     heartbeat.discard(task.trial_id)
+                    if tracker is not None:  # after the store has it: tracking only mirrors the store
+                        tracker.log_trial(store.get(task.trial_id))
                 if not ran:
                     break
         finally:
