@@ -148,9 +148,12 @@ def _run_ray(cfg: StudyConfig, tasks: list[TrialTask], zero_shot_loss: float | N
     Actor = ray.remote(num_cpus=cfg.cpus_per_trial, num_gpus=cfg.gpus_per_trial)(_RayWorker)
     actors = [Actor.remote(cfg.to_dict()) for _ in range(min(slots, len(tasks)))]
     log.info("ray: %d worker(s), %s CPU(s) each", len(actors), cfg.cpus_per_trial)
-    pending, queue = {}, list(tasks)
+    pending, queue, attempts = {}, list(tasks), {}
 
-    def hand_out(actor) -> None:
+    def hand_out(actor, task=None) -> None:
+        if task is not None:  # a retry: already claimed by this process
+            pending[actor.run.remote(task, zero_shot_loss)] = (actor, task)
+            return
         while queue:
             task = queue.pop(0)
             if on_start(task.trial_id) is not False:
@@ -163,7 +166,20 @@ def _run_ray(cfg: StudyConfig, tasks: list[TrialTask], zero_shot_loss: float | N
         while pending:
             (done,), _ = ray.wait(list(pending), num_returns=1)
             actor, task = pending.pop(done)
-            result, error = ray.get(done)
+            try:
+                result, error = ray.get(done)
+            except (ray.exceptions.RayActorError, ray.exceptions.WorkerCrashedError) as e:
+                # The worker process died (killed, out of memory, node lost): a new worker takes over.
+                actors.remove(actor)
+                actor = Actor.remote(cfg.to_dict())
+                actors.append(actor)
+                attempts[task.trial_id] = attempts.get(task.trial_id, 0) + 1
+                reason = f"worker died: {str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__}"
+                if attempts[task.trial_id] <= cfg.max_retries:
+                    log.warning("%s: %s; retrying (%d of %d)", task.desc, reason, attempts[task.trial_id], cfg.max_retries)
+                    hand_out(actor, task)
+                    continue
+                result, error = None, f"WorkerDied: {reason} ({cfg.max_retries} retries)"
             hand_out(actor)
             yield task, result, error
     finally:

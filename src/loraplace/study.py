@@ -198,6 +198,8 @@ def run_study(cfg: StudyConfig, model_and_tokenizer=None) -> list[TrialRecord]:
                     break
         finally:
             store.release(heartbeat.held)  # stopped early (an exception, Ctrl-C): the next run takes them
+            if tracker is not None:
+                tracker.close()
     records = [store.get(p.trial_id) for p in planned]
     elsewhere = sum(r.status == "running" for r in records)
     if elsewhere:

@@ -162,6 +162,13 @@ class MlflowTracker:
             self.client.log_artifact(rid, str(self.study_dir / rec.adapter_path / "adapter_config.json"), "adapter")
         self.client.set_terminated(rid, status="FINISHED" if rec.status == "done" else "FAILED")
 
+    def close(self) -> None:
+        """The study's run in this process is over: the parent run shows as finished."""
+        try:
+            self.client.set_terminated(self.parent_id, status="FINISHED")
+        except Exception as e:
+            log.warning("tracking: could not close the study's MLflow run: %s", _first_line(e))
+
     def log_report(self, paths: dict[str, Path]) -> None:
         try:
             for kind, path in paths.items():
@@ -198,6 +205,9 @@ class WandbTracker:
             run.finish(exit_code=0 if rec.status == "done" else 1)
         except Exception as e:
             log.warning("tracking: could not log trial %s to W&B: %s", rec.trial_id, _first_line(e))
+
+    def close(self) -> None:
+        pass
 
     def log_report(self, paths: dict[str, Path]) -> None:
         pass  # the report stays in the study directory
