@@ -123,12 +123,12 @@ def run_study(cfg: StudyConfig, model_and_tokenizer=None) -> list[TrialRecord]:
     if cfg.baseline not in cfg.strategies:  # deltas and retained improvement would have no reference
         raise ConfigError(f"baseline: {cfg.baseline!r} is not among strategies {cfg.strategies}; "
                           f"add it to strategies or set baseline= to one of them")
-    store = Store.open(cfg.out)
     tracker = None
-    if cfg.track:  # before the model loads: a missing package is a one-line error at once
+    if cfg.track:  # before anything loads or is written: a missing package is a one-line error at once
         from .tracking import open_tracker  # MLflow / W&B load only when asked for
 
         tracker = open_tracker(cfg)
+    store = Store.open(cfg.out)
     ws = Workspace.build(cfg, model_and_tokenizer)
     anat, train_set, eval_set = ws.anatomy, ws.train_set, ws.eval_set
     placements = resolve_placements(cfg, anat)  # every strategy error surfaces before any training

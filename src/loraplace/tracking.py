@@ -111,8 +111,10 @@ class MlflowTracker:
         name = experiment_name(cfg.out)
         exp = self.client.get_experiment_by_name(name)
         if exp is None:
-            # A local store keeps its artifacts in the study directory (else MLflow uses ./mlartifacts of the cwd).
-            where = (self.study_dir.resolve() / "mlartifacts").as_uri() if cfg.tracking_uri is None else None
+            # A local SQLite store keeps its artifacts next to it (MLflow's default is under the current directory).
+            where = None
+            if self.uri.startswith("sqlite:///"):
+                where = (Path(self.uri[len("sqlite:///"):]).resolve().parent / "mlartifacts").as_uri()
             self.experiment_id = self.client.create_experiment(name, artifact_location=where)
         else:
             self.experiment_id = exp.experiment_id
