@@ -11,6 +11,7 @@ import subprocess
 import sys
 import tempfile
 import threading
+import time
 from pathlib import Path
 
 import psutil
@@ -19,6 +20,7 @@ import tiny_models
 
 import loraplace
 from loraplace.config import StudyConfig
+from loraplace.store import Store
 from loraplace.study import run_study
 
 ray = pytest.importorskip("ray", reason="Ray is not installed (it comes with the [dev] extra)")
@@ -64,34 +66,46 @@ def cluster():
     env = {**os.environ, **env_over, "PYTHONPATH": src + os.pathsep + os.environ.get("PYTHONPATH", "")}
     node = ["--num-cpus=1", f"--object-store-memory={OBJECT_STORE}", f"--temp-dir={temp}", "--node-ip-address=127.0.0.1",
             "--disable-usage-stats"]
-    saved = {k: os.environ.get(k) for k in env_over}
     try:
         for argv in ([exe, "start", "--head", f"--port={port}", "--include-dashboard=false", *node],
                      [exe, "start", f"--address=127.0.0.1:{port}", *node]):
             done = subprocess.run(argv, env=env, capture_output=True, text=True, timeout=180)
             assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
-        os.environ.update(env_over)
-        yield f"127.0.0.1:{port}"
+        for _ in range(30):  # the second node takes a moment to show up
+            status = subprocess.run([exe, "status", f"--address=127.0.0.1:{port}"], env=env, capture_output=True,
+                                    text=True, timeout=120)
+            if status.stdout.count(" node_") == 2 and "0.0/2.0 CPU" in status.stdout:
+                break
+            time.sleep(2)
+        else:
+            pytest.fail(f"the cluster never showed two nodes with a CPU each:\n{status.stdout}{status.stderr}")
+        yield f"127.0.0.1:{port}", env
     finally:
-        if ray.is_initialized():
-            ray.shutdown()
-        for k, v in saved.items():
-            if v is None:
-                os.environ.pop(k, None)
-            else:
-                os.environ[k] = v
         _stop(temp)
         shutil.rmtree(temp, ignore_errors=True)
 
 
+SETTINGS = {"cpus_per_trial": 1, "strategies": ["all_linear", "attention_only", "mlp_only"], "seeds": [0],
+            "data": {"limit": 60, "eval_size": 12, "max_length": 96},
+            "train": {"steps": 3, "batch_size": 4, "rank": 4, "alpha": 8, "lr": 1e-2, "threads": 1}}
+
+
 def _cfg(model_dir, out, **over) -> StudyConfig:
-    return StudyConfig.from_dict({
-        "model": model_dir, "out": str(out), "cpus_per_trial": 1,
-        "strategies": ["all_linear", "attention_only", "mlp_only"], "seeds": [0],
-        "data": {"limit": 60, "eval_size": 12, "max_length": 96},
-        "train": {"steps": 3, "batch_size": 4, "rank": 4, "alpha": 8, "lr": 1e-2, "threads": 1},
-        **over,
-    })
+    return StudyConfig.from_dict({"model": model_dir, "out": str(out), **SETTINGS, **over})
+
+
+def _study_on(cluster, model_dir, out: Path, *overrides: str) -> list:
+    """`loraplace study executor=ray` in its own process (a driver apart from this test process,
+    whose Ray client state an earlier in-process ray.init may have set), then the stored trials."""
+    address, env = cluster
+    cfg = _cfg(model_dir, out, executor="ray", ray_address=address)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "study.yaml").write_text(cfg.to_yaml())
+    done = subprocess.run([sys.executable, "-m", "loraplace", "study", str(out / "study.yaml"), *overrides], env=env,
+                          capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    with Store.open(out, create=False) as store:
+        return store.trials()
 
 
 @pytest.fixture(scope="module")
@@ -102,7 +116,9 @@ def local(tmp_path_factory):
 
 
 def _same_trials(local_records, records, study_dir: Path) -> None:
-    assert [r.trial_id for r in records] == [r.trial_id for r in local_records]
+    records = {r.trial_id: r for r in records}
+    assert sorted(records) == sorted(r.trial_id for r in local_records)
+    records = [records[r.trial_id] for r in local_records]
     assert all(r.status == "done" for r in records), [(r.strategy, r.status, r.error) for r in records]
     for a, b in zip(local_records, records):
         assert b.metrics["eval_loss"] == pytest.approx(a.metrics["eval_loss"], rel=1e-5)
@@ -113,9 +129,7 @@ def _same_trials(local_records, records, study_dir: Path) -> None:
 def test_a_study_across_two_nodes_matches_a_local_run(cluster, local, tmp_path):
     model_dir, local_records = local
     out = tmp_path / "study"
-    records = run_study(_cfg(model_dir, out, executor="ray", ray_address=cluster))
-    # Two 1-CPU workers at a time on two 1-CPU nodes: one on each node.
-    assert sum(n["Alive"] for n in ray.nodes()) == 2 and ray.cluster_resources()["CPU"] == 2
+    records = _study_on(cluster, model_dir, out)  # two 1-CPU workers at a time on two 1-CPU nodes: one on each
     _same_trials(local_records, records, out)
 
 
@@ -138,11 +152,11 @@ class _Killer(threading.Thread):
                     return
 
 
-def _with_a_worker_killed(cfg):
+def _with_a_worker_killed(cluster, model_dir, out, *overrides):
     killer = _Killer()
     killer.start()
     try:
-        records = run_study(cfg)
+        records = _study_on(cluster, model_dir, out, *overrides)
     finally:
         killer.stop.set()
         killer.join()
@@ -154,11 +168,11 @@ def test_a_killed_worker_fails_its_trial_or_is_retried(cluster, local, tmp_path)
     model_dir, local_records = local
     out = tmp_path / "study"
     # No retries: the killed worker's trial is recorded as failed with the reason; the others finish.
-    records = _with_a_worker_killed(_cfg(model_dir, out, executor="ray", ray_address=cluster, max_retries=0))
+    records = _with_a_worker_killed(cluster, model_dir, out, "max_retries=0")
     failed = [r for r in records if r.status == "failed"]
     assert len(failed) == 1 and failed[0].error.startswith("WorkerDied: worker died"), [(r.status, r.error) for r in records]
     assert sum(r.status == "done" for r in records) == 2
     # One retry (the default): rerunning the study tries the failed trial again, a worker dies again
     # mid-trial, and its retry on a new worker gives the numbers of the local run.
-    records = _with_a_worker_killed(_cfg(model_dir, out, executor="ray", ray_address=cluster))
+    records = _with_a_worker_killed(cluster, model_dir, out)
     _same_trials(local_records, records, out)
