@@ -35,9 +35,9 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _stop(temp: str) -> None:
-    """Stop this test's nodes only (`ray stop` would stop every Ray instance on the machine): the
-    processes whose command line names this cluster's temp dir, and their children."""
+def _cluster_processes(temp: str) -> set:
+    """This test's Ray processes only: those whose command line names this cluster's temp dir
+    (GCS, raylets, agents), and their children (the workers)."""
     me = os.getpid()
     procs = {p for p in psutil.process_iter(["cmdline"]) if p.pid != me and temp in " ".join(p.info["cmdline"] or [])}
     for p in list(procs):
@@ -45,6 +45,12 @@ def _stop(temp: str) -> None:
             procs |= set(p.children(recursive=True))
         except psutil.NoSuchProcess:
             pass
+    return procs
+
+
+def _stop(temp: str) -> None:
+    """Stop this test's nodes only (`ray stop` would stop every Ray instance on the machine)."""
+    procs = _cluster_processes(temp)
     for p in procs:
         try:
             p.kill()
@@ -79,7 +85,7 @@ def cluster():
             time.sleep(2)
         else:
             pytest.fail(f"the cluster never showed two nodes with a CPU each:\n{status.stdout}{status.stderr}")
-        yield f"127.0.0.1:{port}", env
+        yield f"127.0.0.1:{port}", env, temp
     finally:
         _stop(temp)
         shutil.rmtree(temp, ignore_errors=True)
@@ -97,7 +103,7 @@ def _cfg(model_dir, out, **over) -> StudyConfig:
 def _study_on(cluster, model_dir, out: Path, *overrides: str) -> list:
     """`loraplace study executor=ray` in its own process (a driver apart from this test process,
     whose Ray client state an earlier in-process ray.init may have set), then the stored trials."""
-    address, env = cluster
+    address, env, _ = cluster
     cfg = _cfg(model_dir, out, executor="ray", ray_address=address)
     out.mkdir(parents=True, exist_ok=True)
     (out / "study.yaml").write_text(cfg.to_yaml())
@@ -134,16 +140,21 @@ def test_a_study_across_two_nodes_matches_a_local_run(cluster, local, tmp_path):
 
 
 class _Killer(threading.Thread):
-    """SIGKILLs the first Ray worker process seen running a trial (process title ray::_RayWorker.run)."""
+    """SIGKILLs the first worker of this test's cluster seen running a trial (process title
+    ray::_RayWorker.run); never a process of any other Ray instance on the machine."""
 
-    def __init__(self):
+    def __init__(self, temp: str):
         super().__init__(daemon=True)
-        self.killed, self.stop = None, threading.Event()
+        self.temp, self.killed, self.stop = temp, None, threading.Event()
 
     def run(self):
         while not self.stop.wait(0.05):
-            for p in psutil.process_iter(["cmdline"]):
-                if "ray::_RayWorker.run" in " ".join(p.info["cmdline"] or []):
+            for p in _cluster_processes(self.temp):
+                try:
+                    title = " ".join(p.cmdline())
+                except psutil.NoSuchProcess:
+                    continue
+                if "ray::_RayWorker.run" in title:
                     try:
                         p.kill()
                     except psutil.NoSuchProcess:
@@ -153,7 +164,7 @@ class _Killer(threading.Thread):
 
 
 def _with_a_worker_killed(cluster, model_dir, out, *overrides):
-    killer = _Killer()
+    killer = _Killer(cluster[2])
     killer.start()
     try:
         records = _study_on(cluster, model_dir, out, *overrides)
