@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib.util
 import json
 
 import pytest
@@ -65,12 +66,23 @@ def test_study_status_report_export(capsys, model_dir, tmp_path):
         (["plan", "--strategies", "nope"], "unknown strategy 'nope'"),
         (["plan", "train.rank=0"], "train.rank: must be > 0"),
         (["plan", "train.lr=fast"], "train.lr: expected a number"),
+        (["plan", "train.lr=nan"], "train.lr: expected a finite number, got 'nan'"),
+        (["plan", "train.alpha=.inf"], "train.alpha: expected a finite number"),
+        (["plan", "train.warmup=nan"], "train.warmup: expected a finite number"),
+        (["plan", "train.weight_decay=-inf"], "train.weight_decay: expected a finite number"),
+        (["plan", "threshold=nan"], "threshold: expected a finite number"),
+        (["study", "strategies=[all_linear]", "baseline=attention_only"],
+         "baseline: 'attention_only' is not among strategies ['all_linear']"),
         (["study", "data.source=/nonexistent/data.jsonl"], "/nonexistent/data.jsonl"),
         (["status", "/nonexistent/study"], "no study database"),
+        (["study", "track=wandb"], "track=wandb needs Weights & Biases: pip install wandb"),
+        (["study", "track=neptune"], "track: 'neptune' is not one of mlflow, wandb"),
         (["export", "/nonexistent/study", "--strategy", "x", "--format", "peft"], "no study database"),
     ],
 )
 def test_bad_input_is_one_line_and_nonzero(capsys, argv, needle, model_dir):
+    if "track=wandb" in argv and importlib.util.find_spec("wandb") is not None:
+        pytest.skip("wandb is installed: track=wandb works here")
     argv = [a if a != "MODEL" else model_dir for a in argv]
     if argv[0] in ("plan", "study") and not any(a.startswith("--model") or a.startswith("model=") for a in argv):
         argv += ["--model", model_dir] if argv[0] == "plan" else [f"model={model_dir}"]
@@ -94,3 +106,33 @@ def test_bad_dataset_lines_and_unwritable_output(capsys, model_dir, tmp_path):
     blocker.write_text("not a directory")
     rc, _, err = _run(capsys, "study", f"model={model_dir}", f"out={blocker / 'sub'}")
     assert rc == 2 and "cannot use study directory" in err and "Traceback" not in err
+
+
+def test_status_shows_which_process_holds_a_running_trial(capsys, tmp_path):
+    import os
+
+    from loraplace.store import HOST, Store
+
+    with Store.open(tmp_path) as store:
+        store.add_pending("held", "all_linear", 0, {})
+        store.add_pending("waiting", "mlp_only", 0, {})
+        assert store.claim("held")
+    rc, out, _ = _run(capsys, "status", str(tmp_path))
+    line = next(l for l in out.splitlines() if l.startswith("all_linear"))
+    assert rc == 0 and "running" in line and f"{os.getpid()}@{HOST}, beat " in line and "(gone)" not in line
+    assert "1 running, 1 pending" in out and "gone" not in out
+
+
+def test_a_corrupt_gguf_is_one_line_and_leaves_the_cache_empty(capsys, caplog, tmp_path, monkeypatch):
+    monkeypatch.setenv("LORAPLACE_CACHE", str(tmp_path / "cache"))
+    garbage = tmp_path / "garbage.gguf"
+    garbage.write_bytes(bytes(range(256)) * 16)  # not a GGUF file at all
+    truncated = tmp_path / "truncated.gguf"
+    truncated.write_bytes(b"GGUF\x03\x00\x00\x00")  # the magic and a version, then nothing
+    for path in (garbage, truncated):
+        with caplog.at_level("INFO", logger="loraplace"):
+            rc, _, err = _run(capsys, "inspect", "--model", str(path))
+        assert rc == 2 and f"model {str(path)!r} could not be loaded" in err and "Traceback" not in err
+        assert not any("cached" in r.getMessage() for r in caplog.records)  # no claim of a cache that is not there
+    cache = tmp_path / "cache"
+    assert not cache.exists() or not any(cache.rglob("*")), sorted(cache.rglob("*"))

@@ -5,12 +5,16 @@ from __future__ import annotations
 import csv
 import io
 import json
+import datetime as dt
 import os
 import sqlite3
+import subprocess
+import sys
+import time
 
 import pytest
 
-from loraplace.store import Store, StoreError, atomic_dir
+from loraplace.store import HOST, Heartbeat, Store, StoreError, atomic_dir
 
 
 def test_trial_life_cycle_and_exports(tmp_path):
@@ -35,15 +39,34 @@ def test_trial_life_cycle_and_exports(tmp_path):
         assert dumped[0]["metrics"]["trainable_params"] == 10 and dumped[1]["error"].startswith("TrialError")
 
 
+def _dead_pid() -> int:
+    proc = subprocess.Popen([sys.executable, "-c", "pass"])
+    proc.wait()  # reaped: the pid names no process now
+    return proc.pid
+
+
+def _set_owner(directory, trial_id, pid, host, heartbeat_at):
+    conn = sqlite3.connect(directory / "study.db")
+    with conn:
+        conn.execute("UPDATE trials SET owner_pid=?, owner_host=?, heartbeat_at=? WHERE trial_id=?",
+                     (pid, host, heartbeat_at, trial_id))
+    conn.close()
+
+
 def test_interrupted_trials_go_back_to_pending_and_meta_round_trips(tmp_path):
     with Store.open(tmp_path) as store:
         store.add_pending("t", "s", 1, {})
+        store.add_pending("live", "s", 2, {})
         store.mark_running("t")
+        assert store.claim("live")
         store.put_meta("zero_shot", {"eval_loss": 4.2})
         store.put_meta("zero_shot", {"eval_loss": 4.3})
+        beat = store.get("t").heartbeat_at
+    _set_owner(tmp_path, "t", _dead_pid(), HOST, beat)  # its process was killed
     with Store.open(tmp_path, create=False) as store:  # a new process after a crash
         assert store.get("t").status == "running"
-        assert store.reset_interrupted() == 1
+        assert store.reset_interrupted() == 1  # the dead process's trial only: this (live) one keeps "live"
+        assert store.get("live").status == "running"
         assert store.get("t").status == "pending" and store.get_meta("zero_shot") == {"eval_loss": 4.3}
         assert store.get_meta("missing", "default") == "default"
     conn = sqlite3.connect(tmp_path / "study.db")
@@ -52,6 +75,8 @@ def test_interrupted_trials_go_back_to_pending_and_meta_round_trips(tmp_path):
 
 def test_bad_directories_are_store_errors(tmp_path):
     with pytest.raises(StoreError, match="no study database"):
+        Store.open(tmp_path / "nothing", create=False)
+    with pytest.raises(StoreError, match="run `loraplace study out="):  # the documented form, not --out
         Store.open(tmp_path / "nothing", create=False)
     blocker = tmp_path / "file"
     blocker.write_text("x")
@@ -73,3 +98,74 @@ def test_atomic_dir_is_all_or_nothing_and_readable(tmp_path):
             raise RuntimeError("crash while saving")
     assert (target / "w.bin").read_bytes() == b"12"  # the old content survives
     assert [p.name for p in target.parent.iterdir()] == ["a"]  # no temporary left behind
+
+
+def test_a_trial_is_claimed_by_one_process_and_dead_claims_are_taken_over(tmp_path):
+    a, b = Store.open(tmp_path), Store.open(tmp_path)  # two connections, as two processes have
+    a.add_pending("t", "s", 0, {})
+    assert a.claim("t") and not b.claim("t")  # the second one skips it
+    t = b.get("t")
+    assert (t.status, t.owner, t.claim_is_dead()) == ("running", f"{os.getpid()}@{HOST}", False)
+    assert 0 <= t.heartbeat_age_s() < 60
+    a.mark_done("t", {"eval_loss": 1.0}, [], {}, {})
+    assert not a.claim("t") and not b.claim("t") and b.get("t").status == "done"  # done stays done
+    assert not a.claim("no-such-trial")
+
+    b.add_pending("dead", "s", 1, {})
+    assert b.claim("dead")
+    _set_owner(tmp_path, "dead", _dead_pid(), HOST, b.get("dead").heartbeat_at)
+    assert a.claim("dead") and a.get("dead").owner_pid == os.getpid()  # same host, pid gone: taken over
+
+    a.add_pending("far", "s", 2, {})
+    assert a.claim("far")
+    fresh = dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")
+    _set_owner(tmp_path, "far", 4242, "another-host", fresh)  # another machine's pid cannot be checked
+    assert not b.claim("far") and b.reset_interrupted() == 0
+    old = (dt.datetime.now(dt.timezone.utc) - dt.timedelta(seconds=300)).isoformat(timespec="seconds")
+    _set_owner(tmp_path, "far", 4242, "another-host", old)  # silent for 5 minutes: gone
+    assert b.get("far").claim_is_dead() and not b.get("far").claim_is_dead(timeout_s=600)
+    assert b.claim("far") and b.get("far").owner_host == HOST
+
+    assert b.release(["far"]) == 1 and b.get("far").status == "pending"
+    b.mark_failed("far", "boom")
+    assert b.requeue_failed(["far", "t"]) == 1 and b.get("far").status == "pending" and b.get("t").status == "done"
+    a.close()
+    b.close()
+
+
+def test_heartbeat_thread_refreshes_held_claims(tmp_path):
+    with Store.open(tmp_path) as store:
+        store.add_pending("t", "s", 0, {})
+        store.claim("t")
+        old = (dt.datetime.now(dt.timezone.utc) - dt.timedelta(seconds=300)).isoformat(timespec="seconds")
+        _set_owner(tmp_path, "t", os.getpid(), HOST, old)
+        with Heartbeat(tmp_path, interval_s=0.05) as hb:
+            hb.add("t")
+            deadline = time.monotonic() + 10
+            while store.get("t").heartbeat_at == old and time.monotonic() < deadline:
+                time.sleep(0.05)
+        assert store.get("t").heartbeat_age_s() < 60
+
+
+def test_a_database_from_before_claims_opens_and_migrates(tmp_path):
+    conn = sqlite3.connect(tmp_path / "study.db")
+    conn.executescript("""
+        CREATE TABLE trials (trial_id TEXT PRIMARY KEY, strategy TEXT NOT NULL, seed INTEGER NOT NULL,
+            status TEXT NOT NULL CHECK (status IN ('pending', 'running', 'done', 'failed')), error TEXT,
+            config_json TEXT NOT NULL, placement_json TEXT NOT NULL DEFAULT '{}', metrics_json TEXT NOT NULL DEFAULT '{}',
+            curve_json TEXT NOT NULL DEFAULT '[]', env_json TEXT NOT NULL DEFAULT '{}', adapter_path TEXT,
+            created_at TEXT NOT NULL, started_at TEXT, finished_at TEXT);
+        CREATE TABLE meta (key TEXT PRIMARY KEY, value_json TEXT NOT NULL);
+        INSERT INTO trials(trial_id, strategy, seed, status, config_json, metrics_json, created_at)
+            VALUES ('old', 'all_linear', 0, 'done', '{}', '{"eval_loss": 2.0}', '2025-01-01T00:00:00+00:00');
+        INSERT INTO trials(trial_id, strategy, seed, status, config_json, created_at)
+            VALUES ('crashed', 'mlp_only', 0, 'running', '{}', '2025-01-01T00:00:00+00:00');
+    """)
+    conn.close()
+    with Store.open(tmp_path, create=False) as store:
+        old = store.get("old")
+        assert (old.status, old.metrics, old.owner) == ("done", {"eval_loss": 2.0}, "")
+        assert store.get("crashed").claim_is_dead()  # running without an owner: left by an old version
+        assert store.claim("crashed") and store.get("crashed").owner_pid == os.getpid()
+    with Store.open(tmp_path, create=False) as store:  # opening again does not migrate twice
+        assert store.get("crashed").status == "running"

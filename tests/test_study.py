@@ -91,7 +91,7 @@ def test_interrupted_study_resumes_and_failures_are_recorded(tmp_path, monkeypat
         status = {t.strategy: (t.status, t.error) for t in store.trials()}
     assert status["all_linear"][0] == "done"
     assert status["attention_only"] == ("failed", "TrialError: non-finite train loss (nan) at step 2")
-    assert status["mlp_only"][0] == "running"  # no half-written result
+    assert status["mlp_only"] == ("pending", None)  # no half-written result; its claim is given back
     records = S.run_study(cfg, _model())
     assert {r.strategy: r.status for r in records} == {"all_linear": "done", "attention_only": "failed", "mlp_only": "done"}
     assert calls.count("all_linear") == 1 and calls.count("mlp_only") == 2

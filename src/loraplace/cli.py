@@ -197,26 +197,42 @@ def cmd_status(args) -> int:
         if args.json:
             print(store.export_json())
             return 0
-        rows = []
+        rows, gone = [], 0
         for t in store.trials():
             m = t.metrics
             rows.append([t.strategy, str(t.seed), t.status, f"{m['eval_loss']:.4f}" if "eval_loss" in m else "",
-                         f"{m['train_time_s']:.0f} s" if "train_time_s" in m else "", t.trial_id, (t.error or "")[:70]])
+                         f"{m['train_time_s']:.0f} s" if "train_time_s" in m else "", t.trial_id, _holder(t),
+                         (t.error or "")[:70]])
+            gone += t.claim_is_dead()
         if not rows:
             print(f"{args.study_dir}: no trials yet")
             return 0
-        print(_table(rows, ["strategy", "seed", "status", "eval loss", "train time", "trial", "error"], right={1, 3, 4}))
+        print(_table(rows, ["strategy", "seed", "status", "eval loss", "train time", "trial", "held by", "error"],
+                     right={1, 3, 4}))
         counts = {s: sum(r[2] == s for r in rows) for s in ("done", "failed", "running", "pending")}
         print("\n" + ", ".join(f"{n} {s}" for s, n in counts.items() if n))
-        if counts["running"]:
-            print("A trial left 'running' by a process that has ended reruns on the next `loraplace study`.")
+        if gone:
+            print(f"{gone} running trial(s) belong to a process that is gone; the next `loraplace study` reruns them.")
     return 0
+
+
+def _holder(t) -> str:
+    """Who runs a running trial: ``pid@host, beat 4 s ago`` (``gone`` when that process is dead)."""
+    if t.status != "running":
+        return ""
+    if not t.owner:
+        return "gone (no owner)"
+    age = t.heartbeat_age_s()
+    return f"{t.owner}, beat {age:.0f} s ago" + (" (gone)" if t.claim_is_dead() else "")
 
 
 def cmd_report(args) -> int:
     from .report import write_report
 
     paths = write_report(args.study_dir, threshold=args.threshold, metric=args.metric)
+    from .tracking import log_report  # imports MLflow only if the study is tracked
+
+    log_report(args.study_dir, paths)
     print(_summary(args.study_dir, args.threshold, args.metric))
     print()
     for kind, path in paths.items():

@@ -13,6 +13,7 @@ types; an error names the field, the bad value and what is valid.
 from __future__ import annotations
 
 import dataclasses
+import math
 import types
 import typing
 from dataclasses import dataclass, field
@@ -85,6 +86,8 @@ class TrainSpec:
     def check(self) -> None:
         _positive("train.lr", self.lr)
         _choice("train.schedule", self.schedule, ("constant", "linear", "cosine"))
+        for name in ("warmup", "weight_decay", "max_grad_norm", "dropout"):  # also when built in Python, not parsed
+            _finite(f"train.{name}", getattr(self, name))
         if self.warmup < 0:
             raise ConfigError(f"train.warmup: must be >= 0, got {self.warmup}")
         _positive("train.steps", self.steps)
@@ -169,6 +172,9 @@ class StudyConfig:
     cpus_per_trial: float = 2  # executor=ray: CPUs (and torch threads) per trial
     gpus_per_trial: float = 0  # executor=ray: GPUs per trial (set 1 with train.device=cuda)
     analysis: AnalysisSpec = field(default_factory=AnalysisSpec)
+    max_retries: int = 1  # executor=ray: reruns of a trial whose worker died, before it is recorded as failed
+    track: str | None = None  # experiment tracking besides the store: mlflow | wandb (needs that package)
+    tracking_uri: str | None = None  # track=mlflow: tracking server or store; None: sqlite:///OUT/mlflow.db
 
     def check(self) -> None:
         self.data.check()
@@ -187,6 +193,12 @@ class StudyConfig:
             raise ConfigError(f"seeds: duplicates in {self.seeds}")
         _choice("executor", self.executor, ("local", "ray"))
         _positive("cpus_per_trial", self.cpus_per_trial)
+        _finite("gpus_per_trial", self.gpus_per_trial)
+        if self.max_retries < 0:
+            raise ConfigError(f"max_retries: must be >= 0, got {self.max_retries}")
+        if self.track is not None:
+            _choice("track", self.track, ("mlflow", "wandb"))
+        _finite("threshold", self.threshold)
         if self.gpus_per_trial < 0:
             raise ConfigError(f"gpus_per_trial: must be >= 0, got {self.gpus_per_trial}")
         if not 0 < self.threshold <= 1.5:
@@ -231,8 +243,13 @@ def _choice(name: str, value, valid: tuple) -> None:
         raise ConfigError(f"{name}: {value!r} is not one of {', '.join(map(str, valid))}")
 
 
+def _finite(name: str, value) -> None:
+    if not math.isfinite(value):
+        raise ConfigError(f"{name}: expected a finite number, got {value}")
+
+
 def _positive(name: str, value) -> None:
-    if value is None or value <= 0:
+    if value is None or not math.isfinite(value) or value <= 0:
         raise ConfigError(f"{name}: must be > 0, got {value}")
 
 
@@ -301,14 +318,19 @@ def _coerce(tp, value, name: str):
             return value
         raise ConfigError(f"{name}: expected true or false, got {value!r}")
     if tp is float:
+        number = None
         if isinstance(value, (int, float)) and not isinstance(value, bool):
-            return float(value)
-        if isinstance(value, str):
+            number = float(value)
+        elif isinstance(value, str):
             try:
-                return float(value)  # yaml reads "1e-4" as a string
+                number = float(value)  # yaml reads "1e-4" as a string
             except ValueError:
                 pass
-        raise ConfigError(f"{name}: expected a number, got {value!r}")
+        if number is None:
+            raise ConfigError(f"{name}: expected a number, got {value!r}")
+        if not math.isfinite(number):  # nan or inf: every trial would fail one by one
+            raise ConfigError(f"{name}: expected a finite number, got {value!r}")
+        return number
     if tp is int:
         if isinstance(value, int) and not isinstance(value, bool):
             return value

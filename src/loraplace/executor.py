@@ -133,7 +133,8 @@ def run_tasks(
     cfg: StudyConfig, ws: Workspace, tasks: list[TrialTask], zero_shot_loss: float | None, on_start=lambda trial_id: None
 ) -> Iterator[Outcome]:
     """Run tasks with the study's executor, yielding each outcome as it finishes; ``on_start(trial_id)``
-    is called as each task starts (or is handed to a Ray worker)."""
+    is called as each task starts (or is handed to a Ray worker), and a task for which it returns
+    False (claimed by another process) is skipped."""
     if cfg.executor == "ray" and tasks:
         yield from _run_ray(cfg, tasks, zero_shot_loss, on_start)
         return
@@ -143,12 +144,13 @@ def run_tasks(
         size = fused.group_size(cfg, ws.model, ws.device, len(tasks), max(ws.train_set.lengths, default=0))
         if size > 1:  # train.fuse: groups of trials in one pass over the base, same results (fused.py)
             for group in fused.plan_groups(tasks, size):
-                for task in group:
-                    on_start(task.trial_id)
-                yield from fused.run_group(ws, group, zero_shot_loss)
+                group = [task for task in group if on_start(task.trial_id) is not False]  # skip others' claims
+                if group:
+                    yield from fused.run_group(ws, group, zero_shot_loss)
             return
     for task in tasks if cfg.executor == "local" else ():
-        on_start(task.trial_id)
+        if on_start(task.trial_id) is False:
+            continue
         try:
             yield task, ws.run(task, zero_shot_loss), None
         except RECORDED as e:
@@ -170,13 +172,17 @@ def _run_ray(cfg: StudyConfig, tasks: list[TrialTask], zero_shot_loss: float | N
     Actor = ray.remote(num_cpus=cfg.cpus_per_trial, num_gpus=cfg.gpus_per_trial)(_RayWorker)
     actors = [Actor.remote(cfg.to_dict()) for _ in range(min(slots, len(tasks)))]
     log.info("ray: %d worker(s), %s CPU(s) each", len(actors), cfg.cpus_per_trial)
-    pending, queue = {}, list(tasks)
+    pending, queue, attempts = {}, list(tasks), {}
 
-    def hand_out(actor) -> None:
-        if queue:
-            task = queue.pop(0)
-            on_start(task.trial_id)
+    def hand_out(actor, task=None) -> None:
+        if task is not None:  # a retry: already claimed by this process
             pending[actor.run.remote(task, zero_shot_loss)] = (actor, task)
+            return
+        while queue:
+            task = queue.pop(0)
+            if on_start(task.trial_id) is not False:
+                pending[actor.run.remote(task, zero_shot_loss)] = (actor, task)
+                return
 
     for actor in actors:
         hand_out(actor)
@@ -184,7 +190,20 @@ def _run_ray(cfg: StudyConfig, tasks: list[TrialTask], zero_shot_loss: float | N
         while pending:
             (done,), _ = ray.wait(list(pending), num_returns=1)
             actor, task = pending.pop(done)
-            result, error = ray.get(done)
+            try:
+                result, error = ray.get(done)
+            except (ray.exceptions.RayActorError, ray.exceptions.WorkerCrashedError) as e:
+                # The worker process died (killed, out of memory, node lost): a new worker takes over.
+                actors.remove(actor)
+                actor = Actor.remote(cfg.to_dict())
+                actors.append(actor)
+                attempts[task.trial_id] = attempts.get(task.trial_id, 0) + 1
+                reason = f"worker died: {str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__}"
+                if attempts[task.trial_id] <= cfg.max_retries:
+                    log.warning("%s: %s; retrying (%d of %d)", task.desc, reason, attempts[task.trial_id], cfg.max_retries)
+                    hand_out(actor, task)
+                    continue
+                result, error = None, f"WorkerDied: {reason} ({cfg.max_retries} retries)"
             hand_out(actor)
             yield task, result, error
     finally:

@@ -152,18 +152,20 @@ def _load_gguf(path: Path, cache_key: str, dtype: torch.dtype):
     cached = cache_root() / "models" / cache_key
     if (cached / "config.json").is_file() and (cached / "loraplace.json").is_file():
         return _from_pretrained(cached, dtype=dtype)
-    logging.getLogger("loraplace").info("dequantizing %s (once; cached in %s)", path.name, cached)
-    model, tok = _from_pretrained(
+    log = logging.getLogger("loraplace")
+    log.info("dequantizing %s to float32 (once per file)", path.name)
+    model, tok = _from_pretrained(  # a corrupt file fails here, before anything is written to the cache
         path.parent, dtype=torch.float32, gguf_file=path.name, quantization_config=GgufConfig(dequantize=True)
     )
     _strip_quantization(model)
     try:
-        with atomic_dir(cached) as tmp:
+        with atomic_dir(cached) as tmp:  # all or nothing: a failed save leaves no partial cache entry
             model.save_pretrained(tmp)
             tok.save_pretrained(tmp)
             (tmp / "loraplace.json").write_text(json.dumps({"source": str(path), "dtype": "float32"}))  # marks complete
+        log.info("cached the dequantized %s in %s", path.name, cached)
     except OSError as e:
-        logging.getLogger("loraplace").warning("could not cache the dequantized model in %s: %s", cached, e)
+        log.warning("could not cache the dequantized model in %s: %s", cached, e)
     return model.to(dtype), tok
 
 

@@ -4,7 +4,8 @@ Usage::
 
     store = Store.open("studies/default")        # creates studies/default/study.db
     store.add_pending(trial_id, strategy="all_linear", seed=0, config={...})
-    store.mark_running(trial_id)
+    if store.claim(trial_id):                    # False: another process holds it (or it is done)
+        ...                                      # a Heartbeat thread keeps the claim alive meanwhile
     store.mark_done(trial_id, metrics={...}, curve=[(1, 2.3), ...], placement={...}, env={...})
     for t in store.trials(): print(t.strategy, t.seed, t.status, t.metrics.get("eval_loss"))
 
@@ -23,7 +24,15 @@ curve_json        [[step, train_loss], ...]
 env_json          package versions, device, git commit
 adapter_path      relative path of the saved PEFT adapter inside the study dir, or NULL
 created_at ...    ISO-8601 UTC timestamps (created, started, finished)
+owner_pid         pid of the process that claimed the trial (kept after it finishes), or NULL
+owner_host        host name of that process, or NULL
+heartbeat_at      ISO-8601 UTC time the owner last said it is alive, or NULL
 ================  =========================================================================
+
+Several processes (on one machine or on several sharing the directory) may run one study: a
+process *claims* a pending trial in one ``BEGIN IMMEDIATE`` transaction, and others skip it. A
+``running`` claim whose owner is gone (no heartbeat for ``CLAIM_TIMEOUT_S``, or a dead pid on
+this host) may be claimed again.
 
 Table ``meta`` holds study-wide key/JSON-value pairs (``study_config``, ``zero_shot``, ...).
 Every write is one transaction: a crash never leaves a half-written row.
@@ -38,8 +47,10 @@ import io
 import json
 import os
 import shutil
+import socket
 import sqlite3
 import tempfile
+import threading
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -47,6 +58,9 @@ from .core import LoraplaceError
 
 DB_NAME = "study.db"
 STATUSES = ("pending", "running", "done", "failed")
+CLAIM_TIMEOUT_S = 120.0  # a running trial whose owner has not beaten for this long may be claimed again
+HEARTBEAT_S = 15.0  # how often a process refreshes the claims it holds
+_CLAIM_COLUMNS = (("owner_pid", "INTEGER"), ("owner_host", "TEXT"), ("heartbeat_at", "TEXT"))  # added in 0.1 (migrated)
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS trials (
@@ -63,7 +77,10 @@ CREATE TABLE IF NOT EXISTS trials (
     adapter_path TEXT,
     created_at TEXT NOT NULL,
     started_at TEXT,
-    finished_at TEXT
+    finished_at TEXT,
+    owner_pid INTEGER,
+    owner_host TEXT,
+    heartbeat_at TEXT
 );
 CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value_json TEXT NOT NULL);
 """
@@ -89,6 +106,43 @@ class TrialRecord:
     created_at: str | None = None
     started_at: str | None = None
     finished_at: str | None = None
+    owner_pid: int | None = None
+    owner_host: str | None = None
+    heartbeat_at: str | None = None
+
+    @property
+    def owner(self) -> str:
+        """``pid@host`` of the process that claimed the trial, or "" when none did."""
+        return f"{self.owner_pid}@{self.owner_host}" if self.owner_pid is not None else ""
+
+    def heartbeat_age_s(self, now: _dt.datetime | None = None) -> float | None:
+        if not self.heartbeat_at:
+            return None
+        now = now or _dt.datetime.now(_dt.timezone.utc)
+        return (now - _dt.datetime.fromisoformat(self.heartbeat_at)).total_seconds()
+
+    def claim_is_dead(self, timeout_s: float = CLAIM_TIMEOUT_S) -> bool:
+        """A ``running`` trial whose owner is gone: silent for ``timeout_s``, a dead pid on this
+        host, or no owner at all (left by a version without claims)."""
+        if self.status != "running":
+            return False
+        if self.owner_pid is None or self.heartbeat_at is None:
+            return True
+        if self.owner_host == HOST and not _pid_alive(self.owner_pid):
+            return True
+        return self.heartbeat_age_s() > timeout_s
+
+
+HOST = socket.gethostname()
+
+
+def _pid_alive(pid: int) -> bool:
+    import psutil
+
+    try:
+        return psutil.Process(pid).status() != psutil.STATUS_ZOMBIE
+    except psutil.NoSuchProcess:
+        return False
 
 
 def _now() -> str:
@@ -107,13 +161,14 @@ class Store:
         directory = Path(directory)
         db = directory / DB_NAME
         if not create and not db.exists():
-            raise StoreError(f"no study database at {db} (run `loraplace study --out {directory}` first)")
+            raise StoreError(f"no study database at {db} (run `loraplace study out={directory}` first)")
         try:
             directory.mkdir(parents=True, exist_ok=True)
             conn = sqlite3.connect(db, timeout=30, isolation_level=None)
             conn.execute("PRAGMA journal_mode=WAL")
             conn.execute("PRAGMA synchronous=NORMAL")
             conn.executescript(_SCHEMA)
+            _migrate(conn)
         except (OSError, sqlite3.Error) as e:
             raise StoreError(f"cannot use study directory {directory}: {e}") from None
         return cls(directory, conn)
@@ -185,10 +240,71 @@ class Store:
         )
 
     def mark_running(self, trial_id: str) -> None:
+        """Set a trial running, owned by this process, whatever its state (see :meth:`claim`)."""
+        now = _now()
         self._exec(
-            "UPDATE trials SET status='running', error=NULL, started_at=?, finished_at=NULL WHERE trial_id=?",
-            (_now(), trial_id),
+            "UPDATE trials SET status='running', error=NULL, started_at=?, finished_at=NULL, owner_pid=?, owner_host=?,"
+            " heartbeat_at=? WHERE trial_id=?",
+            (now, os.getpid(), HOST, now, trial_id),
         )
+
+    def claim(self, trial_id: str, timeout_s: float = CLAIM_TIMEOUT_S) -> bool:
+        """Take a trial for this process if it is ``pending`` or its owner is gone; one transaction
+        (``BEGIN IMMEDIATE``), so of several processes exactly one gets it. False: leave it alone."""
+        conn = self._conn
+        conn.execute("BEGIN IMMEDIATE")
+        try:
+            cur = conn.execute("SELECT * FROM trials WHERE trial_id=?", (trial_id,))
+            row = cur.fetchone()
+            rec = _record(dict(zip([c[0] for c in cur.description], row))) if row else None
+            ok = rec is not None and (rec.status == "pending" or rec.claim_is_dead(timeout_s))
+            if ok:
+                now = _now()
+                conn.execute(
+                    "UPDATE trials SET status='running', error=NULL, started_at=?, finished_at=NULL, owner_pid=?,"
+                    " owner_host=?, heartbeat_at=? WHERE trial_id=?",
+                    (now, os.getpid(), HOST, now, trial_id),
+                )
+            conn.execute("COMMIT")
+            return ok
+        except BaseException:
+            conn.execute("ROLLBACK")
+            raise
+
+    def heartbeat(self, trial_ids) -> None:
+        """This process is alive and still running these trials."""
+        ids = list(trial_ids)
+        if ids:
+            self._exec(
+                f"UPDATE trials SET heartbeat_at=? WHERE status='running' AND owner_pid=? AND owner_host=?"
+                f" AND trial_id IN ({','.join('?' * len(ids))})",
+                (_now(), os.getpid(), HOST, *ids),
+            )
+
+    def release(self, trial_ids) -> int:
+        """Give trials this process still holds back to ``pending`` (it is stopping early)."""
+        ids = list(trial_ids)
+        if not ids:
+            return 0
+        with self._conn:
+            cur = self._conn.execute(
+                f"UPDATE trials SET status='pending', started_at=NULL WHERE status='running' AND owner_pid=?"
+                f" AND owner_host=? AND trial_id IN ({','.join('?' * len(ids))})",
+                (os.getpid(), HOST, *ids),
+            )
+        return cur.rowcount
+
+    def requeue_failed(self, trial_ids) -> int:
+        """Failed trials go back to ``pending`` to be tried again; returns how many."""
+        ids = list(trial_ids)
+        if not ids:
+            return 0
+        with self._conn:
+            cur = self._conn.execute(
+                f"UPDATE trials SET status='pending' WHERE status='failed' AND trial_id IN ({','.join('?' * len(ids))})",
+                ids,
+            )
+        return cur.rowcount
 
     def mark_done(
         self,
@@ -225,11 +341,21 @@ class Store:
             ),
         )
 
-    def reset_interrupted(self) -> int:
-        """Trials left ``running`` by a crashed process go back to ``pending``; returns how many."""
-        with self._conn:
-            cur = self._conn.execute("UPDATE trials SET status='pending', started_at=NULL WHERE status='running'")
-        return cur.rowcount
+    def reset_interrupted(self, timeout_s: float = CLAIM_TIMEOUT_S) -> int:
+        """Trials left ``running`` by a process that is gone (see ``TrialRecord.claim_is_dead``) go
+        back to ``pending``; a live process's trials are left alone. Returns how many."""
+        n = 0
+        self._conn.execute("BEGIN IMMEDIATE")
+        try:
+            for t in self.trials(status="running"):
+                if t.claim_is_dead(timeout_s):
+                    self._conn.execute("UPDATE trials SET status='pending', started_at=NULL WHERE trial_id=?", (t.trial_id,))
+                    n += 1
+            self._conn.execute("COMMIT")
+        except BaseException:
+            self._conn.execute("ROLLBACK")
+            raise
+        return n
 
     # -- reads ---------------------------------------------------------------------------------
     def trials(self, status: str | None = None, strategy: str | None = None) -> list[TrialRecord]:
@@ -325,4 +451,72 @@ def _record(row: dict) -> TrialRecord:
         created_at=row["created_at"],
         started_at=row["started_at"],
         finished_at=row["finished_at"],
+        owner_pid=row.get("owner_pid"),
+        owner_host=row.get("owner_host"),
+        heartbeat_at=row.get("heartbeat_at"),
     )
+
+
+def _migrate(conn: sqlite3.Connection) -> None:
+    """Add the claim columns to a study.db made before they existed (checked inside one write
+    transaction, so two processes opening the same old file do not both add them)."""
+    if all(c in _columns(conn) for c, _ in _CLAIM_COLUMNS):
+        return
+    conn.execute("BEGIN IMMEDIATE")
+    try:
+        have = _columns(conn)
+        for name, kind in _CLAIM_COLUMNS:
+            if name not in have:
+                conn.execute(f"ALTER TABLE trials ADD COLUMN {name} {kind}")
+        conn.execute("COMMIT")
+    except BaseException:
+        conn.execute("ROLLBACK")
+        raise
+
+
+def _columns(conn: sqlite3.Connection) -> set[str]:
+    return {row[1] for row in conn.execute("PRAGMA table_info(trials)")}
+
+
+class Heartbeat:
+    """A daemon thread that refreshes this process's claims every ``interval_s`` (its own
+    connection: SQLite connections stay in their thread).
+
+    Usage: ``with Heartbeat(store.directory) as hb: hb.add(tid); ...; hb.discard(tid)``
+    """
+
+    def __init__(self, directory: str | Path, interval_s: float = HEARTBEAT_S):
+        self.directory, self.interval_s = Path(directory), interval_s
+        self.held: set[str] = set()
+        self._lock = threading.Lock()
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._loop, name="loraplace-heartbeat", daemon=True)
+
+    def add(self, trial_id: str) -> None:
+        with self._lock:
+            self.held.add(trial_id)
+
+    def discard(self, trial_id: str) -> None:
+        with self._lock:
+            self.held.discard(trial_id)
+
+    def _loop(self) -> None:
+        store = Store.open(self.directory, create=False)
+        try:
+            while not self._stop.wait(self.interval_s):
+                with self._lock:
+                    ids = list(self.held)
+                try:
+                    store.heartbeat(ids)
+                except sqlite3.Error:  # a busy or briefly unreachable database: try again next beat
+                    pass
+        finally:
+            store.close()
+
+    def __enter__(self) -> "Heartbeat":
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._stop.set()
+        self._thread.join()

@@ -27,11 +27,11 @@ import torch
 
 from . import __version__
 from .anatomy import Anatomy
-from .config import StudyConfig
+from .config import ConfigError, StudyConfig
 from .executor import TrialTask, Workspace, run_tasks
 from .placement import Placement, get_strategy, match_budget, parse_budget, resolve
-from .store import Store, TrialRecord
 from .answers import STOP_RULE
+from .store import Heartbeat, Store, TrialRecord
 from .trial import evaluate
 
 log = logging.getLogger("loraplace")
@@ -115,8 +115,20 @@ def environment(device: str) -> dict:
     return env
 
 
+def _claimable(t: TrialRecord) -> bool:
+    return t.status == "pending" or t.claim_is_dead()
+
+
 def run_study(cfg: StudyConfig, model_and_tokenizer=None) -> list[TrialRecord]:
     """Run every unfinished trial of the study; returns all trial records of the study."""
+    if cfg.baseline not in cfg.strategies:  # deltas and retained improvement would have no reference
+        raise ConfigError(f"baseline: {cfg.baseline!r} is not among strategies {cfg.strategies}; "
+                          f"add it to strategies or set baseline= to one of them")
+    tracker = None
+    if cfg.track:  # before anything loads or is written: a missing package is a one-line error at once
+        from .tracking import open_tracker  # MLflow / W&B load only when asked for
+
+        tracker = open_tracker(cfg)
     store = Store.open(cfg.out)
     ws = Workspace.build(cfg, model_and_tokenizer)
     anat, train_set, eval_set = ws.anatomy, ws.train_set, ws.eval_set
@@ -131,7 +143,8 @@ def run_study(cfg: StudyConfig, model_and_tokenizer=None) -> list[TrialRecord]:
                             "eval_tokens": eval_set.n_target_tokens, "dropped": train_set.dropped + eval_set.dropped})
     for p in planned:
         store.add_pending(p.trial_id, p.strategy, p.seed, p.config)
-    store.reset_interrupted()
+    store.requeue_failed([p.trial_id for p in planned])  # a rerun tries failed trials again
+    store.reset_interrupted()  # only trials whose process is gone; another live process keeps its own
 
     # The base model's loss on the same eval set, once per study (and per eval set).
     zkey = trial_id({"model": cfg.model, "data": cfg.to_dict()["data"], "eval_bs": cfg.eval.batch_size})
@@ -154,23 +167,54 @@ def run_study(cfg: StudyConfig, model_and_tokenizer=None) -> list[TrialRecord]:
         store.put_meta("zero_shot", zero)
 
     env = environment(ws.device)
-    todo = [p for p in planned if store.get(p.trial_id).status != "done"]
-    if len(todo) < len(planned):
-        log.info("%d of %d trials already done; running the other %d", len(planned) - len(todo), len(planned), len(todo))
-    tasks = [replace(t, desc=f"[{i}/{len(todo)}] {t.strategy} seed {t.seed}") for i, t in enumerate(todo, start=1)]
-    for task, result, error in run_tasks(cfg, ws, tasks, zero["eval_loss"], on_start=store.mark_running):
-        if error is not None:
-            store.mark_failed(task.trial_id, error, env=env)
-            log.error("%s failed: %s", task.desc, error)
-            continue
-        rel = str(result.adapter_dir.relative_to(cfg.out)) if result.adapter_dir else None
-        store.mark_done(task.trial_id, result.metrics, result.curve, result.placement, env, rel)
-        m = result.metrics
-        print(
-            f"{task.desc}: eval loss {m['eval_loss']:.4f} (zero-shot {zero['eval_loss']:.4f}), "
-            f"{m['trainable_params']:,} trainable, {m['train_time_s']:.0f} s",
-            file=sys.stderr,
-        )
+    done = sum(store.get(p.trial_id).status == "done" for p in planned)
+    if done:
+        log.info("%d of %d trials already done; running the other %d", done, len(planned), len(planned) - done)
+
+    with Heartbeat(cfg.out) as heartbeat:
+
+        def claim(tid: str) -> bool:  # other processes on this directory skip what this one claims
+            if not store.claim(tid):
+                log.info("trial %s is done or held by another process; skipping it", tid)
+                return False
+            heartbeat.add(tid)
+            return True
+
+        try:
+            # Passes until nothing is left to claim: a trial whose process died while this one ran
+            # (or was skipped because it was held then) is picked up by the next pass.
+            while True:
+                todo = [p for p in planned if _claimable(store.get(p.trial_id))]
+                if not todo:
+                    break
+                tasks = [replace(t, desc=f"[{i}/{len(todo)}] {t.strategy} seed {t.seed}") for i, t in enumerate(todo, start=1)]
+                ran = 0
+                for task, result, error in run_tasks(cfg, ws, tasks, zero["eval_loss"], on_start=claim):
+                    ran += 1
+                    if error is not None:
+                        store.mark_failed(task.trial_id, error, env=env)
+                        log.error("%s failed: %s", task.desc, error)
+                    else:
+                        rel = str(result.adapter_dir.relative_to(cfg.out)) if result.adapter_dir else None
+                        store.mark_done(task.trial_id, result.metrics, result.curve, result.placement, env, rel)
+                        m = result.metrics
+                        print(
+                            f"{task.desc}: eval loss {m['eval_loss']:.4f} (zero-shot {zero['eval_loss']:.4f}), "
+                            f"{m['trainable_params']:,} trainable, {m['train_time_s']:.0f} s",
+                            file=sys.stderr,
+                        )
+                    heartbeat.discard(task.trial_id)
+                    if tracker is not None:  # after the store has it: tracking only mirrors the store
+                        tracker.log_trial(store.get(task.trial_id))
+                if not ran:
+                    break
+        finally:
+            store.release(heartbeat.held)  # stopped early (an exception, Ctrl-C): the next run takes them
+            if tracker is not None:
+                tracker.close()
     records = [store.get(p.trial_id) for p in planned]
+    elsewhere = sum(r.status == "running" for r in records)
+    if elsewhere:
+        log.info("%d trial(s) still running in other processes (see `loraplace status %s`)", elsewhere, cfg.out)
     store.close()
     return records
