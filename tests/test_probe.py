@@ -127,6 +127,7 @@ def test_probe_scores_aggregate_across_seeds():
             for b, v in enumerate(vals)]
     ps = P.ProbeScores("k", rows, {"seeds": {"0": {"time_s": 2.0}, "1": {"time_s": 3.0}}})
     assert ps.seeds == [0, 1] and ps.time_s == 5.0
+    assert ps.only([1]).seeds == [1] and ps.only([1]).time_s == 3.0 and ps.only([1]).spread("lora_drop") is None
     assert ps.mean("lora_drop") == {"m0": 2.0, "m1": 2.0, "m2": 2.0}
     assert ps.spread("lora_drop")["m0"] == pytest.approx(math.sqrt(2))
     assert ps.rank_correlation("lora_drop") == [(0, 1, pytest.approx(-1.0))]

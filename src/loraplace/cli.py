@@ -169,7 +169,7 @@ def _stored_probe(cfg):
         probe = load(store, key)
     if probe is None or not set(cfg.probe.seeds) <= set(probe.seeds):
         raise PlacementError(hint)
-    return probe
+    return probe.only(cfg.probe.seeds)
 
 
 def auto_why(placement, probe, criterion: str, top: int = 5) -> str:

@@ -191,7 +191,7 @@ class StudyConfig:
             raise ConfigError(f"threshold: must be in (0, 1.5], got {self.threshold}")
         self.probe.check()
         self.auto.check()
-        reserved = [n for n in self.define if n == "auto" or n.startswith("random")]
+        reserved = [n for n in self.define if n == "auto" or (n.startswith("random:") and n[7:].isdigit())]
         if reserved:
             raise ConfigError(f"define.{reserved[0]}: auto and random:K are built from the probe and the budget; "
                               "choose another name")

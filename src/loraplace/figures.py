@@ -213,7 +213,8 @@ def costs(a: StudyAnalysis, path: Path) -> Path:
 
 
 def probe_heatmap(a: StudyAnalysis, path: Path) -> Path:
-    """One block x role heatmap per probe criterion (mean over probe seeds, each panel scaled to its maximum);
+    """One block x role heatmap per probe criterion: colour = the module's percentile rank among all modules by
+    its mean score over probe seeds (auto uses only the order; one outlier would wash out a linear scale);
     dots mark the modules ``auto`` adapts, on the panel of the criterion it used."""
     probe = a.probe
     chosen_by = a.config.auto.score if a.config is not None else None
@@ -229,11 +230,12 @@ def probe_heatmap(a: StudyAnalysis, path: Path) -> Path:
         cmap = matplotlib.colormaps["magma_r"]
         for ax, crit in zip(axes, criteria):
             mean = probe.mean(crit)
-            top = max(mean.values()) or 1.0
+            top = max(mean.values())
+            order = sorted(mean, key=lambda m: (mean[m], m))
             grid = np.full((len(roles), n_blocks), np.nan)
-            for m, v in mean.items():
+            for i, m in enumerate(order):
                 b, r = layout[m]
-                grid[roles.index(r), b] = v / top
+                grid[roles.index(r), b] = i / max(1, len(order) - 1)
             mesh = ax.pcolormesh(np.ma.masked_invalid(grid), cmap=cmap, norm=Normalize(0, 1), edgecolors="lightgray",
                                  linewidth=0.5)
             if crit == chosen_by and chosen:
@@ -250,7 +252,7 @@ def probe_heatmap(a: StudyAnalysis, path: Path) -> Path:
         step = max(1, n_blocks // 15)
         axes[-1].set_xticks([b + 0.5 for b in range(0, n_blocks, step)], [str(b) for b in range(0, n_blocks, step)])
         axes[-1].set_xlabel("Transformer block (0 = nearest the embeddings)")
-        fig.colorbar(mesh, ax=list(axes), label="score / panel maximum", location="right", fraction=0.025, aspect=25)
+        fig.colorbar(mesh, ax=list(axes), label="percentile rank of the score (1 = highest)", location="right", fraction=0.025, aspect=25)
         fig.suptitle(f"Probe scores per module, mean over probe seeds {', '.join(map(str, probe.seeds))}")
         return _save(fig, path)
 

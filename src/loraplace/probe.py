@@ -29,13 +29,16 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import math
 import time
 from dataclasses import asdict, dataclass, replace
 
+from .config import PROBE_CRITERIA
 from .core import LoraplaceError, role_rank, text_table
 
-CRITERIA = ("lora_drop", "grad_norm", "fisher")
+CRITERIA = PROBE_CRITERIA  # lora_drop, grad_norm, fisher: defined in the module docstring
+log = logging.getLogger("loraplace")
 
 
 class ProbeError(LoraplaceError, RuntimeError):
@@ -62,6 +65,12 @@ class ProbeScores:
     def time_s(self) -> float:
         """Wall time of every stored probe seed together (s)."""
         return sum(float(v.get("time_s", 0.0)) for v in self.info.get("seeds", {}).values())
+
+    def only(self, seeds) -> "ProbeScores":
+        """The scores of these probe seeds only."""
+        keep = {int(s) for s in seeds}
+        return ProbeScores(self.key, [r for r in self.rows if r[0] in keep],
+                           {**self.info, "seeds": {k: v for k, v in self.info.get("seeds", {}).items() if int(k) in keep}})
 
     def layout(self) -> dict[str, tuple[int, str]]:
         """module -> (block, role)."""
@@ -159,16 +168,19 @@ def probe_key(cfg) -> str:
 
 
 def load(store, key: str | None = None) -> ProbeScores | None:
-    """The stored probe ``key`` (default: the latest one run in this study directory), or None."""
+    """The stored probe ``key`` (every stored seed), or by default the latest one run in this study directory
+    (the seeds that run asked for); None when there is none."""
+    seeds = None
     if key is None:
         latest = store.get_meta("probe")
         if not latest:
             return None
-        key = latest["key"]
+        key, seeds = latest["key"], latest.get("seeds")
     rows = store.probe_rows(key)
     if not rows:
         return None
-    return ProbeScores(key, rows, store.get_meta(f"probe:{key}", {"seeds": {}}))
+    scores = ProbeScores(key, rows, store.get_meta(f"probe:{key}", {"seeds": {}}))
+    return scores.only(seeds) if seeds else scores
 
 
 def ensure_probe(cfg, ws, store) -> ProbeScores:
@@ -179,12 +191,13 @@ def ensure_probe(cfg, ws, store) -> ProbeScores:
     for seed in cfg.probe.seeds:
         if str(seed) in done:
             continue
+        log.info("probe seed %d: %d steps of a rank-%d LoRA on every linear module", seed, cfg.probe.steps,
+                 cfg.probe.rank)
         rows, info = run_probe(ws.model, ws.anatomy, ws.train_set, cfg, seed, ws.tokenizer.pad_token_id, ws.device)
         store.put_probe(key, seed, rows, info)
+        log.info("probe seed %d: %.0f s", seed, info["time_s"])
     store.put_meta("probe", {"key": key, "seeds": list(cfg.probe.seeds), "settings": asdict(cfg.probe)})
-    scores = load(store, key)
-    keep = set(cfg.probe.seeds)
-    return ProbeScores(key, [r for r in scores.rows if r[0] in keep], scores.info)
+    return load(store, key).only(cfg.probe.seeds)
 
 
 # -- running one probe seed (imports torch) ------------------------------------------------------

@@ -34,8 +34,8 @@ CAPTIONS = {
     "curves": "Training loss per optimizer step, mean over the seeds that logged each step.",
     "placement_map": "Adapted modules per transformer block and role; colour = LoRA rank, white = not adapted.",
     "costs": "Train time, peak memory (CPU: process RSS high-water mark; CUDA: max allocated) and adapter size.",
-    "probe": "Probe scores per transformer block and role, mean over probe seeds, each criterion scaled to its "
-             "maximum (darker = higher); dots: the modules auto adapts.",
+    "probe": "Probe scores per transformer block and role, mean over probe seeds; colour = the module's percentile "
+             "rank under each criterion (darker = higher); dots: the modules auto adapts.",
 }
 
 
