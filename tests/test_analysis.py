@@ -198,3 +198,111 @@ def test_only_done_trials_count_and_failures_are_listed(tmp_path):
 def test_mean_curve_over_seeds():
     c = mean_curve([[[1, 3.0], [2, 2.0], [3, 1.0]], [[1, 2.0], [2, 1.0]]])
     assert c == [(1.0, 2.5), (2.0, 1.5), (3.0, 1.0)]
+
+
+# -- accuracy as the quality metric --------------------------------------------------------------
+ZA = 0.20  # zero-shot accuracy of the fake base model
+# strategy -> (params, eval loss per seed, accuracy per seed): loss and accuracy disagree on the winner.
+# On loss, cheap keeps ~99% of the baseline's gain and wins; on accuracy it keeps only ~50% and mlp,
+# which keeps ~101% of the accuracy gain but only ~70% of the loss gain, wins.
+DISAGREE = {
+    "all_linear": (1000, [2.00, 2.02, 2.04], [0.600, 0.620, 0.610]),
+    "cheap": (300, [2.01, 2.03, 2.05], [0.400, 0.410, 0.420]),
+    "mlp": (600, [2.30, 2.32, 2.34], [0.605, 0.625, 0.615]),
+}
+
+
+def accuracy_study(tmp_path, metric, table=DISAGREE, n_examples=50, zero_shot_accuracy=ZA):
+    store = Store.open(tmp_path)
+    for name, (params, losses, accs) in table.items():
+        for seed, (loss, acc) in enumerate(zip(losses, accs)):
+            tid = f"{name}-{seed}"
+            store.add_pending(tid, name, seed, {})
+            store.mark_done(tid, {"eval_loss": loss, "accuracy": acc, "accuracy_n": n_examples,
+                                  "trainable_params": params, "train_time_s": 10.0}, [], {}, {})
+    trials = store.trials()
+    store.close()
+    return analyze(trials, "all_linear", ZS, 0.95, metric=metric, zero_shot_accuracy=zero_shot_accuracy)
+
+
+def test_loss_and_accuracy_disagree_and_the_choice_follows_the_metric(tmp_path):
+    by_loss = accuracy_study(tmp_path / "a", "eval_loss")
+    by_acc = accuracy_study(tmp_path / "b", "accuracy")
+    assert by_loss.recommendation.decided and by_loss.recommendation.strategy == "cheap"
+    assert by_acc.recommendation.decided and by_acc.recommendation.strategy == "mlp"
+    assert "in accuracy" in by_acc.recommendation.text and "in eval loss" in by_loss.recommendation.text
+    assert any(e.startswith("cheap") and "falls short" in e for e in by_acc.recommendation.evidence)
+    # fronts: on loss mlp (600, 2.32) is dominated by cheap (300, 2.03); on accuracy all_linear
+    # (1000, 61.0%) is dominated by mlp (600, 61.5%)
+    assert by_loss.pareto_params == ["cheap", "all_linear"]
+    assert by_acc.pareto_params == ["cheap", "mlp"]
+    assert by_acc.metric == "accuracy" and by_acc.zero_shot == ZA and by_loss.zero_shot == ZS
+
+    # retained improvement on accuracy, seed by seed: (acc_s - acc_zero) / (acc_b - acc_zero)
+    r = [(0.605 - ZA) / (0.600 - ZA), (0.625 - ZA) / (0.620 - ZA), (0.615 - ZA) / (0.610 - ZA)]
+    rm = sum(r) / 3
+    rsd = math.sqrt(sum((x - rm) ** 2 for x in r) / 2)
+    mlp = by_acc.get("mlp")
+    assert mlp.retained.mean == pytest.approx(rm) and mlp.retained.half == pytest.approx(T975_DF2 * rsd / math.sqrt(3))
+    assert by_acc.get("cheap").retained.mean == pytest.approx((0.2 / 0.4 + 0.21 / 0.42 + 0.22 / 0.41) / 3)
+    # on loss mlp keeps (3-2.30)/(3-2.00) = 70%, 68/98, 66/96
+    assert by_loss.get("mlp").retained.mean == pytest.approx((0.70 + 0.68 / 0.98 + 0.66 / 0.96) / 3)
+
+    # paired accuracy deltas are computed whatever the metric: mlp - baseline = +0.005 in every seed
+    for a in (by_loss, by_acc):
+        d = a.get("cheap").paired_accuracy.diff
+        assert d.mean == pytest.approx(((0.4 - 0.6) + (0.41 - 0.62) + (0.42 - 0.61)) / 3)
+        assert a.get("mlp").paired_accuracy.diff.mean == pytest.approx(0.005)
+        assert a.get("all_linear").paired_accuracy is None
+        assert a.get("mlp").accuracy.mean == pytest.approx(0.615)
+
+
+def test_accuracy_metric_without_accuracy_is_a_config_error(tmp_path):
+    from loraplace.config import ConfigError
+
+    store = Store.open(tmp_path)
+    add(store, "all_linear", 0, 2.0, 10)
+    with pytest.raises(ConfigError, match="no finished trial of this study has an accuracy") as e:
+        analyze(store.trials(), "all_linear", ZS, metric="accuracy")
+    assert "\n" not in str(e.value)
+    with pytest.raises(ConfigError, match="analysis.metric"):
+        analyze(store.trials(), "all_linear", ZS, metric="f1")
+
+
+def test_accuracy_without_zero_shot_accuracy_cannot_decide(tmp_path):
+    a = accuracy_study(tmp_path, "accuracy", zero_shot_accuracy=None)
+    assert not a.recommendation.decided and "zero-shot accuracy" in a.recommendation.text
+    assert a.get("mlp").retained is None and a.get("mlp").paired_accuracy is not None
+
+
+def test_baseline_no_better_than_zero_shot_accuracy(tmp_path):
+    a = accuracy_study(tmp_path, "accuracy", zero_shot_accuracy=0.61)  # inside the baseline's interval
+    assert not a.recommendation.decided and "not reliably better" in a.recommendation.text
+    assert "accuracy interval reaches the zero-shot accuracy" in a.recommendation.text
+
+
+def test_wilson_interval_by_hand():
+    from loraplace.analysis import wilson_interval
+
+    # 21 of 50 right: z = 1.959964, centre (0.42 + z²/100) / (1 + z²/50) = 0.425707,
+    # half z / (1 + z²/50) * sqrt(0.42 * 0.58 / 50 + z² / 10000) = 0.131957
+    lo, hi = wilson_interval(0.42, 50)
+    assert lo == pytest.approx(0.293750, abs=1e-5) and hi == pytest.approx(0.557664, abs=1e-5)
+    # 0 of 10: the interval is [0, z²/10 / (1 + z²/10)], not empty as the normal approximation's would be
+    lo, hi = wilson_interval(0.0, 10)
+    assert lo == 0.0 and hi == pytest.approx(0.277535, abs=1e-5)
+    with pytest.raises(ValueError):
+        wilson_interval(0.5, 0)
+
+
+def test_one_seed_accuracy_gets_a_wilson_interval(tmp_path):
+    one = {k: (p, losses[:1], accs[:1]) for k, (p, losses, accs) in DISAGREE.items()}
+    a = accuracy_study(tmp_path, "accuracy", table=one, n_examples=50)
+    s = a.get("cheap")  # 0.40 on 50 examples: centre 0.407166, half 1.820117 * sqrt(0.0048 + 0.000384) = 0.131050
+    assert s.accuracy.lo is None
+    lo, hi = s.wilson()
+    assert lo == pytest.approx(0.2760, abs=1e-4) and hi == pytest.approx(0.5382, abs=1e-4)
+    assert not a.recommendation.decided and a.recommendation.tentative == "mlp"
+    assert any("95% Wilson 27.6-53.8%, n=50 examples" in e for e in a.recommendation.evidence)
+    multi = accuracy_study(tmp_path / "m", "accuracy")
+    assert multi.get("cheap").wilson() is None  # several seeds: the t-interval across seeds instead

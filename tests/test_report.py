@@ -29,12 +29,21 @@ PLAN = {
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
 
 
-def make_study(path, seeds=(0, 1, 2), zero_shot=True):
+ZA = 0.20  # zero-shot accuracy on the 50 accuracy examples
+# accuracy per seed 0..2: attention_only keeps the loss but loses accuracy; top_half the reverse
+ACC = {"all_linear": [0.60, 0.62, 0.64], "attention_only": [0.30, 0.32, 0.34], "top_half": [0.62, 0.64, 0.66]}
+
+
+def make_study(path, seeds=(0, 1, 2), zero_shot=True, accuracy=False, metric=None):
     store = Store.open(path)
-    store.put_study_config(StudyConfig(model="tiny-llama", strategies=list(PLAN), seeds=list(seeds)),
-                           [f"{name}-{seed}" for seed in seeds for name in PLAN] + ["top_half-9"])
+    cfg = StudyConfig(model="tiny-llama", strategies=list(PLAN), seeds=list(seeds))
+    cfg.eval.accuracy = accuracy or metric == "accuracy"
+    if metric:
+        cfg.analysis.metric = metric
+    store.put_study_config(cfg, [f"{name}-{seed}" for seed in seeds for name in PLAN] + ["top_half-9"])
     if zero_shot:
-        store.put_meta("zero_shot", {"eval_loss": ZS, "perplexity": math.exp(ZS), "eval_tokens": 1000})
+        zero = {"eval_loss": ZS, "perplexity": math.exp(ZS), "eval_tokens": 1000}
+        store.put_meta("zero_shot", {**zero, "accuracy": ZA, "accuracy_n": 50} if accuracy else zero)
     for name, (roles, blocks, params, losses, time_s) in PLAN.items():
         mods = {f"model.layers.{b}.{NAMES[r]}": ModuleSpec(8, 16.0, r, b) for b in blocks for r in roles}
         placement = PlacementRecord(name, mods, "llama", 6, params, 1_000_000, dropout=0.05)
@@ -48,6 +57,8 @@ def make_study(path, seeds=(0, 1, 2), zero_shot=True):
                        "peak_mem_bytes": (500 + seed) * 2**20, "adapter_bytes": params * 4, "n_modules": len(mods)}
             if zero_shot:
                 metrics["zero_shot_loss"] = ZS
+            if accuracy:
+                metrics.update(accuracy=ACC[name][seed], accuracy_n=50)
             curve = [[s, ZS - (ZS - loss) * (1 - math.exp(-s / 5))] for s in range(1, 31)]
             store.mark_done(tid, metrics, curve, placement, {})
     store.add_pending("top_half-9", "top_half", 9, {})
@@ -171,3 +182,70 @@ def test_study_without_finished_trials(tmp_path):
     md = paths["markdown"].read_text()
     assert "no finished trial" in md and "all_linear seed 0 failed: boom" in md
     assert all(paths[k].is_file() for k in ("pareto", "curves", "placement_map", "costs"))
+
+
+def test_accuracy_columns_and_the_metric_decides(tmp_path):
+    make_study(tmp_path, accuracy=True)
+    with Store.open(tmp_path, create=False) as store:
+        by_loss, by_acc = analyze_store(store), analyze_store(store, metric="accuracy")
+    assert by_loss.recommendation.strategy == "attention_only"  # the study config's metric: eval_loss
+    # on accuracy attention_only keeps (0.30-0.20)/(0.60-0.20) = 25%; top_half keeps 105% and is cheapest
+    assert by_acc.recommendation.strategy == "top_half" and "in accuracy" in by_acc.recommendation.text
+    lines = summary_table(by_acc).splitlines()
+    assert "Accuracy" in lines[0] and "Δ accuracy vs baseline" in lines[0] and "Retained improvement (accuracy)" in lines[0]
+    row = next(line for line in lines if line.startswith("attention_only"))
+    half = T975_DF2 * 0.02 / math.sqrt(3)  # accuracies 0.30, 0.32, 0.34: sd 0.02
+    assert f"32.0 ± {100 * half:.1f}%" in row
+    assert "  -30.0 " in row  # paired: 0.30-0.60, 0.32-0.62, 0.34-0.64
+    r = [0.10 / 0.40, 0.12 / 0.42, 0.14 / 0.44]  # retained: (acc - 0.20) / (acc_baseline - 0.20)
+    rm = sum(r) / 3
+    rhalf = T975_DF2 * math.sqrt(sum((x - rm) ** 2 for x in r) / 2) / math.sqrt(3)
+    assert f"{100 * rm:.1f} ± {100 * rhalf:.1f}%" in row
+    out = summary_text(by_acc)
+    assert "Decided on: accuracy (analysis.metric=accuracy)" in out and "Recommendation: Use top_half" in out
+
+    paths = write_report(tmp_path, metric="accuracy")
+    md = paths["markdown"].read_text()
+    assert "analysis.metric=accuracy" in md and "**Zero-shot accuracy:** 20.0% of 50 examples" in md
+    assert "Use top_half" in md and "![accuracy](accuracy.png)" in md
+    assert paths["accuracy"].is_file() and paths["accuracy"].parent == tmp_path / "report"
+    page = paths["html"].read_text()
+    assert len(re.findall(r'src="data:image/png;base64,', page)) == 5 and "Δ accuracy vs baseline" in page
+    im = Image.open(paths["accuracy"]).convert("RGB")
+    colours = im.getcolors(maxcolors=1 << 20)
+    assert len(colours) > 20 and max(c for c, rgb in colours if rgb == (255, 255, 255)) < 0.97 * im.width * im.height
+
+
+def test_study_config_metric_and_one_seed_wilson(tmp_path):
+    make_study(tmp_path, seeds=(0,), accuracy=True, metric="accuracy")
+    with Store.open(tmp_path, create=False) as store:
+        a = analyze_store(store)
+    assert a.metric == "accuracy" and a.zero_shot_accuracy == ZA
+    row = next(line for line in summary_table(a).splitlines() if line.startswith("attention_only"))
+    # 0.30 on 50 examples: Wilson centre (0.30 + z²/100) / (1 + z²/50) = 0.314270,
+    # half z / (1 + z²/50) * sqrt(0.30 * 0.70 / 50 + z²/10000) = 0.123233, z = 1.959964
+    assert "30.0% [19.1, 43.8]" in row
+    assert "Wilson" in summary_text(a)
+
+
+def test_accuracy_metric_on_a_study_without_accuracy_is_one_line(tmp_path, capsys):
+    from loraplace.cli import main
+
+    make_study(tmp_path)
+    assert main(["report", str(tmp_path), "--metric", "accuracy"]) == 2
+    err = capsys.readouterr().err
+    lines = [line for line in err.splitlines() if line.startswith("loraplace: error:")]
+    assert len(lines) == 1 and "analysis.metric=accuracy" in lines[0] and "Traceback" not in err
+    assert not (tmp_path / "report").exists()
+    assert main(["report", str(tmp_path)]) == 0  # eval_loss still works, and no accuracy figure is drawn
+    assert not (tmp_path / "report" / "accuracy.png").exists() and "Accuracy" not in capsys.readouterr().out
+
+
+def test_zero_shot_accuracy_over_other_examples_is_not_used(tmp_path):
+    make_study(tmp_path, accuracy=True)
+    with Store.open(tmp_path, create=False) as store:
+        store.put_meta("zero_shot", {"eval_loss": ZS, "accuracy": ZA, "accuracy_n": 40})  # trials: 50 examples
+        a = analyze_store(store, metric="accuracy")
+    assert a.zero_shot_accuracy is None and a.get("top_half").retained is None
+    assert any("over 40 examples but the trials' over 50" in n for n in a.notes)
+    assert not a.recommendation.decided and "zero-shot accuracy of the base model is unknown" in a.recommendation.text

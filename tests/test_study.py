@@ -146,3 +146,46 @@ def test_analysis_counts_only_the_latest_configs_trials(tmp_path):
         a = analyze_store(store)
     assert [s.strategy for s in a.strategies] == ["all_linear"]
     assert a.get("all_linear").eval_loss.mean == pytest.approx(2.1)  # 'old' and 'gone' are not mixed in
+
+
+def test_zero_shot_accuracy_is_measured_once_and_reused(tmp_path, monkeypatch):
+    calls = []  # (model class, number of examples) of every accuracy measurement
+    real = S.answer_accuracy
+
+    def counting(model, tok, examples, *a, **k):
+        calls.append((type(model).__name__, len(examples)))
+        return real(model, tok, examples, *a, **k)
+
+    monkeypatch.setattr(S, "answer_accuracy", counting)
+    cfg = _cfg(tmp_path, seeds=[0], eval={"batch_size": 8, "accuracy": True, "accuracy_limit": 5, "max_new_tokens": 3},
+               analysis={"metric": "accuracy"})
+    records = S.run_study(cfg, _model())
+    assert calls == [("LlamaForCausalLM", 5)]  # the base model, once, on the trials' 5 examples
+    with Store.open(cfg.out, create=False) as store:
+        zero = store.get_meta("zero_shot")
+    assert zero["accuracy_n"] == 5 and 0 <= zero["accuracy"] <= 1 and zero["accuracy_key"] and zero["key"]
+    assert all(r.metrics["accuracy_n"] == 5 and 0 <= r.metrics["accuracy"] <= 1 for r in records)
+
+    S.run_study(cfg, _model())  # resume: nothing to measure again
+    assert len(calls) == 1
+    more = _cfg(tmp_path, seeds=[0], eval={"batch_size": 8, "accuracy": True, "accuracy_limit": 6, "max_new_tokens": 3})
+    S.run_study(more, _model())  # other accuracy examples: the zero-shot accuracy is measured again, the loss kept
+    assert calls[1:] == [("LlamaForCausalLM", 6)]
+    with Store.open(cfg.out, create=False) as store:
+        again = store.get_meta("zero_shot")
+        from loraplace.analysis import analyze_store
+
+        a = analyze_store(store, metric="accuracy")
+    assert again["accuracy_n"] == 6 and again["key"] == zero["key"] and again["eval_loss"] == zero["eval_loss"]
+    assert a.zero_shot_accuracy == again["accuracy"] and a.metric == "accuracy"
+
+
+def test_accuracy_metric_needs_accuracy(tmp_path):
+    from loraplace.config import ConfigError
+
+    with pytest.raises(ConfigError, match="analysis.metric=accuracy needs eval.accuracy=true"):
+        _cfg(tmp_path, analysis={"metric": "accuracy"})
+    with pytest.raises(ConfigError, match="analysis.metric: 'f1' is not one of eval_loss, accuracy"):
+        StudyConfig.load(overrides=["analysis.metric=f1"])
+    cfg = StudyConfig.load(overrides=["analysis.metric=accuracy", "eval.accuracy=true"])
+    assert cfg.analysis.metric == "accuracy" and StudyConfig.from_dict(cfg.to_dict()) == cfg

@@ -83,6 +83,34 @@ def tokenizer():
                                      unk_token="<unk>")
 
 
+# ChatML as SmolLM2 and Qwen2 write it, default system prompt included (it appears whenever the
+# conversation does not start with its own system turn).
+CHATML = ("{% for message in messages %}{% if loop.first and messages[0]['role'] != 'system' %}"
+          "{{ '<|im_start|>system\nYou are tiny.<|im_end|>\n' }}{% endif %}"
+          "{{ '<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>\n' }}{% endfor %}"
+          "{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}")
+
+
+def chat_tokenizer():
+    """The character tokenizer plus newline and the ChatML specials, with the CHATML template and
+    <|im_end|> as EOS (as SmolLM2-Instruct has): pad 0, bos 1, unk 3, ASCII 4-98, newline 99,
+    <|im_start|> 100, <|im_end|> 101. Decoding gives the text back exactly."""
+    from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers
+
+    chars = [chr(c) for c in range(32, 127)] + ["\n"]
+    specials = ["<|im_start|>", "<|im_end|>"]
+    vocab = {"<pad>": 0, "<bos>": 1, "<eos>": 2, "<unk>": 3, **{c: i + 4 for i, c in enumerate(chars + specials)}}
+    assert len(vocab) <= VOCAB
+    tk = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    tk.pre_tokenizer = pre_tokenizers.Split(Regex("[\\s\\S]"), behavior="isolated")  # one piece per character
+    tk.decoder = decoders.Fuse()
+    tk.add_special_tokens(specials)
+    tok = T.PreTrainedTokenizerFast(tokenizer_object=tk, pad_token="<pad>", bos_token="<bos>", eos_token="<|im_end|>",
+                                    unk_token="<unk>")
+    tok.chat_template = CHATML
+    return tok
+
+
 def save(arch: str, path) -> str:
     """Save a tiny model and the character tokenizer as a local Hugging Face model directory."""
     build(arch).save_pretrained(path)

@@ -258,13 +258,13 @@ def _config_error(msg: str):
     return ConfigError(msg)
 
 
-def _summary(study_dir: str, threshold: float | None = None) -> str:
+def _summary(study_dir: str, threshold: float | None = None, metric: str | None = None) -> str:
     from .analysis import analyze_store
     from .report import summary_text
     from .store import Store
 
     with Store.open(study_dir, create=False) as store:
-        return summary_text(analyze_store(store, threshold=threshold))
+        return summary_text(analyze_store(store, threshold=threshold, metric=metric))
 
 
 def cmd_status(args) -> int:
@@ -296,8 +296,8 @@ def cmd_status(args) -> int:
 def cmd_report(args) -> int:
     from .report import write_report
 
-    paths = write_report(args.study_dir, threshold=args.threshold)
-    print(_summary(args.study_dir, args.threshold))
+    paths = write_report(args.study_dir, threshold=args.threshold, metric=args.metric)
+    print(_summary(args.study_dir, args.threshold, args.metric))
     print()
     for kind, path in paths.items():
         print(f"{kind}: {path}")
@@ -355,6 +355,9 @@ def build_parser() -> argparse.ArgumentParser:
     s = sub.add_parser("report", help="write report.md, report.html and figures for a study")
     s.add_argument("study_dir")
     s.add_argument("--threshold", type=float, default=None, help="retained improvement needed for a recommendation (default: the study's, 0.95)")
+    s.add_argument("--metric", choices=["eval_loss", "accuracy"], default=None,
+                   help="quality measure of retained improvement, frontier and recommendation (default: the study's "
+                        "analysis.metric, eval_loss)")
     s.set_defaults(func=cmd_report)
 
     s = sub.add_parser("export", help="print a strategy's placement as a config for another tool")

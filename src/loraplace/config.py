@@ -32,21 +32,31 @@ class DataSpec:
     """Which examples to train and evaluate on, and how to turn them into tokens."""
 
     source: str = "builtin"  # "builtin", a .json/.jsonl/.csv/.parquet path, or "hub:NAME" (needs the hub)
-    format: str = "auto"  # auto | alpaca | prompt_completion | qa | text
-    template: str = "plain"  # plain (documented in data.py) | chat (the model's chat template)
+    format: str = "auto"  # auto (per file) | messages | sharegpt | alpaca | prompt_completion | qa | text
+    template: str = "plain"  # plain (documented in data.py) | chat (the model's chat template); conversations always chat
     max_length: int = 256  # tokens per example; longer ones are truncated
-    eval_size: float = 64  # eval examples: a count (>= 1) or a fraction (< 1) of all examples
-    limit: int | None = None  # use at most this many examples (after the seeded shuffle)
+    eval_size: float = 64  # eval examples: a count (>= 1) or a fraction (< 1) of all examples; unused with eval_source
+    limit: int | None = None  # use at most this many train examples of source (after the seeded shuffle)
     split_seed: int = 0  # fixed across trial seeds, so every trial sees the same eval set
     hub_split: str = "train"  # split name for hub datasets
+    eval_source: str | None = None  # a fixed eval set (same kinds as source), used as given; None: split source
+    eval_hub_split: str = "test"  # split name for a hub eval_source
+    eval_limit: int | None = None  # eval_source: use only its first N examples (file order); None: all
 
     def check(self) -> None:
-        _choice("data.format", self.format, ("auto", "alpaca", "prompt_completion", "qa", "text"))
+        _choice("data.format", self.format, ("auto", "messages", "sharegpt", "alpaca", "prompt_completion", "qa", "text"))
         _choice("data.template", self.template, ("plain", "chat"))
         _positive("data.max_length", self.max_length)
         _positive("data.eval_size", self.eval_size)
         if self.limit is not None:
             _positive("data.limit", self.limit)
+        if self.eval_source is not None and not self.eval_source.strip():
+            raise ConfigError("data.eval_source: empty; give a file, hub:NAME, or leave it null to split data.source")
+        if self.eval_limit is not None:
+            _positive("data.eval_limit", self.eval_limit)
+            if self.eval_source is None:
+                raise ConfigError("data.eval_limit: applies to data.eval_source, which is not set; "
+                                  "use data.eval_size to size a split of data.source")
 
 
 @dataclass
@@ -146,6 +156,19 @@ class AutoSpec:
                               "or a count")
 
 
+METRIC_CHOICES = ("eval_loss", "accuracy")  # quality measures the analysis can decide on
+
+
+@dataclass
+class AnalysisSpec:
+    """How the study's trials are compared (changes no trial: only the summary and the report)."""
+
+    metric: str = "eval_loss"  # eval_loss | accuracy: the quality measure of retained improvement, Pareto fronts, recommendation
+
+    def check(self) -> None:
+        _choice("analysis.metric", self.metric, METRIC_CHOICES)
+
+
 DEFAULT_STRATEGIES = ["all_linear", "attention_only", "mlp_only", "top_half"]
 
 
@@ -170,11 +193,15 @@ class StudyConfig:
     gpus_per_trial: float = 0  # executor=ray: GPUs per trial (set 1 with train.device=cuda)
     probe: ProbeSpec = field(default_factory=ProbeSpec)  # the probe behind strategy auto
     auto: AutoSpec = field(default_factory=AutoSpec)  # strategy auto: which probe score, which budget
+    analysis: AnalysisSpec = field(default_factory=AnalysisSpec)
 
     def check(self) -> None:
         self.data.check()
         self.train.check()
         self.eval.check()
+        self.analysis.check()
+        if self.analysis.metric == "accuracy" and not self.eval.accuracy:
+            raise ConfigError("analysis.metric=accuracy needs eval.accuracy=true (accuracy is not measured otherwise)")
         if not self.strategies:
             raise ConfigError("strategies: empty; name at least one strategy")
         if len(set(self.strategies)) != len(self.strategies):

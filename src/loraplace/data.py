@@ -1,18 +1,28 @@
-"""Examples, train/eval split, tokenization with completion-only labels, and length-grouped batches.
+"""Examples (records and conversations), train/eval sets, tokenization with target-only labels, and batches.
 
 Usage::
 
-    examples = load_examples(spec)                   # spec: config.DataSpec
-    train, evals = split_examples(examples, spec)    # seeded by spec.split_seed only
+    train, evals = train_eval_examples(spec)         # spec: config.DataSpec; a split, or data.eval_source
     ts = tokenize(train, tokenizer, spec)            # memoized: a second call costs a hash
     for batch in batches(ts, 8, seed=0, pad_id=tokenizer.pad_token_id): ...   # input_ids, attention_mask, labels
     prompt_ids = encode_prompt(example, tokenizer, spec)   # for generation, as in training
 
 Sources (``spec.source``): ``builtin`` (the default, generated here), a local ``.json`` (array of
 objects, or JSON lines), ``.jsonl``, ``.csv`` or ``.parquet`` file, or ``hub:NAME[:CONFIG]`` (needs the
-``datasets`` package and a reachable hub). Formats, detected from the fields when ``format: auto``,
-and their ``plain`` templates (the prompt is loss-masked; the completion, plus EOS, is the target):
+``datasets`` package and a reachable hub). ``spec.eval_source`` (same kinds; hub split
+``spec.eval_hub_split``) is a fixed eval set, used in file order (its first ``spec.eval_limit``
+examples); all of ``spec.source`` (after ``limit``) is then the train set. Formats, detected from
+each file's fields when ``format: auto``, and their ``plain`` templates (the prompt is loss-masked;
+the completion, plus EOS, is the target):
 
+- messages (messages: a list of {role, content}; roles system, user, assistant) and sharegpt
+  (conversations: a list of {from, value}; from system, human/user, gpt/assistant): rendered with
+  the tokenizer's chat template whatever ``template`` says; every assistant turn, through the
+  template's end-of-turn marker (whitespace after it excluded), is a target, the rest (system
+  prompts, default ones included, and user turns) is context. Found by rendering the conversation
+  up to each assistant turn (``add_generation_prompt=True``) and through it, so any template works
+  that renders a conversation's prefixes as prefixes of its whole. ``Example.answer`` is
+  ``final_answer`` of the last assistant turn, and the prompt to generate from is everything before it.
 - alpaca (instruction, output, optional input):
   ``### Instruction:\\n{instruction}\\n\\n### Input:\\n{input}\\n\\n### Response:\\n`` -> ``{output}``
   (the Input section is left out when input is empty)
@@ -23,8 +33,9 @@ and their ``plain`` templates (the prompt is loss-masked; the completion, plus E
 
 ``template: chat`` wraps the plain prompt as one user message in the tokenizer's chat template
 (``add_generation_prompt=True``) and strips the completion's leading whitespace. Prompt and completion
-are tokenized separately and concatenated (no merges across the boundary); BOS is prepended only if
-the tokenizer adds it by default; the first token is never a target. Sequences longer than
+(and a conversation's context and target pieces) are tokenized separately and concatenated (no merges
+across a boundary); with ``template: plain``, BOS is prepended only if the tokenizer adds it by
+default (a chat template writes its own); the first token is never a target. Sequences longer than
 ``max_length`` lose their tail; examples left with no target token are dropped (``TokenizedSet.dropped``).
 """
 
@@ -56,42 +67,76 @@ class DataError(LoraplaceError, ValueError):
 
 @dataclass(frozen=True)
 class Example:
-    prompt: str  # everything the model is given (loss masked)
-    completion: str  # what it must produce (loss computed)
+    prompt: str  # everything the model is given (loss masked); "" for a conversation
+    completion: str  # what it must produce (loss computed); "" for a conversation
     answer: str | None = None  # checkable final answer, for exact-match accuracy
+    messages: tuple[tuple[str, str], ...] | None = None  # a conversation: (role, content) turns, roles in ROLES
+    where: str = field(default="", compare=False, repr=False)  # "file:line", for errors found when tokenizing
 
 
-FORMATS = {"alpaca": ("instruction", "output"), "prompt_completion": ("prompt", "completion"),
-           "qa": ("question", "answer"), "text": ("text",)}
+# Detection order: the first format whose fields are all present (chat first: chat datasets often
+# carry a "prompt" or a pre-rendered "text" beside their messages).
+FORMATS = {"messages": ("messages",), "sharegpt": ("conversations",), "alpaca": ("instruction", "output"),
+           "prompt_completion": ("prompt", "completion"), "qa": ("question", "answer"), "text": ("text",)}
+ROLES = ("system", "user", "assistant")
+_CHAT = {  # format -> (list field, role key, text key, accepted role names -> role)
+    "messages": ("messages", "role", "content", {r: r for r in ROLES}),
+    "sharegpt": ("conversations", "from", "value",
+                 {"system": "system", "human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant"}),
+}
 
 
 # -- loading ----------------------------------------------------------------------------------------
-def load_examples(spec: DataSpec) -> list[Example]:
-    """All examples of ``spec.source`` in file order, formatted with the plain template."""
-    src = spec.source
+def load_examples(spec: DataSpec, eval_set: bool = False) -> list[Example]:
+    """All examples of ``spec.source`` in file order, formatted with the plain template; with
+    ``eval_set``, the first ``spec.eval_limit`` (default: all) of ``spec.eval_source`` instead."""
+    src, split = (spec.eval_source, spec.eval_hub_split) if eval_set else (spec.source, spec.hub_split)
+    if src is None:
+        raise DataError("data.eval_source: not set; the eval set is then a split of data.source (split_examples)")
     if src == "builtin":
         from .builtin_data import builtin_examples
 
-        return builtin_examples()
-    rows = _hub_rows(src[4:], spec.hub_split) if src.startswith("hub:") else _file_rows(Path(src))
-    if not rows:
-        raise DataError(f"{src}: no examples")
-    fmt = spec.format if spec.format != "auto" else detect_format(*rows[0])
-    return [format_example(fmt, row, where) for where, row in rows]
+        examples = builtin_examples()
+    else:
+        rows = _hub_rows(src[4:], split) if src.startswith("hub:") else _file_rows(Path(src))
+        if not rows:
+            raise DataError(f"{src}: no examples")
+        fmt = spec.format if spec.format != "auto" else detect_format(*rows[0])
+        examples = [format_example(fmt, row, where) for where, row in rows]
+    return examples[: spec.eval_limit] if eval_set and spec.eval_limit is not None else examples
+
+
+def train_eval_examples(spec: DataSpec) -> tuple[list[Example], list[Example]]:
+    """(train, eval): ``split_examples`` of ``spec.source``, or, with ``spec.eval_source``, all of
+    ``spec.source`` (seeded shuffle, then ``limit``) and the fixed eval set ``load_examples(spec, True)``."""
+    if spec.eval_source is None:
+        return split_examples(load_examples(spec), spec)
+    examples, evals = load_examples(spec), load_examples(spec, eval_set=True)
+    order = list(range(len(examples)))
+    random.Random(spec.split_seed).shuffle(order)
+    train = [examples[i] for i in order[: spec.limit]]
+    shared = len(set(evals).intersection(train))
+    if shared:
+        log.warning("data: %d of the %d eval examples (%s) are also in the train set (%s)", shared, len(evals),
+                    spec.eval_source, spec.source)
+    return train, evals
 
 
 def detect_format(where: str, row: dict) -> str:
     for fmt, required in FORMATS.items():
         if all(k in row for k in required):
             return fmt
-    raise DataError(f"{where}: cannot tell the format from fields {sorted(row)}; expected instruction/output "
-                    "(alpaca), prompt/completion, question/answer (qa) or text, or set data.format")
+    raise DataError(f"{where}: cannot tell the format from fields {sorted(row)}; expected messages, conversations "
+                    "(sharegpt), instruction/output (alpaca), prompt/completion, question/answer (qa) or text, "
+                    "or set data.format")
 
 
 def format_example(fmt: str, row: dict, where: str) -> Example:
     """One row of format ``fmt`` as an Example (plain template, documented above)."""
     if fmt not in FORMATS:
         raise DataError(f"data.format: {fmt!r} is not one of {', '.join(FORMATS)}")
+    if fmt in _CHAT:
+        return _conversation(fmt, row, where)
 
     def get(name: str, optional: bool = False) -> str:
         if name not in row:
@@ -115,6 +160,39 @@ def format_example(fmt: str, row: dict, where: str) -> Example:
         answer = get("answer")
         return Example(f"Question: {get('question')}\nAnswer:", " " + answer.lstrip(), final_answer(answer))
     return Example("", get("text"))
+
+
+def _conversation(fmt: str, row: dict, where: str) -> Example:
+    key, role_key, text_key, roles = _CHAT[fmt]
+    if key not in row:
+        raise DataError(f"{where}: missing field {key!r} (format {fmt}; fields present: {sorted(row)})")
+    turns = row[key]
+    if not isinstance(turns, (list, tuple)) or not turns:
+        raise DataError(f"{where}: field {key!r} must be a non-empty list of {{{role_key!r}, {text_key!r}}} objects, "
+                        f"got {type(turns).__name__ if turns else 'an empty list'}")
+    messages = []
+    for i, turn in enumerate(turns):
+        at = f"{where}: {key}[{i}]"
+        if not isinstance(turn, dict):
+            raise DataError(f"{at}: expected an object with {role_key!r} and {text_key!r}, got {type(turn).__name__}")
+        for k in (role_key, text_key):
+            if k not in turn:
+                raise DataError(f"{at}: missing field {k!r} (fields present: {sorted(turn)})")
+        role, text = turn[role_key], turn[text_key]
+        if not isinstance(role, str) or role not in roles:
+            raise DataError(f"{at}: unknown {role_key} {role!r}; expected one of {', '.join(roles)}")
+        if not isinstance(text, str):
+            raise DataError(f"{at}: {text_key!r} must be text, got {type(text).__name__}")
+        if not text.strip():
+            raise DataError(f"{at}: empty {text_key!r}")
+        messages.append((roles[role], text))
+    said = [r for r, _ in messages]
+    if "assistant" not in said:
+        raise DataError(f"{where}: the conversation has no assistant turn (roles {', '.join(said)}); nothing to learn")
+    if "user" not in said[: said.index("assistant")]:
+        raise DataError(f"{where}: {key}[{said.index('assistant')}]: the first assistant turn must follow a user turn")
+    last = next(text for role, text in reversed(messages) if role == "assistant")
+    return Example("", "", final_answer(last), tuple(messages), where)
 
 
 def final_answer(answer: str) -> str:
@@ -277,60 +355,121 @@ def tokenizer_fingerprint(tokenizer) -> str:
 def data_fingerprint(examples: Sequence[Example]) -> str:
     h = hashlib.sha256()
     for e in examples:
-        h.update(json.dumps([e.prompt, e.completion]).encode())
+        h.update(json.dumps([e.prompt, e.completion] + ([e.messages] if e.messages is not None else [])).encode())
     return h.hexdigest()
 
 
+Piece = tuple  # (text: str, or token ids: list[int] kept as they are; is_target: bool)
+
+
 def encode_prompt(example: Example, tokenizer, spec: DataSpec) -> list[int]:
-    """The prompt's token ids exactly as in training (template, BOS), to generate a completion from."""
-    (text,), _, bos = _apply_template([example.prompt], [], tokenizer, spec.template)
-    return bos + tokenizer(text, add_special_tokens=False)["input_ids"]
+    """The prompt's token ids exactly as in training (template, BOS), to generate a completion from:
+    everything before the completion, or before a conversation's last assistant turn."""
+    pieces = _pieces(example, tokenizer, spec.template, _bos(tokenizer), _eos(tokenizer))
+    start = max(i for i, (_, target) in enumerate(pieces) if target)
+    while start > 0 and pieces[start - 1][1]:
+        start -= 1  # the start of the last run of targets
+    return [t for ids in _encode([p for p, _ in pieces[:start]], tokenizer) for t in ids]
 
 
-def _apply_template(prompts: list[str], completions: list[str], tokenizer, template: str):
-    """(prompt texts, completion texts, BOS ids to prepend to each prompt) for ``template``."""
+def _bos(tokenizer) -> list[int]:
+    """[BOS] if the tokenizer adds it by default (plain template), else []."""
+    bos_id, probe = tokenizer.bos_token_id, tokenizer("a")["input_ids"]
+    return [bos_id] if bos_id is not None and probe and probe[0] == bos_id else []
+
+
+def _eos(tokenizer) -> int:
+    if tokenizer.eos_token_id is None:
+        raise DataError(f"tokenizer {tokenizer.name_or_path!r} has no EOS token to end completions with")
+    return tokenizer.eos_token_id
+
+
+def _pieces(e: Example, tokenizer, template: str, bos: list[int], eos: int) -> list[Piece]:
+    """The example as consecutive pieces of context and target, in order."""
+    if e.messages is not None:
+        return _chat_pieces(e, tokenizer)
     if template == "chat":
         if not getattr(tokenizer, "chat_template", None):
             raise DataError(f"data.template=chat: tokenizer {tokenizer.name_or_path!r} has no chat template; "
                             "use data.template=plain")
-        prompts = [tokenizer.apply_chat_template([{"role": "user", "content": p.strip()}], tokenize=False,
-                                                 add_generation_prompt=True) for p in prompts]
-        return prompts, [c.lstrip() for c in completions], []  # the template writes its own BOS, if any
+        prompt = tokenizer.apply_chat_template([{"role": "user", "content": e.prompt.strip()}], tokenize=False,
+                                               add_generation_prompt=True)
+        return [(prompt, False), (e.completion.lstrip(), True), ([eos], True)]  # the template writes its own BOS
     if template != "plain":
         raise DataError(f"data.template: {template!r} is not one of plain, chat")
-    bos_id, probe = tokenizer.bos_token_id, tokenizer("a")["input_ids"]
-    return prompts, completions, [bos_id] if bos_id is not None and probe and probe[0] == bos_id else []
+    return [(bos, False), (e.prompt, False), (e.completion, True), ([eos], True)]
+
+
+def _chat_pieces(e: Example, tokenizer) -> list[Piece]:
+    """Context and assistant-turn pieces of a conversation, located by rendering its prefixes."""
+    name = tokenizer.name_or_path
+    if not getattr(tokenizer, "chat_template", None):
+        raise DataError(f"{e.where}: a conversation needs a chat template and tokenizer {name!r} has none; "
+                        "use a chat model's tokenizer, or a prompt/completion format")
+    messages = [{"role": r, "content": c} for r, c in e.messages]
+
+    def render(n: int, generation_prompt: bool) -> str:
+        try:
+            return tokenizer.apply_chat_template(messages[:n], tokenize=False, add_generation_prompt=generation_prompt)
+        except Exception as err:  # jinja raises its own errors (roles must alternate, ...)
+            raise DataError(f"{e.where}: the chat template of {name!r} cannot render this conversation "
+                            f"({type(err).__name__}: {_first_line(err)})") from None
+
+    full, pieces, pos = render(len(messages), False), [], 0
+    for k, (role, _) in enumerate(e.messages):
+        if role != "assistant":
+            continue
+        before, through = render(k, True), render(k + 1, False)
+        end = len(through.rstrip())  # whitespace after the end-of-turn marker is context
+        if not (full.startswith(through) and through.startswith(before) and pos <= len(before) < end):
+            raise DataError(f"{e.where}: the chat template of {name!r} renders turn {k} differently once later turns "
+                            "follow, so the assistant turns cannot be located; use a prompt/completion format")
+        pieces += [(full[pos:len(before)], False), (full[len(before):end], True)]
+        pos = end
+    return pieces + [(full[pos:], False)]
+
+
+def _encode(pieces: list, tokenizer) -> list[list[int]]:
+    """Token ids of each piece: texts tokenized in one batch (no special tokens added), ids kept."""
+    texts = [p for p in pieces if isinstance(p, str) and p]
+    encoded = iter(tokenizer(texts, add_special_tokens=False)["input_ids"] if texts else [])
+    return [list(p) if isinstance(p, list) else list(next(encoded)) if p else [] for p in pieces]
 
 
 def _tokenize(examples: Sequence[Example], tokenizer, template: str, max_length: int) -> TokenizedSet:
     if not examples:
         raise DataError("data: nothing to tokenize (no examples)")
-    eos = tokenizer.eos_token_id
-    if eos is None:
-        raise DataError(f"tokenizer {tokenizer.name_or_path!r} has no EOS token to end completions with")
-    prompts, completions, bos = _apply_template([e.prompt for e in examples], [e.completion for e in examples],
-                                                tokenizer, template)
-    p_ids = tokenizer(prompts, add_special_tokens=False)["input_ids"]
-    c_ids = tokenizer(completions, add_special_tokens=False)["input_ids"]
+    bos, eos = _bos(tokenizer), _eos(tokenizer)
+    pieces = [_pieces(e, tokenizer, template, bos, eos) for e in examples]
+    encoded = iter(_encode([p for ps in pieces for p, _ in ps], tokenizer))
     ts = TokenizedSet([], [])
     need_one, need_all = [], 0
-    for i, (p, c) in enumerate(zip(p_ids, c_ids)):
-        p, c = bos + list(p), list(c) + [eos]
-        need_one.append(max(len(p) + 1, 2))
-        need_all = max(need_all, len(p) + len(c))
-        ids = (p + c)[:max_length]
-        labels = [IGNORE_INDEX] * len(p) + ids[len(p):]
+    specials, stops = set(tokenizer.all_special_ids), None  # stops: do a conversation's targets hold a special token
+    for i, ps in enumerate(pieces):
+        full, labels = [], []
+        for _, target in ps:
+            ids = next(encoded)
+            full += ids
+            labels += ids if target else [IGNORE_INDEX] * len(ids)
+        if stops is None and examples[i].messages is not None:
+            stops = not specials.isdisjoint(t for t in labels if t != IGNORE_INDEX)
         labels[0] = IGNORE_INDEX  # nothing predicts the first token
+        need_one.append(next((j + 1 for j, t in enumerate(labels) if t != IGNORE_INDEX), len(labels) + 1))
+        need_all = max(need_all, len(full))
+        ids, labels = full[:max_length], labels[:max_length]
         if all(t == IGNORE_INDEX for t in labels):
             ts.dropped += 1
             continue
-        ts.truncated += len(p) + len(c) > max_length
+        ts.truncated += len(full) > max_length
         ts.input_ids.append(ids)
         ts.labels.append(labels)
         ts.index.append(i)
     if not ts.input_ids:
         raise DataError(f"data.max_length={max_length} truncates away the completion of all {len(examples)} "
                         f"examples; max_length >= {min(need_one)} keeps some, >= {need_all} keeps all whole")
+    if stops is False:
+        log.warning("data: the chat template of %r closes assistant turns with no special token; the model will "
+                    "not learn to stop", tokenizer.name_or_path)
     if ts.dropped or ts.truncated:
         log.warning("data: max_length=%d dropped %d of %d examples (no completion token left) and truncated %d",
                     max_length, ts.dropped, len(examples), ts.truncated)

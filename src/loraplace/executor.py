@@ -24,10 +24,10 @@ import torch
 
 from .anatomy import Anatomy, analyze
 from .config import StudyConfig
-from .data import TokenizedSet, load_examples, split_examples, tokenize
+from .data import TokenizedSet, tokenize, train_eval_examples
 from .models import load
 from .placement import Placement, get_strategy, resolve
-from .trial import TrialError, TrialResult, answer_accuracy, run_trial
+from .trial import TrialError, TrialResult, accuracy_examples, answer_accuracy, run_trial
 
 log = logging.getLogger("loraplace")
 
@@ -78,7 +78,7 @@ class Workspace:
         if cfg.train.threads:
             torch.set_num_threads(cfg.train.threads)
         model, tok = model_and_tokenizer or load(cfg.model, dtype=getattr(torch, cfg.train.dtype), device=device)
-        train_ex, eval_ex = split_examples(load_examples(cfg.data), cfg.data)
+        train_ex, eval_ex = train_eval_examples(cfg.data)
         return cls(cfg, model, tok, analyze(model), tokenize(train_ex, tok, cfg.data), tokenize(eval_ex, tok, cfg.data),
                    eval_ex, device)
 
@@ -92,7 +92,7 @@ class Workspace:
         cfg, before = self.cfg, weights_fingerprint(self.model)
         accuracy_fn = None
         if cfg.eval.accuracy:
-            scored = [e for e in self.eval_examples if e.answer is not None][: cfg.eval.accuracy_limit]
+            scored = accuracy_examples(self.eval_examples, cfg.eval.accuracy_limit)
             if scored:
                 accuracy_fn = lambda m: answer_accuracy(m, self.tokenizer, scored, cfg.data, cfg.eval, self.device)  # noqa: E731
         try:

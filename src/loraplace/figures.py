@@ -3,7 +3,7 @@
 Usage::
 
     from loraplace.figures import draw_all
-    paths = draw_all(analysis, out_dir)    # {"pareto": Path, "curves": ..., "placement_map": ..., "costs": ...}
+    paths = draw_all(analysis, out_dir)    # {"pareto": Path, ["accuracy": ...,] "curves": ..., "placement_map": ..., "costs": ...}
 
 Every strategy keeps one colour (Okabe-Ito, colour-blind safe), one marker, one line style and one
 hatch across figures, so the figures still read in greyscale. Fonts are >= 10 pt.
@@ -20,7 +20,7 @@ from matplotlib.colors import Normalize
 from matplotlib.figure import Figure
 from matplotlib.ticker import FuncFormatter, LogLocator, NullFormatter
 
-from .analysis import StrategyStats, StudyAnalysis
+from .analysis import StrategyStats, StudyAnalysis, pareto_front
 from .core import ROLES  # rows of the block x role map, in data-flow order
 COLOURS = ["#0072B2", "#D55E00", "#009E73", "#CC79A7", "#E69F00", "#56B4E9", "#000000", "#F0E442"]
 MARKERS = ["o", "s", "^", "D", "v", "P", "X", "*"]
@@ -60,54 +60,83 @@ def _save(fig: Figure, path: Path) -> Path:
     return path
 
 
-def pareto(a: StudyAnalysis, path: Path) -> Path:
-    """Eval loss vs trainable params (log x) and vs train time, interval bars, fronts, references."""
+def _quality_panel(ax, a: StudyAnalysis, st: dict, xmetric: str, xlabel: str, logx: bool, quality: str) -> None:
+    """One quality-vs-cost panel: means, interval bars, the Pareto frontier of this pair, references.
+
+    quality: eval_loss (lower is better) or accuracy (higher is better, drawn in %; with one seed
+    the bar is the 95% Wilson interval over the accuracy examples)."""
+    acc = quality == "accuracy"
+    scale = 100.0 if acc else 1.0
+    pts = {}
+    for s in a.strategies:
+        q, x = s.metrics.get(quality), s.mean(xmetric)
+        if q is None or math.isnan(x):
+            continue
+        y = q.mean * scale
+        pts[s.strategy] = (x, y)
+        yerr = None if q.half is None else q.half * scale
+        if yerr is None and acc and s.wilson() is not None:
+            lo, hi = s.wilson()
+            yerr = [[y - lo * scale], [hi * scale - y]]  # asymmetric
+        xerr = None if logx else (_err(s, xmetric) or None)
+        ax.errorbar(x, y, yerr=yerr, xerr=xerr, fmt=st[s.strategy]["marker"], color=st[s.strategy]["color"],
+                    ms=9, capsize=4, elinewidth=1.3, label=s.strategy, zorder=3)
+        if s.strategy == a.baseline:
+            ax.plot(x, y, "o", ms=20, mfc="none", mec="black", mew=1.5, zorder=4, label="baseline (ringed)")
+            ax.annotate("baseline", (x, y), xytext=(12, 12), textcoords="offset points", fontsize=10)
+    front = pareto_front({k: (x, -y if acc else y) for k, (x, y) in pts.items()})
+    fr = [pts[n] for n in front]
+    if len(fr) >= 2:
+        ax.plot([p[0] for p in fr], [p[1] for p in fr], color="black", ls="--", lw=1.2, zorder=2,
+                label="Pareto frontier")
+    elif len(fr) == 1:
+        ax.plot(*fr[0], "k+", ms=14, zorder=2, label="Pareto frontier (one point)")
+    zero = a.zero_shot_accuracy if acc else a.zero_shot_loss
+    if zero is not None:
+        ax.axhline(zero * scale, color="dimgray", ls=":", lw=1.5, label="zero-shot (base model)")
+    if logx and pts:
+        ax.set_xscale("log")
+        ax.xaxis.set_major_locator(LogLocator(subs=(1.0, 2.0, 5.0)))
+        ax.xaxis.set_major_formatter(FuncFormatter(lambda v, _: _count(v)))
+        ax.xaxis.set_minor_formatter(NullFormatter())
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel("Accuracy (% of examples)" if acc else "Eval loss (nats/token)")
+    ax.grid(True, which="major", alpha=0.3)
+    if not pts:
+        ax.text(0.5, 0.5, f"{xmetric if any(quality in s.metrics for s in a.strategies) else quality} not recorded",
+                transform=ax.transAxes, ha="center")
+
+
+def _quality_figure(a: StudyAnalysis, path: Path, quality: str, title: str) -> Path:
     st = styles([s.strategy for s in a.strategies])
     with matplotlib.rc_context(RC):
         fig = Figure(figsize=(13, 5.6), layout="constrained")
         axes = fig.subplots(1, 2)
-        panels = [("trainable_params", "Trainable parameters (count, log scale)", a.pareto_params, True),
-                  ("train_time_s", "Train time (s)", a.pareto_time, False)]
-        for ax, (metric, xlabel, front, logx) in zip(axes, panels):
-            pts = {}
-            for s in a.strategies:
-                x, y = s.mean(metric), s.eval_loss.mean
-                if math.isnan(x):
-                    continue
-                pts[s.strategy] = (x, y)
-                yerr = s.eval_loss.half
-                xerr = None if logx else (_err(s, metric) or None)
-                ax.errorbar(x, y, yerr=yerr, xerr=xerr, fmt=st[s.strategy]["marker"], color=st[s.strategy]["color"],
-                            ms=9, capsize=4, elinewidth=1.3, label=s.strategy, zorder=3)
-                if s.strategy == a.baseline:
-                    ax.plot(x, y, "o", ms=20, mfc="none", mec="black", mew=1.5, zorder=4, label="baseline (ringed)")
-                    ax.annotate("baseline", (x, y), xytext=(12, 12), textcoords="offset points", fontsize=10)
-            fr = [pts[n] for n in front if n in pts]
-            if len(fr) >= 2:
-                ax.plot([p[0] for p in fr], [p[1] for p in fr], color="black", ls="--", lw=1.2, zorder=2,
-                        label="Pareto frontier")
-            elif len(fr) == 1:
-                ax.plot(*fr[0], "k+", ms=14, zorder=2, label="Pareto frontier (one point)")
-            if a.zero_shot_loss is not None:
-                ax.axhline(a.zero_shot_loss, color="dimgray", ls=":", lw=1.5, label="zero-shot (base model)")
-            if logx and pts:
-                ax.set_xscale("log")
-                ax.xaxis.set_major_locator(LogLocator(subs=(1.0, 2.0, 5.0)))
-                ax.xaxis.set_major_formatter(FuncFormatter(lambda v, _: _count(v)))
-                ax.xaxis.set_minor_formatter(NullFormatter())
-            ax.set_xlabel(xlabel)
-            ax.set_ylabel("Eval loss (nats/token)")
-            ax.grid(True, which="major", alpha=0.3)
-            if not pts:
-                ax.text(0.5, 0.5, f"{metric} not recorded", transform=ax.transAxes, ha="center")
+        _quality_panel(axes[0], a, st, "trainable_params", "Trainable parameters (count, log scale)", True, quality)
+        _quality_panel(axes[1], a, st, "train_time_s", "Train time (s)", False, quality)
         axes[0].set_title("Quality vs adapter size")
         axes[1].set_title("Quality vs training time")
         handles, labels = axes[0].get_legend_handles_labels()
         fig.legend(handles, labels, loc="outside right center", frameon=False)
         n = a.min_seeds
-        bars = ", bars = 95% t-interval" if n >= 2 else " (one seed: no interval bars)"
-        fig.suptitle("Eval loss: mean over seeds" + bars)
+        if n >= 2:
+            bars = ", bars = 95% t-interval"
+        elif quality == "accuracy":
+            bars = " (one seed: bars = 95% Wilson interval over the examples)"
+        else:
+            bars = " (one seed: no interval bars)"
+        fig.suptitle(title + ": mean over seeds" + bars)
         return _save(fig, path)
+
+
+def pareto(a: StudyAnalysis, path: Path) -> Path:
+    """Eval loss vs trainable params (log x) and vs train time, interval bars, fronts, references."""
+    return _quality_figure(a, path, "eval_loss", "Eval loss")
+
+
+def accuracy(a: StudyAnalysis, path: Path) -> Path:
+    """Task accuracy vs trainable params (log x) and vs train time, as ``pareto`` draws eval loss."""
+    return _quality_figure(a, path, "accuracy", "Accuracy")
 
 
 def _smooth(ys: list[float], k: int) -> list[float]:
@@ -257,14 +286,16 @@ def probe_heatmap(a: StudyAnalysis, path: Path) -> Path:
         return _save(fig, path)
 
 
-FIGURES = {"pareto": pareto, "curves": curves, "placement_map": placement_map, "costs": costs}
+FIGURES = {"pareto": pareto, "accuracy": accuracy, "curves": curves, "placement_map": placement_map, "costs": costs}
 
 
 def draw_all(a: StudyAnalysis, out_dir: Path) -> dict[str, Path]:
-    """Every figure as out_dir/<name>.png, plus ``probe`` when the study has probe scores; returns {name: path}."""
+    """Every figure as out_dir/<name>.png; returns {name: path}. ``accuracy`` only when trials carry accuracy,
+    ``probe`` only when the study has probe scores."""
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    figs = {name: fn(a, out_dir / f"{name}.png") for name, fn in FIGURES.items()}
-    if getattr(a, "probe", None) is not None:
+    figs = {name: fn(a, out_dir / f"{name}.png") for name, fn in FIGURES.items()
+            if name != "accuracy" or a.has_accuracy}
+    if getattr(a, "probe", None) is not None:  # the study ran a probe (strategy auto)
         figs["probe"] = probe_heatmap(a, out_dir / "probe.png")
     return figs

@@ -27,6 +27,7 @@ METRICS: dict[str, tuple[str, str]] = {
     "zero_shot_loss": ("nats/token", "the base model's eval_loss on the same eval set (once per study)"),
     "train_loss_final": ("nats/token", "token-weighted mean train loss over the last 10% of steps"),
     "accuracy": ("fraction", "generation exact match of the final answer (question/answer data, optional)"),
+    "accuracy_n": ("examples", "examples accuracy is measured on: the first eval.accuracy_limit eval examples with an answer"),
     "trainable_params": ("params", "parameters of the LoRA adapters (sum of r*(in+out) over adapted modules)"),
     "base_params": ("params", "parameters of the base model, adapters excluded, tied weights once"),
     "trainable_pct": ("%", "100 * trainable_params / base_params"),

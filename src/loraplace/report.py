@@ -9,8 +9,8 @@ Usage::
 ``write_report`` reads the study's store and writes into ``STUDY_DIR/report/``: ``report.md``
 (figures linked as sibling PNGs), ``report.html`` (figures embedded as base64 data URIs, inline
 CSS: opens offline, can be mailed alone) and the PNGs ``pareto.png``, ``curves.png``,
-``placement_map.png``, ``costs.png`` (and ``probe.png`` plus a probe-verdict section when the study ran a
-probe). ``summary_table`` / ``summary_text`` give the plain-text
+``placement_map.png``, ``costs.png``, ``accuracy.png`` when the trials carry accuracy and ``probe.png`` (with a probe-verdict
+section) when the study ran a probe. ``summary_table`` / ``summary_text`` give the plain-text
 table for terminals.
 """
 
@@ -21,7 +21,7 @@ import html
 import math
 from pathlib import Path
 
-from .analysis import Interval, StudyAnalysis, analyze_store
+from .analysis import LABELS, Interval, StrategyStats, StudyAnalysis, analyze_store
 from .core import text_table
 from .metrics import METRICS
 from .store import Store
@@ -31,6 +31,10 @@ MIB = 2**20
 CAPTIONS = {
     "pareto": "Eval loss against trainable parameters (log scale) and against train time. Dashed: Pareto "
               "frontier (no other strategy is both cheaper and better); ringed: baseline; dotted: zero-shot loss.",
+    "accuracy": "Task accuracy (exact match of the final answer) against trainable parameters (log scale) and against "
+                "train time. Dashed: Pareto frontier on accuracy; ringed: baseline; dotted: the base model's "
+                "zero-shot accuracy on the same examples. With one seed the bars are 95% Wilson intervals over the "
+                "examples.",
     "curves": "Training loss per optimizer step, mean over the seeds that logged each step.",
     "placement_map": "Adapted modules per transformer block and role; colour = LoRA rank, white = not adapted.",
     "costs": "Train time, peak memory (CPU: process RSS high-water mark; CUDA: max allocated) and adapter size.",
@@ -76,15 +80,46 @@ def _delta(a: StudyAnalysis, name: str) -> str:
     return f"{d.mean:+.4f} ± {d.half:.4f}" + ("*" if s.paired.significant else "")
 
 
+def _accuracy(s: StrategyStats) -> str:
+    """'42.0 ± 3.1%' across seeds; one seed: '42.0% [29.3, 55.9]' (95% Wilson interval over the examples)."""
+    acc = s.accuracy
+    if acc is None:
+        return "—"
+    w = s.wilson()
+    if w is not None:
+        return f"{100 * acc.mean:.1f}% [{100 * w[0]:.1f}, {100 * w[1]:.1f}]"
+    if acc.lo is None or acc.half == 0:
+        return f"{100 * acc.mean:.1f}%"
+    return f"{100 * acc.mean:.1f} ± {100 * acc.half:.1f}%"
+
+
+def _delta_accuracy(a: StudyAnalysis, name: str) -> str:
+    s = a.get(name)
+    if name == a.baseline:
+        return "(baseline)"
+    if s is None or s.paired_accuracy is None:
+        return "—"
+    d = s.paired_accuracy.diff
+    if d.lo is None:
+        return f"{100 * d.mean:+.1f} pp"
+    return f"{100 * d.mean:+.1f} ± {100 * d.half:.1f} pp" + ("*" if s.paired_accuracy.significant else "")
+
+
 def results_table(a: StudyAnalysis) -> tuple[list[str], list[list[str]]]:
-    """(headers, rows) of the paper table; ± = half-width of the 95% t-interval across seeds."""
+    """(headers, rows) of the paper table; ± = half-width of the 95% t-interval across seeds.
+
+    Accuracy columns appear when the trials carry accuracy; retained improvement and † follow
+    the analysis metric (``a.metric``)."""
+    acc = a.has_accuracy
     headers = ["Strategy", "Seeds", "Trainable params (% of base)", "Eval loss (nats/tok)", "Perplexity",
-               "Δ loss vs baseline", "Retained improvement", "Train time (s)", "Peak memory (MiB)"]
+               "Δ loss vs baseline"]
+    headers += ["Accuracy", "Δ accuracy vs baseline"] if acc else []
+    headers += [f"Retained improvement ({LABELS[a.metric]})", "Train time (s)", "Peak memory (MiB)"]
     rows = []
     for s in a.strategies:
         params = s.mean("trainable_params")
         name = s.strategy + (" †" if s.strategy in a.pareto_params else "")
-        rows.append([
+        row = [
             name,
             str(len(s.seeds)),
             "—" if math.isnan(params) else f"{params:,.0f}" + (
@@ -92,12 +127,16 @@ def results_table(a: StudyAnalysis) -> tuple[list[str], list[list[str]]]:
             _iv(s.eval_loss, "{:.4f}"),
             _iv(s.metrics.get("perplexity"), "{:.3f}"),
             _delta(a, s.strategy),
+        ]
+        row += [_accuracy(s), _delta_accuracy(a, s.strategy)] if acc else []
+        row += [
             "100% (ref.)" if s.strategy == a.baseline and s.retained is not None else "—" if s.retained is None else (
                 f"{100 * s.retained.mean:.1f}%" if s.retained.lo is None
                 else f"{100 * s.retained.mean:.1f} ± {100 * s.retained.half:.1f}%"),
             _iv(s.metrics.get("train_time_s"), "{:.1f}"),
             _iv(s.metrics.get("peak_mem_bytes"), "{:.0f}", MIB),
-        ])
+        ]
+        rows.append(row)
     return headers, rows
 
 
@@ -106,10 +145,22 @@ def table_notes(a: StudyAnalysis) -> list[str]:
              "seed, for which no interval exists, or was identical in every seed.",
              "Δ loss vs baseline: paired by seed, strategy minus baseline (positive = worse); * = the interval "
              "excludes 0 (paired t-test p < 0.05).",
-             "Retained improvement: (zero-shot loss − strategy loss) / (zero-shot loss − baseline loss), per seed.",
-             "† = on the Pareto frontier of trainable parameters vs eval loss."]
-    if a.zero_shot_loss is None:
-        notes.append("No zero-shot loss was recorded, so retained improvement is not available.")
+             "Retained improvement: (zero-shot loss − strategy loss) / (zero-shot loss − baseline loss), per seed."
+             if a.metric == "eval_loss" else
+             "Retained improvement: (strategy accuracy − zero-shot accuracy) / (baseline accuracy − zero-shot "
+             "accuracy), per seed.",
+             f"† = on the Pareto frontier of trainable parameters vs {LABELS[a.metric]}."]
+    if a.has_accuracy:
+        n = a.zero_shot_accuracy_n or next(
+            (int(s.mean("accuracy_n")) for s in a.strategies if "accuracy_n" in s.metrics), None)
+        on = f" on the same {n} examples in every trial" if n else " on the same examples in every trial"
+        notes.append(f"Accuracy: exact match of the generated final answer (greedy){on}; Δ accuracy in percentage "
+                     "points, paired by seed, strategy minus baseline (positive = better). With one seed, [lo, hi] "
+                     "is the 95% Wilson interval over the examples: how far the number could move on other "
+                     "examples of the task.")
+    if a.zero_shot is None:
+        what = "accuracy" if a.metric == "accuracy" else "loss"
+        notes.append(f"No zero-shot {what} was recorded, so retained improvement is not available.")
     return notes
 
 
@@ -121,8 +172,10 @@ def summary_table(a: StudyAnalysis) -> str:
 
 def summary_text(a: StudyAnalysis) -> str:
     """Table, recommendation and failures, as the CLI prints them."""
-    legend = "± 95% t-interval across seeds; Δ paired by seed (* significant); † on the params/loss Pareto frontier"
-    parts = [summary_table(a), legend, "", "Recommendation: " + a.recommendation.text]
+    legend = (f"± 95% t-interval across seeds; Δ paired by seed (* significant); † on the params/{LABELS[a.metric]} "
+              "Pareto frontier" + ("; accuracy [lo, hi]: 95% Wilson interval (one seed)" if a.has_accuracy else ""))
+    parts = [summary_table(a), legend, "", f"Decided on: {_metric_text(a)}",
+             "Recommendation: " + a.recommendation.text]
     if a.verdict is not None:
         parts.append("Probe verdict: " + a.verdict.text)
     if a.failed:
@@ -133,17 +186,31 @@ def summary_text(a: StudyAnalysis) -> str:
     return "\n".join(parts)
 
 
+def _metric_text(a: StudyAnalysis) -> str:
+    """Which measure the retained improvement, fronts and recommendation used, and how to switch."""
+    other = "accuracy" if a.metric == "eval_loss" else "eval_loss"
+    switch = f"; `loraplace report DIR --metric {other}` decides on {LABELS[other]}" if a.has_accuracy else ""
+    return f"{LABELS[a.metric]} (analysis.metric={a.metric}){switch}"
+
+
 # -- documents -------------------------------------------------------------------------------------
 def _context(a: StudyAnalysis) -> list[tuple[str, str]]:
     cfg = a.config
     zs = "not recorded" if a.zero_shot_loss is None else f"{a.zero_shot_loss:.4f} nats/token"
     seeds = (cfg.seeds if cfg else None) or sorted({sd for s in a.strategies for sd in s.seeds})
-    return [("Model", cfg.model if cfg else "?"), ("Dataset", cfg.data.source if cfg else "?"),
-            ("Baseline", a.baseline),
-            ("Seeds", ", ".join(map(str, seeds))), ("Threshold", f"{100 * a.threshold:.0f}% retained improvement"),
-            ("Zero-shot eval loss", zs),
-            ("Pareto frontier (params)", ", ".join(a.pareto_params) or "—"),
-            ("Pareto frontier (train time)", ", ".join(a.pareto_time) or "—")]
+    ctx = [("Model", cfg.model if cfg else "?"), ("Dataset", cfg.data.source if cfg else "?"),
+           ("Baseline", a.baseline),
+           ("Seeds", ", ".join(map(str, seeds))), ("Threshold", f"{100 * a.threshold:.0f}% retained improvement"),
+           ("Quality metric (retained improvement, frontier, recommendation)", _metric_text(a)),
+           ("Zero-shot eval loss", zs)]
+    if a.has_accuracy:
+        n = a.zero_shot_accuracy_n
+        za = "not recorded" if a.zero_shot_accuracy is None else (
+            f"{100 * a.zero_shot_accuracy:.1f}%" + (f" of {n} examples" if n else ""))
+        ctx.append(("Zero-shot accuracy", za))
+    return ctx + [
+            (f"Pareto frontier (params, {LABELS[a.metric]})", ", ".join(a.pareto_params) or "—"),
+            (f"Pareto frontier (train time, {LABELS[a.metric]})", ", ".join(a.pareto_time) or "—")]
 
 
 def _metric_defs(a: StudyAnalysis) -> list[tuple[str, str, str]]:
@@ -239,16 +306,18 @@ def render_html(a: StudyAnalysis, figs: dict[str, Path]) -> str:
     return "\n".join(out) + "\n"
 
 
-def write_report(study_dir: str | Path, threshold: float | None = None) -> dict[str, Path]:
+def write_report(study_dir: str | Path, threshold: float | None = None, metric: str | None = None) -> dict[str, Path]:
     """Analyse the study in study_dir and write STUDY_DIR/report/{report.md, report.html, *.png}.
 
     threshold: retained-improvement share for the recommendation; None = the study config's
-    (default 0.95). Returns {"dir", "markdown", "html", "pareto", "curves", "placement_map", "costs"}, plus
-    "probe" when the study has probe scores.
-    Raises store.StoreError when study_dir has no study database."""
+    (default 0.95). metric: eval_loss or accuracy; None = the study's analysis.metric. Returns
+    {"dir", "markdown", "html", "pareto", ["accuracy",] "curves", "placement_map", "costs"}, plus "probe" when the study
+    has probe scores.
+    Raises store.StoreError when study_dir has no study database, config.ConfigError when
+    metric=accuracy and no finished trial has an accuracy."""
     study_dir = Path(study_dir)
     with Store.open(study_dir, create=False) as store:
-        a = analyze_store(store, threshold)
+        a = analyze_store(store, threshold, metric)
     out = study_dir / REPORT_DIR
     from . import figures  # matplotlib loads only when figures are drawn
 

@@ -32,7 +32,7 @@ from .executor import TrialTask, Workspace, run_tasks
 from .placement import (Placement, PlacementError, auto_placement, get_strategy, is_selected, match_budget, parse_budget,
                         random_placement, resolve)
 from .store import Store, TrialRecord
-from .trial import evaluate
+from .trial import STOP_RULE, accuracy_examples, answer_accuracy, evaluate
 
 log = logging.getLogger("loraplace")
 
@@ -177,7 +177,8 @@ def run_study(cfg: StudyConfig, model_and_tokenizer=None) -> list[TrialRecord]:
     store.write_file("config.yaml", cfg.to_yaml())  # rerun with: loraplace study OUT/config.yaml
     store.put_meta("anatomy", {"model_type": anat.model_type, "n_blocks": anat.n_blocks, "base_params": anat.base_params,
                                "roles": list(anat.roles_present())})
-    store.put_meta("data", {"train_examples": len(train_set.input_ids), "eval_examples": len(eval_set.input_ids),
+    store.put_meta("data", {"source": cfg.data.source, "eval_source": cfg.data.eval_source,
+                            "train_examples": len(train_set.input_ids), "eval_examples": len(eval_set.input_ids),
                             "eval_tokens": eval_set.n_target_tokens, "dropped": train_set.dropped + eval_set.dropped})
     for p in planned:
         store.add_pending(p.trial_id, p.strategy, p.seed, p.config)
@@ -190,8 +191,18 @@ def run_study(cfg: StudyConfig, model_and_tokenizer=None) -> list[TrialRecord]:
         log.info("evaluating the base model (zero-shot) on %d eval examples", len(eval_set.input_ids))
         zero = {**evaluate(ws.model, eval_set, cfg.eval.batch_size, ws.tokenizer.pad_token_id, ws.device), "key": zkey}
         store.put_meta("zero_shot", zero)
-    if cfg.eval.accuracy and not any(e.answer is not None for e in ws.eval_examples):
+    scored = accuracy_examples(ws.eval_examples, cfg.eval.accuracy_limit) if cfg.eval.accuracy else []
+    if cfg.eval.accuracy and not scored:
         log.warning("eval.accuracy is on but no eval example has a checkable answer; skipping accuracy")
+    # ... and its accuracy on the trials' accuracy examples, kept beside it; its own key, so a change of
+    # the examples or of the generation settings recomputes it (and only it).
+    akey = trial_id({"zero_shot_key": zkey, "accuracy_limit": cfg.eval.accuracy_limit,
+                     "max_new_tokens": cfg.eval.max_new_tokens, "stop": STOP_RULE})
+    if scored and zero.get("accuracy_key") != akey:
+        log.info("measuring the base model's accuracy (zero-shot) on %d examples", len(scored))
+        zero = {**zero, **answer_accuracy(ws.model, ws.tokenizer, scored, cfg.data, cfg.eval, ws.device),
+                "accuracy_key": akey}
+        store.put_meta("zero_shot", zero)
 
     env = environment(ws.device)
     todo = [p for p in planned if store.get(p.trial_id).status != "done"]
