@@ -246,6 +246,19 @@ def test_verdict_says_whether_auto_beats_random_whatever_the_answer():
     assert probe_verdict(base, zs) is None
 
 
+def test_verdict_on_accuracy_counts_higher_as_better():
+    def acc(strategy, seed, value):
+        return _trial(strategy, seed, 2.0, accuracy=value)
+
+    base = [acc("all_linear", s, 0.5 + 0.01 * s) for s in range(3)]
+    randoms = [acc(f"random:{k}", s, 0.3 + 0.01 * k + 0.02 * s) for k in range(3) for s in range(3)]
+    autos = [acc("auto", s, 0.45 + 0.015 * s) for s in range(3)]
+    v = probe_verdict(base + randoms + autos, 0.1, metric="accuracy")
+    assert v.text.startswith("auto beats random placement") and "Δ accuracy" in v.text
+    assert v.vs_random.diff.lo > 0 and 0.8 < v.retained_auto.mean < 0.9  # (0.45 - 0.1) / (0.5 - 0.1) at seed 0
+    assert probe_verdict(base + randoms + autos, 0.1).text.startswith("auto does not beat")  # the losses are equal
+
+
 def test_cli_probe_plan_study_report_with_auto(capsys, tmp_path):
     model_dir = tiny_models.save("llama", tmp_path / "tiny")
     out = tmp_path / "s"
