@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import csv
 import json
+import os
+import subprocess
 import sys
 import types
 from pathlib import Path
@@ -14,7 +16,6 @@ from tokenizers import Tokenizer, models, pre_tokenizers, processors, trainers
 from transformers import PreTrainedTokenizerFast
 
 from loraplace import data as D
-from loraplace.builtin_data import builtin_examples
 from loraplace.config import DataSpec
 from loraplace.data import DataError, Example
 from loraplace.metrics import IGNORE_INDEX
@@ -178,7 +179,6 @@ def test_hub_without_datasets_or_network_is_one_line(monkeypatch):
 def test_gsm8k_answer_extraction():
     ex = D.format_example("qa", {"question": "How many?", "answer": "3 + 4 = <<3+4=7>>7\n#### 1,080"}, "x")
     assert ex.answer == "1080" and ex.completion == " 3 + 4 = <<3+4=7>>7\n#### 1,080"
-    assert D.final_answer("Paris ") == "Paris"
 
 
 @needs_gsm8k
@@ -191,9 +191,12 @@ def test_gsm8k_files_load_as_qa_with_numeric_answers():
 
 # -- built-in dataset -----------------------------------------------------------------------------------
 def test_builtin_dataset_is_deterministic_and_substantial():
-    ex = builtin_examples()
-    assert ex == builtin_examples() and ex is not builtin_examples()
-    assert D.load_examples(DataSpec()) == ex
+    ex = D.load_examples(DataSpec())
+    # the same rows in a fresh interpreter with another hash seed (no dependence on set order)
+    code = "from loraplace.builtin_data import builtin_rows; import json; print(json.dumps(builtin_rows()))"
+    fresh = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
+                           env={**os.environ, "PYTHONHASHSEED": "12345"}).stdout
+    assert [D.format_example("qa", r, "x") for r in json.loads(fresh)] == ex
     assert 500 <= len(ex) <= 1200
     assert len({e.prompt for e in ex}) == len(ex)
     assert all(e.prompt.startswith("Question: ") and e.completion.startswith(" ") and e.answer for e in ex)

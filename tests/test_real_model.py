@@ -7,8 +7,7 @@ import torch
 
 from loraplace.anatomy import analyze
 from loraplace.config import DataSpec, EvalSpec, TrainSpec
-from loraplace.builtin_data import builtin_examples
-from loraplace.data import split_examples, tokenize
+from loraplace.data import load_examples, split_examples, tokenize
 from loraplace.models import ModelError, load
 from loraplace.placement import get_strategy, resolve
 from loraplace.trial import evaluate, run_trial
@@ -57,7 +56,7 @@ def test_placements_on_the_real_model(smol):
 def test_short_trial_improves_on_builtin_data_and_keeps_base(smol):
     model, tok = smol
     spec = DataSpec(eval_size=32, limit=200)
-    train_ex, eval_ex = split_examples(builtin_examples(), spec)
+    train_ex, eval_ex = split_examples(load_examples(spec), spec)
     train_set, eval_set = tokenize(train_ex, tok, spec), tokenize(eval_ex, tok, spec)
     zero = evaluate(model, eval_set, 16, tok.pad_token_id)["eval_loss"]
     p = resolve(get_strategy("all_linear"), analyze(model), rank=8, alpha=16)

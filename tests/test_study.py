@@ -149,14 +149,15 @@ def test_analysis_counts_only_the_latest_configs_trials(tmp_path):
 
 
 def test_zero_shot_accuracy_is_measured_once_and_reused(tmp_path, monkeypatch):
-    calls = []  # (model class, number of examples) of every accuracy measurement
-    real = S.answer_accuracy
+    calls = []  # (model class, number of examples) of every accuracy measurement of the base model
+    real = E.answer_accuracy
 
-    def counting(model, tok, examples, *a, **k):
-        calls.append((type(model).__name__, len(examples)))
-        return real(model, tok, examples, *a, **k)
+    def counting(model, tok, prompts, *a, **k):
+        if not type(model).__name__.startswith("Peft"):  # the base model; trials measure their adapted one
+            calls.append((type(model).__name__, len(prompts)))
+        return real(model, tok, prompts, *a, **k)
 
-    monkeypatch.setattr(S, "answer_accuracy", counting)
+    monkeypatch.setattr(E, "answer_accuracy", counting)
     cfg = _cfg(tmp_path, seeds=[0], eval={"batch_size": 8, "accuracy": True, "accuracy_limit": 5, "max_new_tokens": 3},
                analysis={"metric": "accuracy"})
     records = S.run_study(cfg, _model())

@@ -1,9 +1,11 @@
 """The built-in default dataset: short question/answer pairs generated from this Python installation.
 
-Usage: ``examples = builtin_examples()`` (also what ``data.source=builtin`` loads).
+Usage: ``rows = builtin_rows()``: ``[{"question": ..., "answer": ...}, ...]``, the rows that ``data.source=builtin``
+loads; ``data.py`` formats them like the rows of any file (``data.format`` applies).
 
 Offline and deterministic: nothing is downloaded, and the same Python minor version always gives
-the same examples. Kept apart from ``data.py`` because it is a dataset, not data plumbing.
+the same rows. Kept apart from ``data.py`` because it is a dataset, not data plumbing; it imports
+nothing from the package.
 """
 
 from __future__ import annotations
@@ -18,7 +20,6 @@ import random
 import re
 from functools import lru_cache
 
-from .data import Example, format_example
 
 _DOC_MODULES = ("math cmath string json random statistics itertools functools collections shutil textwrap re "
                 "time heapq bisect operator copy glob fnmatch base64 hashlib zlib gzip csv uuid secrets calendar "
@@ -38,8 +39,8 @@ _STRING_TASKS = (
 )
 
 
-def builtin_examples() -> list[Example]:
-    """The default dataset: short question/answer pairs made from this Python installation (qa format).
+def builtin_rows() -> list[dict]:
+    """The default dataset: short question/answer rows made from this Python installation (qa format).
 
     Tasks: string transformations of random word lists drawn from the Zen of Python (`this`) and
     `keyword.kwlist` (7 rules, 60 each), "is X a reserved keyword?" (yes/no), and facts read from the
@@ -47,11 +48,11 @@ def builtin_examples() -> list[Example]:
     stdlib module defines a function. Deterministic for a given Python minor version; the docstring and
     module tasks (about a third of the examples) can differ between versions, the rest cannot.
     """
-    return list(_builtin())
+    return [{"question": q, "answer": a} for q, a in _builtin()]
 
 
 @lru_cache(maxsize=1)
-def _builtin() -> tuple[Example, ...]:
+def _builtin() -> tuple[tuple[str, str], ...]:
     import builtins
 
     with contextlib.redirect_stdout(io.StringIO()):
@@ -95,7 +96,7 @@ def _builtin() -> tuple[Example, ...]:
     for mod_name, names in by_module.items():
         for n in rng.sample(names, min(4, len(names))):
             qa[f"Which Python standard library module defines `{n}`?"] = mod_name
-    return tuple(format_example("qa", {"question": q, "answer": a}, "builtin") for q, a in qa.items())
+    return tuple(qa.items())
 
 
 def _first_sentence(obj) -> str | None:

@@ -55,6 +55,8 @@ from typing import Iterator, Sequence
 import torch
 
 from .config import DataSpec
+from .answers import final_answer
+from .builtin_data import builtin_rows
 from .core import LoraplaceError
 from .metrics import IGNORE_INDEX
 
@@ -94,15 +96,15 @@ def load_examples(spec: DataSpec, eval_set: bool = False) -> list[Example]:
     if src is None:
         raise DataError("data.eval_source: not set; the eval set is then a split of data.source (split_examples)")
     if src == "builtin":
-        from .builtin_data import builtin_examples
-
-        examples = builtin_examples()
+        rows = [(f"builtin row {i + 1}", row) for i, row in enumerate(builtin_rows())]
+    elif src.startswith("hub:"):
+        rows = _hub_rows(src[4:], split)
     else:
-        rows = _hub_rows(src[4:], split) if src.startswith("hub:") else _file_rows(Path(src))
-        if not rows:
-            raise DataError(f"{src}: no examples")
-        fmt = spec.format if spec.format != "auto" else detect_format(*rows[0])
-        examples = [format_example(fmt, row, where) for where, row in rows]
+        rows = _file_rows(Path(src))
+    if not rows:
+        raise DataError(f"{src}: no examples")
+    fmt = spec.format if spec.format != "auto" else detect_format(*rows[0])
+    examples = [format_example(fmt, row, where) for where, row in rows]
     return examples[: spec.eval_limit] if eval_set and spec.eval_limit is not None else examples
 
 
@@ -193,13 +195,6 @@ def _conversation(fmt: str, row: dict, where: str) -> Example:
         raise DataError(f"{where}: {key}[{said.index('assistant')}]: the first assistant turn must follow a user turn")
     last = next(text for role, text in reversed(messages) if role == "assistant")
     return Example("", "", final_answer(last), tuple(messages), where)
-
-
-def final_answer(answer: str) -> str:
-    """The checkable answer: the number after GSM8K's ``####`` (commas removed), else the stripped text."""
-    if "####" in answer:
-        return answer.rsplit("####", 1)[1].strip().replace(",", "")
-    return answer.strip()
 
 
 def _file_rows(path: Path) -> list[tuple[str, dict]]:

@@ -27,7 +27,9 @@ from .config import StudyConfig
 from .data import TokenizedSet, tokenize, train_eval_examples
 from .models import load
 from .placement import Placement, get_strategy, resolve
-from .trial import TrialError, TrialResult, accuracy_examples, answer_accuracy, run_trial
+from .answers import accuracy_examples, answer_accuracy
+from .data import encode_prompt
+from .trial import TrialError, TrialResult, run_trial
 
 log = logging.getLogger("loraplace")
 
@@ -82,6 +84,19 @@ class Workspace:
         return cls(cfg, model, tok, analyze(model), tokenize(train_ex, tok, cfg.data), tokenize(eval_ex, tok, cfg.data),
                    eval_ex, device)
 
+    @property
+    def accuracy_examples(self) -> list:
+        """The fixed examples accuracy is measured on (none unless eval.accuracy is on)."""
+        if not self.cfg.eval.accuracy:
+            return []
+        return accuracy_examples(self.eval_examples, self.cfg.eval.accuracy_limit)
+
+    def accuracy(self, model) -> dict:
+        """{"accuracy", "accuracy_n"} of ``model`` (the base or an adapted one) on ``accuracy_examples``."""
+        scored = self.accuracy_examples
+        prompts = [encode_prompt(e, self.tokenizer, self.cfg.data) for e in scored]
+        return answer_accuracy(model, self.tokenizer, prompts, [e.answer for e in scored], self.cfg.eval, self.device)
+
     def placement(self, task: TrialTask) -> Placement:
         t = self.cfg.train
         strategy = get_strategy(task.strategy, self.cfg.define)
@@ -90,11 +105,7 @@ class Workspace:
     def run(self, task: TrialTask, zero_shot_loss: float | None) -> TrialResult:
         """One trial; raises TrialError (recorded by the caller) or, if the base changed, RuntimeError."""
         cfg, before = self.cfg, weights_fingerprint(self.model)
-        accuracy_fn = None
-        if cfg.eval.accuracy:
-            scored = accuracy_examples(self.eval_examples, cfg.eval.accuracy_limit)
-            if scored:
-                accuracy_fn = lambda m: answer_accuracy(m, self.tokenizer, scored, cfg.data, cfg.eval, self.device)  # noqa: E731
+        accuracy_fn = self.accuracy if self.accuracy_examples else None
         try:
             return run_trial(
                 self.model, self.placement(task), self.train_set, self.eval_set, cfg.train, cfg.eval, seed=task.seed,

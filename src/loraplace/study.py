@@ -32,7 +32,8 @@ from .executor import TrialTask, Workspace, run_tasks
 from .placement import (Placement, PlacementError, auto_placement, get_strategy, is_selected, match_budget, parse_budget,
                         random_placement, resolve)
 from .store import Store, TrialRecord
-from .trial import STOP_RULE, accuracy_examples, answer_accuracy, evaluate
+from .answers import STOP_RULE
+from .trial import evaluate
 
 log = logging.getLogger("loraplace")
 
@@ -191,7 +192,7 @@ def run_study(cfg: StudyConfig, model_and_tokenizer=None) -> list[TrialRecord]:
         log.info("evaluating the base model (zero-shot) on %d eval examples", len(eval_set.input_ids))
         zero = {**evaluate(ws.model, eval_set, cfg.eval.batch_size, ws.tokenizer.pad_token_id, ws.device), "key": zkey}
         store.put_meta("zero_shot", zero)
-    scored = accuracy_examples(ws.eval_examples, cfg.eval.accuracy_limit) if cfg.eval.accuracy else []
+    scored = ws.accuracy_examples
     if cfg.eval.accuracy and not scored:
         log.warning("eval.accuracy is on but no eval example has a checkable answer; skipping accuracy")
     # ... and its accuracy on the trials' accuracy examples, kept beside it; its own key, so a change of
@@ -200,7 +201,7 @@ def run_study(cfg: StudyConfig, model_and_tokenizer=None) -> list[TrialRecord]:
                      "max_new_tokens": cfg.eval.max_new_tokens, "stop": STOP_RULE})
     if scored and zero.get("accuracy_key") != akey:
         log.info("measuring the base model's accuracy (zero-shot) on %d examples", len(scored))
-        zero = {**zero, **answer_accuracy(ws.model, ws.tokenizer, scored, cfg.data, cfg.eval, ws.device),
+        zero = {**zero, **ws.accuracy(ws.model),
                 "accuracy_key": akey}
         store.put_meta("zero_shot", zero)
 
