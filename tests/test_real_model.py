@@ -31,7 +31,7 @@ def test_embedded_model_is_plain_trainable_llama(smol):
     assert tok.eos_token == "<|im_end|>" and tok.pad_token_id == tok.eos_token_id == 2
     anat = analyze(model)
     assert (anat.n_blocks, anat.base_params) == (30, 134_515_008)
-    assert anat.roles_present() == ("attn.q", "attn.k", "attn.v", "attn.o", "mlp.up", "mlp.gate", "mlp.down")
+    assert anat.roles_present() == ("attn.q", "attn.k", "attn.v", "attn.o", "mlp.gate", "mlp.up", "mlp.down")
     k = anat.layer("model.layers.0.self_attn.k_proj")
     assert (k.role, k.in_features, k.out_features) == ("attn.k", 576, 192)  # 3 KV heads of 64
 

@@ -5,6 +5,7 @@ Usage::
     loraplace inspect [--model M] [--json]
     loraplace plan [--model M] [--strategies S,S,...] [--budget B] [--json] [key=value ...]
     loraplace study [CONFIG.yaml] [key=value ...]
+    loraplace probe [CONFIG.yaml] [key=value ...] [--all]
     loraplace status STUDY_DIR [--csv | --json]
     loraplace report STUDY_DIR
     loraplace export STUDY_DIR --strategy S --format peft|axolotl|llamafactory|torchtune
@@ -114,7 +115,8 @@ def cmd_plan(args) -> int:
     from .config import StudyConfig
     from .models import load
     from .placement import parse_budget
-    from .study import resolve_placements
+    from .placement import is_selected
+    from .study import needs_probe, resolve_placements, selected_budget
 
     cfg = StudyConfig.load(args.config, overrides=args.overrides)
     if args.strategies:
@@ -124,7 +126,8 @@ def cmd_plan(args) -> int:
     cfg.check()
     model, _ = load(args.model or cfg.model)
     anat = analyze(model)
-    placements = resolve_placements(cfg, anat)
+    probe = _stored_probe(cfg) if needs_probe(cfg) else None
+    placements = resolve_placements(cfg, anat, probe.mean(cfg.auto.score) if probe else None)
     if args.json:
         print(json.dumps({name: {**p.to_dict(), "adapter_bytes": p.adapter_bytes()} for name, p in placements.items()}, indent=2))
         return 0
@@ -134,14 +137,91 @@ def cmd_plan(args) -> int:
         for name, p in placements.items()
     ]
     print(f"{anat.model_type}, {anat.n_blocks} blocks, {_fmt_int(anat.base_params)} base parameters (adapters excluded)")
+    selected = [n for n in placements if is_selected(n)]
+    if selected:
+        print(f"{', '.join(selected)} filled to {cfg.auto.budget or cfg.budget} = "
+              f"{_fmt_int(selected_budget(cfg, anat))} trainable parameters (within 5%)")
     if cfg.budget:
-        target = parse_budget(cfg.budget, anat, cfg.train.rank, cfg.define)
+        target = (placements["auto"].trainable_params if cfg.budget == "same:auto"
+                  else parse_budget(cfg.budget, anat, cfg.train.rank, cfg.define))
         print(f"budget-matched to {cfg.budget} = {_fmt_int(target)} trainable parameters (within 5%)")
     print(_table(rows, ["strategy", "modules", "trainable", "of base", "adapter (fp32)", "ranks"], right={1, 2, 3, 4}))
     for name, p in placements.items():
         print(f"\n{name}: {p.strategy.description or p.strategy.to_dict()}")
         print(placement_map(p, anat))
+        if name == "auto" and probe is not None:
+            print(auto_why(p, probe, cfg.auto.score))
     return 0
+
+
+def _stored_probe(cfg):
+    """The probe matching cfg, from the study directory cfg.out; a one-line error when it is not there."""
+    from .placement import PlacementError
+    from .probe import load, probe_key
+    from .store import DB_NAME, Store
+
+    key = probe_key(cfg)
+    hint = (f"strategy auto needs the probe's scores, and {cfg.out} holds none for these settings: run "
+            f"`loraplace probe` with the same config and out= first (`loraplace study` runs it itself)")
+    if not os.path.exists(os.path.join(cfg.out, DB_NAME)):
+        raise PlacementError(hint)
+    with Store.open(cfg.out, create=False) as store:
+        probe = load(store, key)
+    if probe is None or not set(cfg.probe.seeds) <= set(probe.seeds):
+        raise PlacementError(hint)
+    return probe.only(cfg.probe.seeds)
+
+
+def auto_why(placement, probe, criterion: str, top: int = 5) -> str:
+    """Why auto chose what it chose: the score cut-off, the best chosen and the best left-out modules."""
+    mean = probe.mean(criterion)
+    order = sorted(mean, key=lambda n: (-mean[n], n))
+    chosen = [n for n in order if n in placement.modules]
+    left = [n for n in order if n not in placement.modules]
+    lines = [f"auto chose {len(chosen)} of {len(order)} modules by {criterion} (mean over probe seeds "
+             f"{', '.join(map(str, probe.seeds))}); lowest chosen score {mean[chosen[-1]]:.4g}"
+             + (f", highest left out {mean[left[0]]:.4g}" if left else "")
+             + (" (a higher-scored module is left out when it does not fit the rest of the budget)"
+                if left and mean[left[0]] > mean[chosen[-1]] else "")]
+    lines += [f"  chosen   {mean[n]:10.4g}  {n}" for n in chosen[:top]]
+    lines += [f"  left out {mean[n]:10.4g}  {n}" for n in left[:top]]
+    return "\n".join(lines)
+
+
+def cmd_probe(args) -> int:
+    from .config import StudyConfig
+    from .executor import Workspace
+    from .probe import ensure_probe
+    from .store import Store
+
+    config_path, overrides = _config_and_overrides(args.items)
+    cfg = StudyConfig.load(config_path, overrides=overrides)
+    ws = Workspace.build(cfg)
+    with Store.open(cfg.out) as store:
+        probe = ensure_probe(cfg, ws, store)
+    criteria = [cfg.auto.score] + [c for c in probe.criteria if c != cfg.auto.score]
+    print(f"Probe {probe.key}: rank {cfg.probe.rank}, {cfg.probe.steps} steps per seed, seeds "
+          f"{', '.join(map(str, probe.seeds))}, {probe.time_s:.0f} s in all (stored in {cfg.out}/study.db)")
+    for c in criteria if args.all else criteria[:1]:
+        print(f"\n{c} by block and role (mean over probe seeds; ± = seed-to-seed sd as % of the mean):")
+        print(probe.table(c))
+    print()
+    for c in criteria:
+        print(probe.summary(c))
+    return 0
+
+
+def _config_and_overrides(items: list[str]) -> tuple[str | None, list[str]]:
+    """[CONFIG.yaml] then key=value items, as ``study`` and ``probe`` take them."""
+    config_path, overrides = None, []
+    for item in items:
+        if "=" in item:
+            overrides.append(item)
+        elif config_path is None:
+            config_path = item
+        else:
+            raise _config_error(f"more than one config file given ({config_path}, {item}); use key=value for overrides")
+    return config_path, overrides
 
 
 def _rank_text(p) -> str:
@@ -275,6 +355,11 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("items", nargs="*", help="an optional study YAML, then key=value overrides (e.g. seeds=[0,1,2] train.steps=60)")
     s.add_argument("--out", help="study directory (same as out=DIR)")
     s.set_defaults(func=cmd_study)
+
+    s = sub.add_parser("probe", help="score every module by a short low-rank run (the scores behind strategy auto)")
+    s.add_argument("items", nargs="*", help="an optional study YAML, then key=value overrides (e.g. probe.steps=20)")
+    s.add_argument("--all", action="store_true", help="print the table of every criterion, not only auto.score's")
+    s.set_defaults(func=cmd_probe)
 
     s = sub.add_parser("status", help="list a study's trials and their state")
     s.add_argument("study_dir")

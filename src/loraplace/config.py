@@ -136,6 +136,46 @@ class EvalSpec:
         _positive("eval.max_new_tokens", self.max_new_tokens)
 
 
+PROBE_CRITERIA = ("lora_drop", "grad_norm", "fisher")  # documented in probe.py and docs/results.md
+
+
+@dataclass
+class ProbeSpec:
+    """The probe (``loraplace probe``, and ``study`` before placing ``auto``): a short uniform low-rank run on
+    every linear module that scores each module; see probe.py."""
+
+    steps: int = 20  # optimizer steps per probe seed (a trial has train.steps)
+    rank: int = 4  # uniform LoRA rank of the probe adapter (alpha keeps the trials' alpha/rank scale)
+    seeds: list[int] = field(default_factory=lambda: [0, 1])  # probe seeds: the spread and rank correlation need >= 2
+    lr: float | None = None  # peak learning rate; None: train.lr
+    score_batches: int = 4  # train batches the LoRA-drop norm is averaged over after the probe steps
+
+    def check(self) -> None:
+        _positive("probe.steps", self.steps)
+        _positive("probe.rank", self.rank)
+        _positive("probe.score_batches", self.score_batches)
+        if self.lr is not None:
+            _positive("probe.lr", self.lr)
+        if not self.seeds:
+            raise ConfigError("probe.seeds: empty; give at least one seed, e.g. probe.seeds=[0,1]")
+        if len(set(self.seeds)) != len(self.seeds):
+            raise ConfigError(f"probe.seeds: duplicates in {self.seeds}")
+
+
+@dataclass
+class AutoSpec:
+    """Strategy ``auto``: the modules the probe scores highest, at train.rank, until the budget is met."""
+
+    score: str = "lora_drop"  # lora_drop | grad_norm | fisher (the probe's criteria)
+    budget: str | None = None  # "same:STRATEGY" or a count; None: the study's budget
+
+    def check(self) -> None:
+        _choice("auto.score", self.score, PROBE_CRITERIA)
+        if self.budget is not None and str(self.budget).startswith(("same:auto", "same:random")):
+            raise ConfigError(f"auto.budget: {self.budget!r} refers to itself; use same:STRATEGY of a fixed strategy "
+                              "or a count")
+
+
 METRIC_CHOICES = ("eval_loss", "accuracy")  # quality measures the analysis can decide on
 
 
@@ -171,6 +211,8 @@ class StudyConfig:
     ray_address: str | None = None  # executor=ray: a cluster address; None starts Ray here (or uses RAY_ADDRESS)
     cpus_per_trial: float = 2  # executor=ray: CPUs (and torch threads) per trial
     gpus_per_trial: float = 0  # executor=ray: GPUs per trial (set 1 with train.device=cuda)
+    probe: ProbeSpec = field(default_factory=ProbeSpec)  # the probe behind strategy auto
+    auto: AutoSpec = field(default_factory=AutoSpec)  # strategy auto: which probe score, which budget
     analysis: AnalysisSpec = field(default_factory=AnalysisSpec)
     max_retries: int = 1  # executor=ray: reruns of a trial whose worker died, before it is recorded as failed
     track: str | None = None  # experiment tracking besides the store: mlflow | wandb (needs that package)
@@ -203,6 +245,12 @@ class StudyConfig:
             raise ConfigError(f"gpus_per_trial: must be >= 0, got {self.gpus_per_trial}")
         if not 0 < self.threshold <= 1.5:
             raise ConfigError(f"threshold: must be in (0, 1.5], got {self.threshold}")
+        self.probe.check()
+        self.auto.check()
+        reserved = [n for n in self.define if n == "auto" or (n.startswith("random:") and n[7:].isdigit())]
+        if reserved:
+            raise ConfigError(f"define.{reserved[0]}: auto and random:K are built from the probe and the budget; "
+                              "choose another name")
 
     # -- serialization -------------------------------------------------------------------------
     def to_dict(self) -> dict:

@@ -241,12 +241,61 @@ def costs(a: StudyAnalysis, path: Path) -> Path:
         return _save(fig, path)
 
 
+def probe_heatmap(a: StudyAnalysis, path: Path) -> Path:
+    """One block x role heatmap per probe criterion: colour = the module's percentile rank among all modules by
+    its mean score over probe seeds (auto uses only the order; one outlier would wash out a linear scale);
+    dots mark the modules ``auto`` adapts, on the panel of the criterion it used."""
+    probe = a.probe
+    chosen_by = a.config.auto.score if a.config is not None else None
+    auto = a.get("auto")
+    chosen = set(auto.placement.modules) if auto is not None and auto.placement is not None else set()
+    layout = probe.layout()
+    roles = sorted({r for _, r in layout.values()}, key=lambda r: ROLES.index(r) if r in ROLES else len(ROLES))
+    n_blocks = max(b for b, _ in layout.values()) + 1
+    criteria = probe.criteria
+    with matplotlib.rc_context(RC):
+        fig = Figure(figsize=(12, 1.2 + len(criteria) * (0.33 * len(roles) + 1.1)), layout="constrained")
+        axes = fig.subplots(len(criteria), 1, squeeze=False, sharex=True)[:, 0]
+        cmap = matplotlib.colormaps["magma_r"]
+        for ax, crit in zip(axes, criteria):
+            mean = probe.mean(crit)
+            top = max(mean.values())
+            order = sorted(mean, key=lambda m: (mean[m], m))
+            grid = np.full((len(roles), n_blocks), np.nan)
+            for i, m in enumerate(order):
+                b, r = layout[m]
+                grid[roles.index(r), b] = i / max(1, len(order) - 1)
+            mesh = ax.pcolormesh(np.ma.masked_invalid(grid), cmap=cmap, norm=Normalize(0, 1), edgecolors="lightgray",
+                                 linewidth=0.5)
+            if crit == chosen_by and chosen:
+                pts = [(layout[m][0] + 0.5, roles.index(layout[m][1]) + 0.5) for m in chosen if m in layout]
+                ax.scatter([p[0] for p in pts], [p[1] for p in pts], s=45, c="#56B4E9", edgecolors="black",
+                           linewidths=0.6, zorder=3, label="adapted by auto")
+                ax.legend(loc="upper right", bbox_to_anchor=(1.0, 1.35), frameon=False)
+            ax.set_yticks([i + 0.5 for i in range(len(roles))], roles)
+            ax.invert_yaxis()
+            rho = [r for _, _, r in probe.rank_correlation(crit)]
+            rtxt = f"; Spearman rho across probe seeds {sum(rho) / len(rho):.2f}" if rho else ""
+            ax.set_title(f"{crit} (max {top:.3g}){' = auto.score' if crit == chosen_by else ''}{rtxt}", loc="left")
+            ax.set_ylabel("Role")
+        step = max(1, n_blocks // 15)
+        axes[-1].set_xticks([b + 0.5 for b in range(0, n_blocks, step)], [str(b) for b in range(0, n_blocks, step)])
+        axes[-1].set_xlabel("Transformer block (0 = nearest the embeddings)")
+        fig.colorbar(mesh, ax=list(axes), label="percentile rank of the score (1 = highest)", location="right", fraction=0.025, aspect=25)
+        fig.suptitle(f"Probe scores per module, mean over probe seeds {', '.join(map(str, probe.seeds))}")
+        return _save(fig, path)
+
+
 FIGURES = {"pareto": pareto, "accuracy": accuracy, "curves": curves, "placement_map": placement_map, "costs": costs}
 
 
 def draw_all(a: StudyAnalysis, out_dir: Path) -> dict[str, Path]:
-    """Every figure as out_dir/<name>.png; returns {name: path}. ``accuracy`` only when trials carry accuracy."""
+    """Every figure as out_dir/<name>.png; returns {name: path}. ``accuracy`` only when trials carry accuracy,
+    ``probe`` only when the study has probe scores."""
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    return {name: fn(a, out_dir / f"{name}.png") for name, fn in FIGURES.items()
+    figs = {name: fn(a, out_dir / f"{name}.png") for name, fn in FIGURES.items()
             if name != "accuracy" or a.has_accuracy}
+    if getattr(a, "probe", None) is not None:  # the study ran a probe (strategy auto)
+        figs["probe"] = probe_heatmap(a, out_dir / "probe.png")
+    return figs

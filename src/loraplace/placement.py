@@ -82,11 +82,100 @@ BUILTIN: dict[str, Strategy] = {
 def get_strategy(name: str, defined: dict[str, dict] | None = None) -> Strategy:
     """A built-in strategy or one defined in the study config (same vocabulary)."""
     defined = defined or {}
+    if is_selected(name):
+        return selected_strategy(name)
     if name in defined:
         return Strategy.from_dict(name, defined[name] or {})
     if name in BUILTIN:
         return BUILTIN[name]
-    raise PlacementError(f"unknown strategy {name!r}; valid: {', '.join([*BUILTIN, *defined])} (or define it in the study YAML)")
+    raise PlacementError(f"unknown strategy {name!r}; valid: {', '.join([*BUILTIN, *defined])}, auto, random:K "
+                         "(or define it in the study YAML)")
+
+
+# -- selected strategies: module sets chosen from probe scores (auto) or at random (random:K) ------
+AUTO_DESCRIPTION = "the modules the probe scores highest (auto.score), at the default rank, filled to the budget"
+
+
+def is_selected(name: str) -> bool:
+    """``auto`` and ``random:K`` (K = 0, 1, ...): module sets chosen per model, not by roles x blocks."""
+    kind, colon, k = name.partition(":")
+    return name == "auto" or (kind == "random" and colon == ":" and k.isdigit())
+
+
+def selected_strategy(name: str) -> Strategy:
+    if name == "auto":
+        return Strategy("auto", description=AUTO_DESCRIPTION)
+    k = int(name.partition(":")[2])
+    return Strategy(name, description=f"random module set, draw {k} (seeded by {k}), at the default rank, filled "
+                                      "to the budget")
+
+
+def fill_budget(order: list[str], anat: Anatomy, target: int, rank: int) -> dict[str, int]:
+    """Modules taken in ``order`` at ``rank`` while each brings the count closer to ``target`` without passing
+    target + 5%; a module that does not fit is skipped (a later, smaller one may). Returns name -> rank.
+
+    Raises PlacementError when the count cannot land within 5% of the target."""
+    total, chosen = 0, {}
+    for name in order:
+        layer = anat.layer(name)
+        cost = min(rank, layer.in_features, layer.out_features) * (layer.in_features + layer.out_features)
+        if total + cost / 2 < target and total + cost <= target * (1 + BUDGET_TOLERANCE):
+            chosen[name] = min(rank, layer.in_features, layer.out_features)
+            total += cost
+    if abs(total - target) > BUDGET_TOLERANCE * target:
+        every = sum(min(rank, l.in_features, l.out_features) * (l.in_features + l.out_features) for l in anat.layers
+                    if l.name in set(order))
+        raise PlacementError(
+            f"budget {target:,} cannot be met by choosing modules at rank {rank}: the closest is {total:,} "
+            f"(all {len(order)} candidate modules together train {every:,}); change the budget or train.rank")
+    return chosen
+
+
+def _candidates(anat: Anatomy) -> list[str]:
+    """Every module a strategy with roles all and blocks all adapts, by name."""
+    return sorted(l.name for l in anat.layers if l.role in ROLES and l.block >= 0)
+
+
+def auto_placement(anat: Anatomy, scores: dict[str, float], target: int, rank: int = 16, alpha: float = 32,
+                   alpha_per_rank: bool = False) -> Placement:
+    """Strategy ``auto``: the highest-scored modules (ties by name) filled to ``target`` (see ``fill_budget``)."""
+    cands = _candidates(anat)
+    missing = [n for n in cands if n not in scores]
+    if missing:
+        raise PlacementError(f"probe scores miss {len(missing)} module(s) of this model (e.g. {missing[0]}); "
+                             "the probe was run on another model")
+    order = sorted(cands, key=lambda n: (-scores[n], n))
+    ranks = fill_budget(order, anat, target, rank)
+    return resolve(selected_strategy("auto"), anat, rank=rank, alpha=alpha, alpha_per_rank=alpha_per_rank,
+                   ranks=ranks)
+
+
+def random_order(anat: Anatomy, draw: int) -> list[str]:
+    """The candidate modules in a random order seeded by ``draw`` (the same on every run and machine)."""
+    import random
+
+    order = _candidates(anat)
+    random.Random(f"loraplace-random-{draw}").shuffle(order)
+    return order
+
+
+def random_placement(anat: Anatomy, draw: int, target: int, rank: int = 16, alpha: float = 32,
+                     alpha_per_rank: bool = False) -> Placement:
+    """Strategy ``random:K``: modules in a seeded random order filled to ``target``. Draw K differs from every
+    draw 0..K-1 (a draw that repeats an earlier module set is reshuffled with a further seed)."""
+    earlier: list[set[str]] = []
+    for k in range(draw + 1):
+        attempt = 0
+        while True:
+            ranks = fill_budget(random_order(anat, k if attempt == 0 else f"{k}.{attempt}"), anat, target, rank)
+            if set(ranks) not in earlier or attempt >= 100:  # 100: the budget admits too few distinct sets
+                break
+            attempt += 1
+        if set(ranks) in earlier:
+            raise PlacementError(f"random:{k}: no module set at budget {target:,} differs from the earlier draws")
+        earlier.append(set(ranks))
+    return resolve(selected_strategy(f"random:{draw}"), anat, rank=rank, alpha=alpha, alpha_per_rank=alpha_per_rank,
+                   ranks=ranks)
 
 
 
@@ -349,6 +438,11 @@ def resolve(
     blocks = set(parse_blocks(strategy.blocks, anat.n_blocks))
     _check_rank_keys(strategy.rank, strategy.name)
     chosen = sorted((l for l in anat.layers if l.role in roles and l.block in blocks), key=lambda l: l.name)
+    if is_selected(strategy.name):  # auto / random:K: the module set is data (``ranks``), not roles x blocks
+        if not ranks:
+            raise PlacementError(f"strategy {strategy.name!r} is chosen per study (probe scores, budget): resolve it "
+                                 "with auto_placement / random_placement, or through the study")
+        chosen = [l for l in chosen if l.name in ranks]
     if not chosen:
         present = ", ".join(anat.roles_present())
         raise PlacementError(

@@ -9,7 +9,8 @@ Usage::
 ``write_report`` reads the study's store and writes into ``STUDY_DIR/report/``: ``report.md``
 (figures linked as sibling PNGs), ``report.html`` (figures embedded as base64 data URIs, inline
 CSS: opens offline, can be mailed alone) and the PNGs ``pareto.png``, ``curves.png``,
-``placement_map.png``, ``costs.png``, and ``accuracy.png`` when the trials carry accuracy. ``summary_table`` / ``summary_text`` give the plain-text
+``placement_map.png``, ``costs.png``, ``accuracy.png`` when the trials carry accuracy and ``probe.png`` (with a probe-verdict
+section) when the study ran a probe. ``summary_table`` / ``summary_text`` give the plain-text
 table for terminals.
 """
 
@@ -37,7 +38,25 @@ CAPTIONS = {
     "curves": "Training loss per optimizer step, mean over the seeds that logged each step.",
     "placement_map": "Adapted modules per transformer block and role; colour = LoRA rank, white = not adapted.",
     "costs": "Train time, peak memory (CPU: process RSS high-water mark; CUDA: max allocated) and adapter size.",
+    "probe": "Probe scores per transformer block and role, mean over probe seeds; colour = the module's percentile "
+             "rank under each criterion (darker = higher); dots: the modules auto adapts.",
 }
+
+
+def probe_section(a: StudyAnalysis) -> tuple[str, list[str], str | None]:
+    """(verdict text, evidence lines, block x role table of auto.score) for the report; ("", [], None) without a
+    probe or an auto trial."""
+    if a.verdict is None and a.probe is None:
+        return "", [], None
+    text = a.verdict.text if a.verdict is not None else "The study has a probe but no finished auto trial."
+    evidence = list(a.verdict.evidence) if a.verdict is not None else []
+    table = None
+    if a.probe is not None:
+        crit = a.config.auto.score if a.config is not None else a.probe.criteria[0]
+        if crit in a.probe.criteria:
+            table = f"{crit} by block and role (mean over probe seeds; ± = seed-to-seed sd as % of the mean)\n" + \
+                    a.probe.table(crit)
+    return text, evidence, table
 
 
 # -- tables ----------------------------------------------------------------------------------------
@@ -157,6 +176,8 @@ def summary_text(a: StudyAnalysis) -> str:
               "Pareto frontier" + ("; accuracy [lo, hi]: 95% Wilson interval (one seed)" if a.has_accuracy else ""))
     parts = [summary_table(a), legend, "", f"Decided on: {_metric_text(a)}",
              "Recommendation: " + a.recommendation.text]
+    if a.verdict is not None:
+        parts.append("Probe verdict: " + a.verdict.text)
     if a.failed:
         failures = "; ".join(f"{f.strategy} seed {f.seed}: {f.error}" for f in a.failed)
         parts.append(f"Failed trials ({len(a.failed)}): {failures}")
@@ -212,6 +233,12 @@ def render_markdown(a: StudyAnalysis, figs: dict[str, Path]) -> str:
     headers, rows = results_table(a)
     md += ["| " + " | ".join(headers) + " |", "|" + "|".join(["---"] + ["---:"] * (len(headers) - 1)) + "|"]
     md += ["| " + " | ".join(r) + " |" for r in rows] + [""] + [f"- {n}" for n in table_notes(a)] + [""]
+    verdict, evidence, ptable = probe_section(a)
+    if verdict:
+        md += ["## Probe verdict: auto vs random at equal budget", "", f"**{verdict}**", ""]
+        md += [f"- {x}" for x in evidence] + [""]
+        if ptable:
+            md += ["```", ptable, "```", ""]
     md += ["## Figures", ""]
     for name, path in figs.items():
         md += [f"![{name}]({path.name})", "", f"*{CAPTIONS.get(name, name)}*", ""]
@@ -259,6 +286,12 @@ def render_html(a: StudyAnalysis, figs: dict[str, Path]) -> str:
         cells = [f"<td>{e(r[0])}</td>"] + [f'<td class="num">{e(c)}</td>' for c in r[1:]]
         out.append(f"<tr{cls}>" + "".join(cells) + "</tr>")
     out += ["</tbody></table></div>", '<ul class="notes">'] + [f"<li>{e(n)}</li>" for n in table_notes(a)] + ["</ul>"]
+    verdict, evidence, ptable = probe_section(a)
+    if verdict:
+        out += ["<h2>Probe verdict: auto vs random at equal budget</h2>", '<div class="rec">', f"<p>{e(verdict)}</p>",
+                "<ul>"] + [f"<li>{e(x)}</li>" for x in evidence] + ["</ul></div>"]
+        if ptable:
+            out.append(f'<div class="scroll"><pre>{e(ptable)}</pre></div>')
     out.append("<h2>Figures</h2>")
     for name, path in figs.items():
         out.append(f'<figure><img alt="{e(name)}" src="{_img_uri(path)}">'
@@ -278,7 +311,8 @@ def write_report(study_dir: str | Path, threshold: float | None = None, metric: 
 
     threshold: retained-improvement share for the recommendation; None = the study config's
     (default 0.95). metric: eval_loss or accuracy; None = the study's analysis.metric. Returns
-    {"dir", "markdown", "html", "pareto", ["accuracy",] "curves", "placement_map", "costs"}.
+    {"dir", "markdown", "html", "pareto", ["accuracy",] "curves", "placement_map", "costs"}, plus "probe" when the study
+    has probe scores.
     Raises store.StoreError when study_dir has no study database, config.ConfigError when
     metric=accuracy and no finished trial has an accuracy."""
     study_dir = Path(study_dir)

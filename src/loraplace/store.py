@@ -35,6 +35,8 @@ process *claims* a pending trial in one ``BEGIN IMMEDIATE`` transaction, and oth
 this host) may be claimed again.
 
 Table ``meta`` holds study-wide key/JSON-value pairs (``study_config``, ``zero_shot``, ...).
+Table ``probe_scores`` holds the probe's per-module scores (``probe_key, seed, block, role, module,
+criterion, score``; see probe.py and docs/results.md).
 Every write is one transaction: a crash never leaves a half-written row.
 """
 
@@ -83,6 +85,16 @@ CREATE TABLE IF NOT EXISTS trials (
     heartbeat_at TEXT
 );
 CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value_json TEXT NOT NULL);
+CREATE TABLE IF NOT EXISTS probe_scores (
+    probe_key TEXT NOT NULL,
+    seed INTEGER NOT NULL,
+    block INTEGER NOT NULL,
+    role TEXT NOT NULL,
+    module TEXT NOT NULL,
+    criterion TEXT NOT NULL,
+    score REAL NOT NULL,
+    PRIMARY KEY (probe_key, seed, module, criterion)
+);
 """
 
 
@@ -356,6 +368,25 @@ class Store:
             self._conn.execute("ROLLBACK")
             raise
         return n
+
+    def put_probe(self, probe_key: str, seed: int, rows: list[tuple[int, str, str, str, float]], info: dict) -> None:
+        """One probe seed's scores, rows (block, role, module, criterion, score), and its ``info`` (settings,
+        time) under meta ``probe:<probe_key>`` -> {"seeds": {seed: info}}: all in one transaction."""
+        with self._conn:
+            self._conn.execute("DELETE FROM probe_scores WHERE probe_key=? AND seed=?", (probe_key, int(seed)))
+            self._conn.executemany(
+                "INSERT INTO probe_scores(probe_key, seed, block, role, module, criterion, score) VALUES(?,?,?,?,?,?,?)",
+                [(probe_key, int(seed), int(b), r, m, c, float(v)) for b, r, m, c, v in rows])
+            meta = self.get_meta(f"probe:{probe_key}", {"seeds": {}})
+            meta["seeds"][str(int(seed))] = info
+            self._conn.execute("INSERT INTO meta(key, value_json) VALUES(?, ?) ON CONFLICT(key) DO UPDATE SET "
+                               "value_json=excluded.value_json", (f"probe:{probe_key}", json.dumps(meta, sort_keys=True)))
+
+    def probe_rows(self, probe_key: str) -> list[tuple[int, int, str, str, str, float]]:
+        """Rows (seed, block, role, module, criterion, score) of one probe, by seed, block, module, criterion."""
+        return [tuple(r) for r in self._conn.execute(
+            "SELECT seed, block, role, module, criterion, score FROM probe_scores WHERE probe_key=? "
+            "ORDER BY seed, block, module, criterion", (probe_key,))]
 
     # -- reads ---------------------------------------------------------------------------------
     def trials(self, status: str | None = None, strategy: str | None = None) -> list[TrialRecord]:

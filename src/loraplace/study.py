@@ -27,25 +27,71 @@ import torch
 
 from . import __version__
 from .anatomy import Anatomy
+from .answers import STOP_RULE
 from .config import ConfigError, StudyConfig
 from .executor import TrialTask, Workspace, run_tasks
-from .placement import Placement, get_strategy, match_budget, parse_budget, resolve
-from .answers import STOP_RULE
+from .placement import (Placement, PlacementError, auto_placement, get_strategy, is_selected, match_budget, parse_budget,
+                        random_placement, resolve)
 from .store import Heartbeat, Store, TrialRecord
 from .trial import evaluate
 
 log = logging.getLogger("loraplace")
 
 
-def resolve_placements(cfg: StudyConfig, anat: Anatomy) -> dict[str, Placement]:
-    """Every strategy of the study resolved (and budget-matched when cfg.budget is set)."""
+def resolve_placements(cfg: StudyConfig, anat: Anatomy, scores: dict[str, float] | None = None) -> dict[str, Placement]:
+    """Every strategy of the study resolved (and budget-matched when cfg.budget is set).
+
+    ``scores`` (full module name -> the probe's ``cfg.auto.score``, mean over probe seeds) places ``auto``;
+    ``auto`` and ``random:K`` fill ``selected_budget``, and ``budget: same:auto`` matches the others to auto."""
     t = cfg.train
     kw = dict(rank=t.rank, alpha=t.alpha, alpha_per_rank=t.alpha_per_rank)
+    if any(is_selected(n) for n in cfg.strategies) or cfg.budget == "same:auto":
+        return _with_selected(cfg, anat, scores, kw)
     strategies = {name: get_strategy(name, cfg.define) for name in cfg.strategies}
     if cfg.budget is None:
         return {name: resolve(s, anat, **kw) for name, s in strategies.items()}
     target = parse_budget(cfg.budget, anat, t.rank, cfg.define)
     return {name: match_budget(s, anat, target, **kw) for name, s in strategies.items()}
+
+
+def needs_probe(cfg: StudyConfig) -> bool:
+    """Whether resolving the study's placements needs probe scores (strategy auto, or budget same:auto)."""
+    return "auto" in cfg.strategies or cfg.budget == "same:auto"
+
+
+def selected_budget(cfg: StudyConfig, anat: Anatomy) -> int:
+    """The trainable count ``auto`` and ``random:K`` are filled to: ``auto.budget``, else the study's budget."""
+    spec = cfg.auto.budget if cfg.auto.budget is not None else cfg.budget
+    if spec is None or spec == "same:auto":
+        raise PlacementError("strategies auto and random:K need a budget: set auto.budget (e.g. same:attention_only "
+                             "or 1.5M), or the study's budget to a count or same:STRATEGY")
+    if is_selected(str(spec)[5:]) and str(spec).startswith("same:"):
+        raise PlacementError(f"budget {spec!r}: only same:auto or same:<fixed strategy> is possible")
+    return parse_budget(spec, anat, cfg.train.rank, cfg.define)
+
+
+def _with_selected(cfg: StudyConfig, anat: Anatomy, scores: dict[str, float] | None, kw: dict) -> dict[str, Placement]:
+    target = selected_budget(cfg, anat)
+    out: dict[str, Placement] = {}
+    if needs_probe(cfg):
+        if not scores:
+            raise PlacementError("strategy auto needs probe scores: run `loraplace probe` with the study's config "
+                                 "(`loraplace study` runs it itself)")
+        out["auto"] = auto_placement(anat, scores, target, **kw)
+    for name in cfg.strategies:
+        if name.startswith("random:") and is_selected(name):
+            out[name] = random_placement(anat, int(name[7:]), target, **kw)
+    if cfg.budget == "same:auto":
+        fixed_target = out["auto"].trainable_params
+    elif cfg.budget is not None:
+        fixed_target = parse_budget(cfg.budget, anat, cfg.train.rank, cfg.define)
+    else:
+        fixed_target = None
+    for name in cfg.strategies:
+        if name not in out:
+            s = get_strategy(name, cfg.define)
+            out[name] = resolve(s, anat, **kw) if fixed_target is None else match_budget(s, anat, fixed_target, **kw)
+    return {name: out[name] for name in cfg.strategies}
 
 
 def _canonical(obj):
@@ -132,7 +178,13 @@ def run_study(cfg: StudyConfig, model_and_tokenizer=None) -> list[TrialRecord]:
     store = Store.open(cfg.out)
     ws = Workspace.build(cfg, model_and_tokenizer)
     anat, train_set, eval_set = ws.anatomy, ws.train_set, ws.eval_set
-    placements = resolve_placements(cfg, anat)  # every strategy error surfaces before any training
+    scores = None
+    if needs_probe(cfg):  # auto's module set comes from the probe: run it (or reuse it) before placing
+        from .probe import ensure_probe
+
+        selected_budget(cfg, anat)  # a missing budget fails before minutes of probing
+        scores = ensure_probe(cfg, ws, store).mean(cfg.auto.score)
+    placements = resolve_placements(cfg, anat, scores)  # every strategy error surfaces before any training
     planned = plan_trials(cfg, placements)
     store.put_study_config(cfg, [p.trial_id for p in planned])
     store.write_file("config.yaml", cfg.to_yaml())  # rerun with: loraplace study OUT/config.yaml
