@@ -209,7 +209,7 @@ def test_auto_is_sequential_on_cpu_and_models_with_dropout_are_not_fused(tmp_pat
 
 
 def test_plan_groups_keeps_seeds_together():
-    from loraplace.executor import TrialTask
+    from loraplace.workspace import TrialTask
 
     tasks = [TrialTask(f"{s}{n}", n, s, {}, None) for s in (0, 1, 2) for n in "abc"]
     groups = fused.plan_groups(tasks, 3)

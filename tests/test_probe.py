@@ -16,7 +16,7 @@ from loraplace.anatomy import analyze
 from loraplace.cli import main
 from loraplace.config import ConfigError, StudyConfig
 from loraplace.data import batches
-from loraplace.executor import Workspace
+from loraplace.workspace import Workspace
 from loraplace.placement import (BUDGET_TOLERANCE, PlacementError, apply, auto_placement, get_strategy,
                                  random_placement, resolve)
 from loraplace.store import Store, TrialRecord

@@ -279,7 +279,7 @@ def analyze(
     """Statistics, fronts and recommendation for a study's trials.
 
     zero_shot_loss: the base model's eval loss (nats/token); None falls back to the
-    ``zero_shot_loss`` metric the done trials carry, if any. order: strategy names, used only to
+    ``zero_shot_loss`` metric that trials of older stores carry, if any. order: strategy names, used only to
     break ties in the cheapest-first ordering (e.g. the study config's order). metric: eval_loss
     or accuracy, the quality measure of retained improvement, fronts and recommendation;
     zero_shot_accuracy: the base model's accuracy on the same examples. Raises config.ConfigError

@@ -190,7 +190,7 @@ def auto_why(placement, probe, criterion: str, top: int = 5) -> str:
 
 def cmd_probe(args) -> int:
     from .config import StudyConfig
-    from .executor import Workspace
+    from .workspace import Workspace
     from .probe import ensure_probe
     from .store import Store
 

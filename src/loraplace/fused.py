@@ -4,7 +4,7 @@ Usage::
 
     size = group_size(cfg, ws, len(tasks))           # train.fuse: auto | off | N
     for group in plan_groups(tasks, size):
-        for task, result, error in run_group(ws, group, zero_shot_loss):
+        for task, result, error in run_group(ws, group):
             ...                                       # as executor.run_tasks yields
 
 How: the group's batches (one per trial, each from its own seed) are stacked along the batch
@@ -372,7 +372,7 @@ def evaluate_group(model, members: list[_Member], eval_set: TokenizedSet, batch_
 def run_fused_trials(
     base_model, placements: list[Placement], seeds: list[int], train_set: TokenizedSet, eval_set: TokenizedSet,
     train_spec: TrainSpec, eval_spec: EvalSpec, pad_id: int, device="cpu", adapter_dirs: list | None = None,
-    zero_shot_loss: float | None = None, accuracy_fn=None, desc: str = "fused",
+    accuracy_fn=None, desc: str = "fused",
 ) -> list[TrialResult | TrialError]:
     """``trial.run_trial`` for several trials at once: a TrialResult per trial, or the TrialError it failed with.
 
@@ -400,13 +400,13 @@ def run_fused_trials(
             out.append(TrialError(m.error))
             continue
         try:
-            out.append(_finish(base_model, m, train_spec, stats, len(members), peak, target, zero_shot_loss, accuracy_fn))
+            out.append(_finish(base_model, m, train_spec, stats, len(members), peak, target, accuracy_fn))
         except TrialError as e:
             out.append(e)
     return out
 
 
-def _finish(base_model, m: _Member, spec: TrainSpec, group: dict, size: int, peak: int, target, zero_shot_loss,
+def _finish(base_model, m: _Member, spec: TrainSpec, group: dict, size: int, peak: int, target,
             accuracy_fn) -> TrialResult:
     """Accuracy (generation), the non-finite eval check and the saved adapter of one member, as run_trial."""
     ev = dict(m.eval)
@@ -433,36 +433,37 @@ def _finish(base_model, m: _Member, spec: TrainSpec, group: dict, size: int, pea
         "train_loss_final": sum(s for s, _ in last) / max(1, sum(n for _, n in last)),
     }
     return trial_result(m.placement, ev, stats, m.curve, m.train_time, m.eval_time, peak, saved, spec.dropout,
-                        zero_shot_loss, fused_trials=size, fused_padding_frac=group["fused_padding_frac"],
+                        fused_trials=size, fused_padding_frac=group["fused_padding_frac"],
                         group_train_time_s=group["group_train_time_s"])
 
 
 # -- a group of study tasks ---------------------------------------------------------------------
-def run_group(ws, tasks: list, zero_shot_loss: float | None) -> list[tuple]:
+def run_group(ws, tasks: list) -> list[tuple]:
     """Outcomes ``(task, result, error)`` of a group of TrialTasks, fused on ``ws``'s model.
 
     Out of CUDA memory: the group is split in halves and each half run again (a single trial
     runs on the sequential engine), so no trial is lost.
     """
-    from .executor import RECORDED, BaseWeightsChanged, weights_fingerprint
+    from .executor import RECORDED
+    from .workspace import BaseWeightsChanged, weights_fingerprint
 
     if len(tasks) == 1:
         try:
-            return [(tasks[0], ws.run(tasks[0], zero_shot_loss), None)]
+            return [(tasks[0], ws.run(tasks[0]), None)]
         except RECORDED as e:
             return [(tasks[0], None, f"{type(e).__name__}: {e}")]
     cfg, before = ws.cfg, weights_fingerprint(ws.model)
     try:
         placements = [ws.placement(t) for t in tasks]
     except RECORDED:  # a placement that cannot be built fails on its own, as in the sequential engine
-        return [o for t in tasks for o in run_group(ws, [t], zero_shot_loss)]
+        return [o for t in tasks for o in run_group(ws, [t])]
     accuracy_fn = ws.accuracy_fn()
     try:
         results = run_fused_trials(
             ws.model, placements, [t.seed for t in tasks], ws.train_set, ws.eval_set, cfg.train, cfg.eval,
             pad_id=ws.tokenizer.pad_token_id, device=ws.device,
             adapter_dirs=[Path(t.adapter_dir) if t.adapter_dir else None for t in tasks],
-            zero_shot_loss=zero_shot_loss, accuracy_fn=accuracy_fn,
+            accuracy_fn=accuracy_fn,
             desc=f"{tasks[0].desc.split(']')[0]}] fused x{len(tasks)}" if tasks[0].desc else f"fused x{len(tasks)}",
         )
     except torch.cuda.OutOfMemoryError:
@@ -470,7 +471,7 @@ def run_group(ws, tasks: list, zero_shot_loss: float | None) -> list[tuple]:
         log.warning("fused group of %d ran out of CUDA memory; running it as groups of %d and %d",
                     len(tasks), half, len(tasks) - half)
         _free(ws.device)
-        return run_group(ws, tasks[:half], zero_shot_loss) + run_group(ws, tasks[half:], zero_shot_loss)
+        return run_group(ws, tasks[:half]) + run_group(ws, tasks[half:])
     finally:
         _free(ws.device)
         if weights_fingerprint(ws.model) != before:

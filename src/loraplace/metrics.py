@@ -24,7 +24,6 @@ METRICS: dict[str, tuple[str, str]] = {
     "eval_loss": ("nats/token", "token-weighted mean cross-entropy over all eval target tokens (next-token, shifted)"),
     "perplexity": ("", "exp(eval_loss)"),
     "eval_tokens": ("tokens", "target tokens in the eval set (the weights of eval_loss)"),
-    "zero_shot_loss": ("nats/token", "the base model's eval_loss on the same eval set (once per study)"),
     "train_loss_final": ("nats/token", "token-weighted mean train loss over the last 10% of steps"),
     "accuracy": ("fraction", "generation exact match of the final answer (question/answer data, optional)"),
     "accuracy_n": ("examples", "examples accuracy is measured on: the first eval.accuracy_limit eval examples with an answer"),

@@ -184,7 +184,7 @@ def load(store, key: str | None = None) -> ProbeScores | None:
 
 
 def ensure_probe(cfg, ws, store) -> ProbeScores:
-    """Run the probe seeds of ``cfg.probe.seeds`` that the store lacks (``ws``: an ``executor.Workspace``), store
+    """Run the probe seeds of ``cfg.probe.seeds`` that the store lacks (``ws``: an ``workspace.Workspace``), store
     them, mark this probe as the study's latest (meta ``probe``) and return its scores for those seeds."""
     key = probe_key(cfg)
     done = set(store.get_meta(f"probe:{key}", {"seeds": {}})["seeds"])
@@ -265,7 +265,7 @@ def run_probe(model, anat, train_set, cfg, seed: int, pad_id: int, device="cpu")
     import torch
 
     from .data import batches
-    from .executor import weights_fingerprint
+    from .workspace import weights_fingerprint
     from .placement import apply, get_strategy, resolve
     from .trial import train
 
@@ -312,7 +312,7 @@ def run_probe(model, anat, train_set, cfg, seed: int, pad_id: int, device="cpu")
     finally:
         peft_model.unload()  # removes the LoRA layers without merging
     if weights_fingerprint(model) != before:
-        from .executor import BaseWeightsChanged
+        from .workspace import BaseWeightsChanged
 
         raise BaseWeightsChanged(f"base weights changed during probe seed {seed}: refusing to continue")
     scores = {

@@ -29,7 +29,8 @@ from . import __version__
 from .anatomy import Anatomy
 from .answers import STOP_RULE
 from .config import ConfigError, StudyConfig
-from .executor import TrialTask, Workspace, run_tasks
+from .executor import run_tasks
+from .workspace import TrialTask, Workspace
 from .placement import (Placement, PlacementError, auto_placement, get_strategy, is_selected, match_budget, parse_budget,
                         random_placement, resolve)
 from .store import Heartbeat, Store, TrialRecord
@@ -241,7 +242,7 @@ def run_study(cfg: StudyConfig, model_and_tokenizer=None) -> list[TrialRecord]:
                     break
                 tasks = [replace(t, desc=f"[{i}/{len(todo)}] {t.strategy} seed {t.seed}") for i, t in enumerate(todo, start=1)]
                 ran = 0
-                for task, result, error in run_tasks(cfg, ws, tasks, zero["eval_loss"], on_start=claim):
+                for task, result, error in run_tasks(cfg, ws, tasks, on_start=claim):
                     ran += 1
                     if error is not None:
                         store.mark_failed(task.trial_id, error, env=env)

@@ -173,7 +173,6 @@ def run_trial(
     pad_id: int,
     device="cpu",
     adapter_dir: Path | None = None,
-    zero_shot_loss: float | None = None,
     accuracy_fn=None,
     desc: str = "train",
 ) -> TrialResult:
@@ -200,12 +199,11 @@ def run_trial(
         peft_model.unload()  # removes the LoRA layers without merging: the base stays pristine
         if train_spec.gradient_checkpointing:
             _checkpointing(base_model, False)
-    return trial_result(placement, ev, stats, curve, train_time, eval_time, peak, saved, train_spec.dropout,
-                        zero_shot_loss)
+    return trial_result(placement, ev, stats, curve, train_time, eval_time, peak, saved, train_spec.dropout)
 
 
 def trial_result(p: Placement, ev: dict, stats: dict, curve: list, train_time: float, eval_time: float, peak: int,
-                 saved: Path | None, dropout: float, zero_shot_loss: float | None = None, **extra) -> TrialResult:
+                 saved: Path | None, dropout: float, **extra) -> TrialResult:
     """A trial's TrialResult from its measurements, as every engine (sequential or fused) records it.
 
     ev: evaluate()'s figures (and accuracy); stats: train()'s (steps, train_tokens, padding_frac, ...);
@@ -225,8 +223,6 @@ def trial_result(p: Placement, ev: dict, stats: dict, curve: list, train_time: f
         "train_flops": M.train_flops(p.anatomy.base_params, p.trainable_params, stats["train_tokens"]),
         **extra,
     }
-    if zero_shot_loss is not None:
-        metrics["zero_shot_loss"] = zero_shot_loss
     return TrialResult(metrics=metrics, curve=curve, placement=p.record(dropout=dropout), adapter_dir=saved)
 
 
