@@ -233,15 +233,7 @@ def cmd_study(args) -> int:
     from .config import StudyConfig
     from .study import run_study
 
-    config_path = None
-    overrides = []
-    for item in args.items:
-        if "=" in item:
-            overrides.append(item)
-        elif config_path is None:
-            config_path = item
-        else:
-            raise _config_error(f"more than one config file given ({config_path}, {item}); use key=value for overrides")
+    config_path, overrides = _config_and_overrides(args.items)
     if args.out:
         overrides.append(f"out={args.out}")
     cfg = StudyConfig.load(config_path, overrides=overrides)

@@ -68,16 +68,23 @@ def _iv(iv: Interval | None, fmt: str, scale: float = 1.0) -> str:
     return m if iv.lo is None or iv.half == 0 else f"{m} ± {fmt.format(iv.half / scale)}"
 
 
-def _delta(a: StudyAnalysis, name: str) -> str:
+def _paired_text(a: StudyAnalysis, name: str, which: str, scale: float = 1.0, fmt: str = "{:+.4f}", unit: str = "") -> str:
+    """A paired delta vs the baseline (``which``: "paired" or "paired_accuracy"): 'mean ± half*' with its unit."""
     s = a.get(name)
     if name == a.baseline:
         return "(baseline)"
-    if s is None or s.paired is None:
+    paired = getattr(s, which, None) if s is not None else None
+    if paired is None:
         return "—"
-    d = s.paired.diff
+    d = paired.diff
     if d.lo is None:
-        return f"{d.mean:+.4f}"
-    return f"{d.mean:+.4f} ± {d.half:.4f}" + ("*" if s.paired.significant else "")
+        return fmt.format(scale * d.mean) + unit
+    half = fmt.replace("+", "").format(scale * d.half)  # the same precision, no sign
+    return f"{fmt.format(scale * d.mean)} ± {half}{unit}" + ("*" if paired.significant else "")
+
+
+def _delta(a: StudyAnalysis, name: str) -> str:
+    return _paired_text(a, name, "paired")
 
 
 def _accuracy(s: StrategyStats) -> str:
@@ -94,15 +101,7 @@ def _accuracy(s: StrategyStats) -> str:
 
 
 def _delta_accuracy(a: StudyAnalysis, name: str) -> str:
-    s = a.get(name)
-    if name == a.baseline:
-        return "(baseline)"
-    if s is None or s.paired_accuracy is None:
-        return "—"
-    d = s.paired_accuracy.diff
-    if d.lo is None:
-        return f"{100 * d.mean:+.1f} pp"
-    return f"{100 * d.mean:+.1f} ± {100 * d.half:.1f} pp" + ("*" if s.paired_accuracy.significant else "")
+    return _paired_text(a, name, "paired_accuracy", scale=100, fmt="{:+.1f}", unit=" pp")
 
 
 def results_table(a: StudyAnalysis) -> tuple[list[str], list[list[str]]]:
