@@ -72,3 +72,25 @@ def test_overrides_win_over_the_file(tmp_path):
     path.write_text("train:\n  steps: 10\n  lr: 0.001\nseeds: [5]\n")
     cfg = StudyConfig.load(path, overrides=["train.steps=20"])
     assert (cfg.train.steps, cfg.train.lr, cfg.seeds) == (20, 0.001, [5])
+
+
+EXAMPLES = sorted((__import__("pathlib").Path(__file__).parents[1] / "examples").glob("*.yaml"))
+
+
+@pytest.mark.parametrize("path", EXAMPLES, ids=lambda p: p.name)
+def test_example_configs_load(path):
+    assert StudyConfig.load(path).strategies
+
+
+def test_study_yaml_lists_every_setting():
+    """examples/study.yaml promises every setting with its default: every key of the config is in it."""
+    import yaml
+
+    path = next(p for p in EXAMPLES if p.name == "study.yaml")
+    written = yaml.safe_load(path.read_text())
+
+    def keys(d, prefix=""):
+        return {prefix + k for k in d} | {x for k, v in d.items() if isinstance(v, dict) and k != "define"
+                                          for x in keys(v, prefix + k + ".")}
+
+    assert keys(StudyConfig().to_dict()) <= keys(written)
