@@ -94,3 +94,53 @@ def test_bad_dataset_lines_and_unwritable_output(capsys, model_dir, tmp_path):
     blocker.write_text("not a directory")
     rc, _, err = _run(capsys, "study", f"model={model_dir}", f"out={blocker / 'sub'}")
     assert rc == 2 and "cannot use study directory" in err and "Traceback" not in err
+
+
+@pytest.fixture
+def no_tokenizer_no_weights(monkeypatch):
+    """inspect and plan must read neither a tokenizer nor weights: both loaders fail loudly if called."""
+    import transformers
+
+    def refuse(*a, **k):
+        raise AssertionError("inspect/plan loaded a tokenizer or weights")
+
+    monkeypatch.setattr(transformers.AutoTokenizer, "from_pretrained", refuse)
+    monkeypatch.setattr(transformers.AutoModelForCausalLM, "from_pretrained", refuse)
+
+
+@pytest.mark.parametrize("arch", tiny_models.ARCH_NAMES)
+def test_config_only_dir_inspect_and_plan(capsys, tmp_path, arch, no_tokenizer_no_weights):
+    d = tiny_models.save_config(arch, tmp_path / arch)  # config.json only: no tokenizer files, no weights
+    rc, out, err = _run(capsys, "inspect", "--model", d)
+    assert rc == 0 and f"2 blocks at" in out and "mlp.down" in out, err
+    rc, out, err = _run(capsys, "plan", "--model", d, "--strategies", "all_linear,attention_only")
+    assert rc == 0 and "est. peak mem" in out and "GFLOP/step" in out and "activations" in out, err
+
+
+def test_plan_json_carries_the_estimate(capsys, tmp_path, no_tokenizer_no_weights):
+    d = tiny_models.save_config("llama", tmp_path / "llama")
+    rc, out, _ = _run(capsys, "plan", "--model", d, "--json", "--strategies", "all_linear,top_half",
+                      "train.batch_size=4", "data.max_length=64", "train.rank=4")
+    plans = json.loads(out)
+    assert rc == 0
+    for p in plans.values():
+        est = p["estimate"]
+        assert est["tokens_per_step"] == 4 * 64 and est["peak_bytes"] == sum(est["terms"].values())
+        assert est["terms"]["adamw"] == 8 * p["trainable_params"] and est["terms"]["weights"] == 4 * p["base_params"]
+    assert plans["top_half"]["estimate"]["terms"]["activations"] < plans["all_linear"]["estimate"]["terms"]["activations"]
+
+
+@pytest.mark.parametrize("arch", tiny_models.MOE_NAMES)
+def test_moe_inspect_and_plan_never_fail(capsys, tmp_path, arch, no_tokenizer_no_weights):
+    d = tiny_models.save_config(arch, tmp_path / arch)
+    rc, out, _ = _run(capsys, "inspect", "--model", d)
+    assert rc == 0 and "moe.experts" in out and "not separate nn.Linear layers" in out and "attn.q" in out
+    has_mlp = "mlp.down" in out  # Qwen2-MoE's shared expert is plain nn.Linear; Mixtral/Qwen3-MoE have none
+    rc, out, _ = _run(capsys, "plan", "--model", d)  # the default strategies, mlp_only among them
+    assert rc == 0 and "all_linear" in out and "attention_only" in out
+    assert ("skipped mlp_only" in out) == (not has_mlp)
+    rc, out, err = _run(capsys, "plan", "--model", d, "--strategies", "mlp_only")
+    if has_mlp:
+        assert rc == 0 and "mlp_only" in out
+    else:
+        assert rc == 2 and "fused 3-D weights" in err and "\n" not in err.strip()
