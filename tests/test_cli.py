@@ -144,3 +144,17 @@ def test_moe_inspect_and_plan_never_fail(capsys, tmp_path, arch, no_tokenizer_no
         assert rc == 0 and "mlp_only" in out
     else:
         assert rc == 2 and "fused 3-D weights" in err and "\n" not in err.strip()
+
+
+def test_plan_on_a_70b_config(capsys, tmp_path, no_tokenizer_no_weights):
+    from test_models import LLAMA_70B
+
+    (tmp_path / "config.json").write_text(json.dumps(LLAMA_70B))  # 140 GB of weights never needed
+    rc, out, _ = _run(capsys, "plan", "--model", str(tmp_path), "--json", "--strategies", "all_linear,qv_only",
+                      "train.dtype=bfloat16", "train.batch_size=1", "data.max_length=4096")
+    plans = json.loads(out)
+    assert rc == 0 and 70.5e9 < plans["all_linear"]["base_params"] < 70.6e9
+    est = plans["all_linear"]["estimate"]
+    assert est["terms"]["weights"] == 2 * plans["all_linear"]["base_params"] and est["tokens_per_step"] == 4096
+    assert plans["all_linear"]["trainable_params"] == 80 * 16 * (2 * (8192 + 8192) + 2 * (8192 + 1024)
+                                                               + 2 * (8192 + 28672) + (28672 + 8192))
