@@ -46,7 +46,8 @@ DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
 ADAPTER_BYTES = 4  # PEFT keeps LoRA weights in fp32
 # Families whose saved-activation bytes the formula matches within 12% (most within 2%) on the test models
 # (tests/test_estimate.py);
-# others (GPT-2, GPT-J, CodeGen, GPTBigCode, Gemma 2, Phi, ...) keep more (eager attention, extra norms): up to 64% under (GPT-2), i.e. about 3x low.
+# others (GPT-2, GPT-J, CodeGen, GPTBigCode, Gemma 2, Phi, ...) keep more (eager attention, extra norms):
+# up to 64% under (GPT-2), i.e. about 3x low.
 CALIBRATED = ("llama", "mistral", "qwen2", "qwen3", "gemma", "olmo", "starcoder2", "stablelm")
 HEAD_DIM_GUESS = 64  # heads = q width / 64 when only shapes are known (the log-sum-exp term is tiny)
 
