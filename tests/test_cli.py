@@ -112,7 +112,7 @@ def no_tokenizer_no_weights(monkeypatch):
 def test_config_only_dir_inspect_and_plan(capsys, tmp_path, arch, no_tokenizer_no_weights):
     d = tiny_models.save_config(arch, tmp_path / arch)  # config.json only: no tokenizer files, no weights
     rc, out, err = _run(capsys, "inspect", "--model", d)
-    assert rc == 0 and f"2 blocks at" in out and "mlp.down" in out, err
+    assert rc == 0 and "2 blocks at" in out and "mlp.down" in out, err
     rc, out, err = _run(capsys, "plan", "--model", d, "--strategies", "all_linear,attention_only")
     assert rc == 0 and "est. peak mem" in out and "GFLOP/step" in out and "activations" in out, err
 

@@ -4,7 +4,6 @@ from __future__ import annotations
 import json
 
 import pytest
-import torch
 import tiny_models
 
 from loraplace.anatomy import analyze
