@@ -173,8 +173,11 @@ def cmd_plan(args) -> int:
     print(f"\nEstimated peak training memory at batch {t.batch_size} x {cfg.data.max_length} tokens, {t.dtype}"
           f"{', gradient checkpointing' if t.gradient_checkpointing else ''}, every position a target (upper bound):")
     terms = list(next(iter(ests.values())).terms)
-    print(_table([[name, *(_fmt_bytes(e.terms[k]) for k in terms), _fmt_bytes(e.peak_bytes)] for name, e in ests.items()],
-                 ["strategy", *terms, "peak"], right=set(range(1, len(terms) + 2))))
+    per_example = {n: (e.terms["activations"] + e.terms["logits"]) / t.batch_size for n, e in ests.items()}
+    print(_table([[name, *(_fmt_bytes(e.terms[k]) for k in terms), _fmt_bytes(e.peak_bytes), _fmt_bytes(per_example[name])]
+                  for name, e in ests.items()],
+                 ["strategy", *terms, "peak", "per example"], right=set(range(1, len(terms) + 3))))
+    print("(activations and logits grow with batch size x length: each example of the batch adds 'per example')")
     for name, why in skipped.items():
         print(f"skipped {name}: {why}")
     for note in sorted({n for e in ests.values() for n in e.notes}):
