@@ -12,7 +12,7 @@ from torch import nn
 from transformers.pytorch_utils import Conv1D
 
 from loraplace.anatomy import ROLE_GROUPS, ROLES, AnatomyError, analyze
-from tiny_models import ARCH_NAMES, EXPECTED_ROLES, build
+from tiny_models import ARCH_NAMES, EXPECTED_ROLES, MOE_NAMES, build
 
 
 @functools.cache
@@ -195,3 +195,48 @@ def test_tied_output_head_is_marked_and_counted_once():
         p.numel() for n, p in build("llama").named_parameters() if "norm" in n)
     untied = analyze(build("mistral"))
     assert all(l.tied_to is None for l in untied.outside)
+
+
+def _meta(arch):
+    from transformers import AutoModelForCausalLM
+    from tiny_models import config
+
+    with torch.device("meta"):
+        return AutoModelForCausalLM.from_config(config(arch))
+
+
+@pytest.mark.parametrize("arch", ARCH_NAMES + MOE_NAMES)
+def test_meta_skeleton_reads_like_real_weights(arch):
+    real = analyze(build(arch))
+    meta = _meta(arch)
+    assert all(p.device.type == "meta" for p in meta.parameters())
+    assert analyze(meta) == real  # roles, names, shapes, params, tied weights, fixed (MoE) weights
+
+
+@pytest.mark.parametrize("arch", MOE_NAMES)
+def test_moe_experts_reported_not_adapted(arch):
+    model = build(arch)
+    anat = analyze(model)
+    blocks = model.config.num_hidden_layers
+    assert {"attn.q", "attn.k", "attn.v", "attn.o"} <= set(anat.roles_present())
+    experts = [f for f in anat.fixed if f.role == "moe.experts"]
+    assert [f.block for f in experts] == list(range(blocks))
+    for f in experts:
+        mod = model.get_submodule(f.name)
+        own = [p for p in mod.parameters(recurse=False)]
+        assert not isinstance(mod, nn.Linear) and all(p.dim() == 3 for p in own)
+        assert f.params == sum(p.numel() for p in own) and f.shapes == tuple(tuple(p.shape) for p in own)
+        assert "not separate nn.Linear" in f.reason
+        assert not any(l.name.startswith(f.name + ".") for l in anat.layers)  # never a placement target
+    routers = [f for f in anat.fixed if f.role == "moe.router"]
+    assert len(routers) == blocks and all("Router" in f.kind for f in routers)
+    # everything counted: adaptable layers + fixed weights + outside + norms (1-D) == all parameters
+    norms = sum(p.numel() for n, p in model.named_parameters() if "norm" in n)
+    assert (sum(l.params for l in anat.layers) + sum(anat.fixed_params().values())
+            + sum(l.params for l in anat.outside if not l.tied_to) + norms) == anat.base_params
+    assert json.loads(json.dumps(anat.to_dict()))["fixed"][0]["reason"] == anat.fixed[0].reason
+
+
+def test_dense_models_have_no_fixed_weights():
+    for arch in ARCH_NAMES:
+        assert _built(arch)[1].fixed == (), arch

@@ -136,3 +136,67 @@ def test_a_corrupt_gguf_is_one_line_and_leaves_the_cache_empty(capsys, caplog, t
         assert not any("cached" in r.getMessage() for r in caplog.records)  # no claim of a cache that is not there
     cache = tmp_path / "cache"
     assert not cache.exists() or not any(cache.rglob("*")), sorted(cache.rglob("*"))
+
+
+@pytest.fixture
+def no_tokenizer_no_weights(monkeypatch):
+    """inspect and plan must read neither a tokenizer nor weights: both loaders fail loudly if called."""
+    import transformers
+
+    def refuse(*a, **k):
+        raise AssertionError("inspect/plan loaded a tokenizer or weights")
+
+    monkeypatch.setattr(transformers.AutoTokenizer, "from_pretrained", refuse)
+    monkeypatch.setattr(transformers.AutoModelForCausalLM, "from_pretrained", refuse)
+
+
+@pytest.mark.parametrize("arch", tiny_models.ARCH_NAMES)
+def test_config_only_dir_inspect_and_plan(capsys, tmp_path, arch, no_tokenizer_no_weights):
+    d = tiny_models.save_config(arch, tmp_path / arch)  # config.json only: no tokenizer files, no weights
+    rc, out, err = _run(capsys, "inspect", "--model", d)
+    assert rc == 0 and "2 blocks at" in out and "mlp.down" in out, err
+    rc, out, err = _run(capsys, "plan", "--model", d, "--strategies", "all_linear,attention_only")
+    assert rc == 0 and "est. peak mem" in out and "GFLOP/step" in out and "activations" in out, err
+
+
+def test_plan_json_carries_the_estimate(capsys, tmp_path, no_tokenizer_no_weights):
+    d = tiny_models.save_config("llama", tmp_path / "llama")
+    rc, out, _ = _run(capsys, "plan", "--model", d, "--json", "--strategies", "all_linear,top_half",
+                      "train.batch_size=4", "data.max_length=64", "train.rank=4")
+    plans = json.loads(out)
+    assert rc == 0
+    for p in plans.values():
+        est = p["estimate"]
+        assert est["tokens_per_step"] == 4 * 64 and est["peak_bytes"] == sum(est["terms"].values())
+        assert est["terms"]["adamw"] == 8 * p["trainable_params"] and est["terms"]["weights"] == 4 * p["base_params"]
+    assert plans["top_half"]["estimate"]["terms"]["activations"] < plans["all_linear"]["estimate"]["terms"]["activations"]
+
+
+@pytest.mark.parametrize("arch", tiny_models.MOE_NAMES)
+def test_moe_inspect_and_plan_never_fail(capsys, tmp_path, arch, no_tokenizer_no_weights):
+    d = tiny_models.save_config(arch, tmp_path / arch)
+    rc, out, _ = _run(capsys, "inspect", "--model", d)
+    assert rc == 0 and "moe.experts" in out and "not separate nn.Linear layers" in out and "attn.q" in out
+    has_mlp = "mlp.down" in out  # Qwen2-MoE's shared expert is plain nn.Linear; Mixtral/Qwen3-MoE have none
+    rc, out, _ = _run(capsys, "plan", "--model", d)  # the default strategies, mlp_only among them
+    assert rc == 0 and "all_linear" in out and "attention_only" in out
+    assert ("skipped mlp_only" in out) == (not has_mlp)
+    rc, out, err = _run(capsys, "plan", "--model", d, "--strategies", "mlp_only")
+    if has_mlp:
+        assert rc == 0 and "mlp_only" in out
+    else:
+        assert rc == 2 and "fused 3-D weights" in err and "\n" not in err.strip()
+
+
+def test_plan_on_a_70b_config(capsys, tmp_path, no_tokenizer_no_weights):
+    from test_models import LLAMA_70B
+
+    (tmp_path / "config.json").write_text(json.dumps(LLAMA_70B))  # 140 GB of weights never needed
+    rc, out, _ = _run(capsys, "plan", "--model", str(tmp_path), "--json", "--strategies", "all_linear,qv_only",
+                      "train.dtype=bfloat16", "train.batch_size=1", "data.max_length=4096")
+    plans = json.loads(out)
+    assert rc == 0 and 70.5e9 < plans["all_linear"]["base_params"] < 70.6e9
+    est = plans["all_linear"]["estimate"]
+    assert est["terms"]["weights"] == 2 * plans["all_linear"]["base_params"] and est["tokens_per_step"] == 4096
+    assert plans["all_linear"]["trainable_params"] == 80 * 16 * (2 * (8192 + 8192) + 2 * (8192 + 1024)
+                                                               + 2 * (8192 + 28672) + (28672 + 8192))

@@ -49,14 +49,37 @@ _SPECS = {
     # q/k/v/out_proj are all 48x48 and registered k, v, q, out.
     "gptj": (lambda: T.GPTJConfig(n_embd=48, n_layer=2, n_head=4, rotary_dim=8, n_positions=64, **_IDS),
              _SPLIT_QKV),
+    "qwen3": (_llama_like(T.Qwen3Config, head_dim=8), _GATED),  # q/k norms inside attention
+    "gemma2": (_llama_like(T.Gemma2Config, hidden_size=64, num_attention_heads=4, num_key_value_heads=2,
+                           head_dim=16), _GATED),  # extra pre/post feed-forward norms
+    # multi-query Conv1D-free GPT-2: c_attn out = 48 + 2*12 = 72.
+    "gpt_bigcode": (lambda: T.GPTBigCodeConfig(n_embd=48, n_layer=2, n_head=4, n_positions=64, **_IDS), _FUSED_QKV),
+    "starcoder2": (_llama_like(T.Starcoder2Config), _SPLIT_QKV),  # c_fc / c_proj MLP, no gate
+    "stablelm": (_llama_like(T.StableLmConfig), _GATED),
+    "olmo": (_llama_like(T.OlmoConfig, num_key_value_heads=6), _GATED),
+    # parallel attention + MLP from one layer norm; qkv_proj fused (3 x 48), MLP fc_in / fc_out.
+    "codegen": (lambda: T.CodeGenConfig(n_embd=48, n_layer=2, n_head=4, rotary_dim=8, n_positions=64, n_ctx=64,
+                                        **_IDS), _FUSED_QKV),
 }
+
+# Mixture-of-experts: attention is nn.Linear; the routed experts are one module of fused 3-D parameters.
+_MOE = dict(num_hidden_layers=2, hidden_size=48, num_attention_heads=6, num_key_value_heads=2,
+            max_position_embeddings=64, num_experts_per_tok=2, **_IDS)
+MOE_SPECS = {
+    "mixtral": lambda: T.MixtralConfig(intermediate_size=64, num_local_experts=4, **_MOE),
+    "qwen2_moe": lambda: T.Qwen2MoeConfig(intermediate_size=64, moe_intermediate_size=32, num_experts=4,
+                                          shared_expert_intermediate_size=64, **_MOE),
+    "qwen3_moe": lambda: T.Qwen3MoeConfig(intermediate_size=64, moe_intermediate_size=32, num_experts=4,
+                                          head_dim=8, **_MOE),
+}
+MOE_NAMES: list[str] = list(MOE_SPECS)
 
 ARCH_NAMES: list[str] = list(_SPECS)
 EXPECTED_ROLES: dict[str, tuple[str, ...]] = {k: v[1] for k, v in _SPECS.items()}
 
 
 def config(arch: str) -> T.PretrainedConfig:
-    return _SPECS[arch][0]()
+    return _SPECS[arch][0]() if arch in _SPECS else MOE_SPECS[arch]()
 
 
 def build(arch: str, seed: int = 0) -> torch.nn.Module:
@@ -115,4 +138,10 @@ def save(arch: str, path) -> str:
     """Save a tiny model and the character tokenizer as a local Hugging Face model directory."""
     build(arch).save_pretrained(path)
     tokenizer().save_pretrained(path)
+    return str(path)
+
+
+def save_config(arch: str, path) -> str:
+    """Write only config.json (no weights, no tokenizer): what `inspect` and `plan` need."""
+    config(arch).save_pretrained(path)
     return str(path)

@@ -54,6 +54,26 @@ class Layer:
 
 
 @dataclass(frozen=True)
+class Fixed:
+    """A block module that holds weights LoRA cannot wrap as a layer (e.g. fused mixture-of-experts weights)."""
+
+    name: str
+    block: int
+    role: str  # "moe.experts" (fused 3-D expert weights), "moe.router", or "other"
+    kind: str  # the module's class name, e.g. "MixtralExperts"
+    shapes: tuple[tuple[int, ...], ...]  # of its own parameters, e.g. ((8, 28672, 4096), (8, 4096, 14336))
+    params: int
+    reason: str
+
+
+_FIXED_REASON = {
+    "moe.experts": "routed experts stored as fused 3-D parameters, not separate nn.Linear layers that LoRA can wrap",
+    "moe.router": "the router is not an nn.Linear, so LoRA cannot wrap it",
+    "other": "weights outside any nn.Linear/Conv1D layer, so LoRA cannot wrap them",
+}
+
+
+@dataclass(frozen=True)
 class Anatomy:
     model_type: str
     blocks_path: str
@@ -61,6 +81,14 @@ class Anatomy:
     layers: tuple[Layer, ...]  # every Linear/Conv1D inside the blocks, named_modules order
     outside: tuple[Layer, ...]  # embeddings, lm_head, other linears outside the blocks
     base_params: int  # unique base-model parameters (tied once), never adapter parameters
+    fixed: tuple[Fixed, ...] = ()  # block modules with matrix weights outside any adaptable layer (MoE experts)
+
+    def fixed_params(self) -> dict[str, int]:
+        """Role of unwrappable block weights ("moe.experts", ...) -> parameter count."""
+        out: dict[str, int] = {}
+        for f in self.fixed:
+            out[f.role] = out.get(f.role, 0) + f.params
+        return out
 
     def roles_present(self) -> tuple[str, ...]:
         present = {l.role for l in self.layers}
@@ -90,6 +118,7 @@ class Anatomy:
         d = {k: getattr(self, k) for k in ("model_type", "blocks_path", "n_blocks", "base_params")}
         d["layers"] = [asdict(l) for l in self.layers]
         d["outside"] = [asdict(l) for l in self.outside]
+        d["fixed"] = [asdict(f) for f in self.fixed]
         return d
 
 
@@ -330,6 +359,17 @@ def analyze(model: nn.Module, trace: bool = True) -> Anatomy:
             tied = weight_owner.setdefault(id(w), n) if w is not None else n  # tied embeddings share one tensor
             outside.append(Layer(n, -1, role, e.kind, e.inn, e.out, e.params, tied if tied != n else None))
 
+    fixed = []
+    for i, blk in enumerate(blocks):  # matrix weights no adaptable layer owns: fused MoE experts, routers
+        for n, m in _walk(blk, f"{blocks_path}.{i}"):
+            own = [p for p in m.parameters(recurse=False) if p.dim() >= 2]
+            if own and id(m) not in entries and _base(m) is m:
+                role = ("moe.experts" if any(p.dim() == 3 for p in own)
+                        else "moe.router" if re.search(r"router|gate", type(m).__name__ + " " + n.rsplit(".", 1)[-1], re.I)
+                        else "other")
+                fixed.append(Fixed(n, i, role, type(m).__name__,
+                                   tuple(tuple(p.shape) for p in own), sum(p.numel() for p in own), _FIXED_REASON[role]))
+
     seen, base_params = set(), 0
     for _, m in mods:  # wrappers: only the wrapped base layer's tensors; plain modules: their own tensors
         for p in (_base(m).parameters() if _base(m) is not m else m.parameters(recurse=False)):
@@ -337,4 +377,4 @@ def analyze(model: nn.Module, trace: bool = True) -> Anatomy:
                 seen.add(id(p))
                 base_params += p.numel()
     return Anatomy(getattr(cfg, "model_type", "") or "", blocks_path, len(blocks), tuple(layers), tuple(outside),
-                   base_params)
+                   base_params, tuple(fixed))

@@ -73,12 +73,25 @@ def anatomy_text(anat) -> str:
     if other:
         total_rows.append(["other", str(len(other)), _fmt_int(sum(l.params for l in other)), ""])
     out.append(_table(total_rows, ["role", "modules", "params", "of base"], right={1, 2, 3}))
+    if anat.fixed:
+        out += ["", "Inside the blocks but not adaptable (LoRA wraps nn.Linear/Conv1D layers; placements leave these out):"]
+        out.append(_fixed_table(anat))
     if anat.outside:
         out += ["", "Outside the blocks (never adapted by default):"]
         out.append(_table([[l.name, l.role, l.kind, f"{l.in_features}x{l.out_features}", _fmt_int(l.params),
                             f"tied to {l.tied_to} (counted once)" if l.tied_to else ""] for l in anat.outside],
                           ["module", "role", "kind", "shape", "params", ""], right={4}))
     return "\n".join(out)
+
+
+def _fixed_table(anat) -> str:
+    rows = []
+    for role, params in anat.fixed_params().items():
+        fs = [f for f in anat.fixed if f.role == role]
+        shapes = " + ".join("x".join(map(str, sh)) for sh in fs[0].shapes)
+        rows.append([role, fs[0].kind, str(len(fs)), shapes, _fmt_int(params),
+                     f"{100 * params / anat.base_params:.1f}%", fs[0].reason])
+    return _table(rows, ["role", "module", "modules", "shapes", "params", "of base", "why not adapted"], right={2, 4, 5})
 
 
 _RANK_SYMBOLS = "#abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ"
@@ -102,10 +115,9 @@ def placement_map(placement, anat) -> str:
 # -- commands ----------------------------------------------------------------------------------
 def cmd_inspect(args) -> int:
     from .anatomy import analyze
-    from .models import load
+    from .models import skeleton
 
-    model, _ = load(args.model)
-    anat = analyze(model)
+    anat = analyze(skeleton(args.model))  # config only: no weights, no tokenizer
     print(json.dumps(anat.to_dict(), indent=2) if args.json else anatomy_text(anat))
     return 0
 
@@ -113,9 +125,9 @@ def cmd_inspect(args) -> int:
 def cmd_plan(args) -> int:
     from .anatomy import analyze
     from .config import StudyConfig
-    from .models import load
-    from .placement import parse_budget
-    from .placement import is_selected
+    from .estimate import estimate
+    from .models import skeleton
+    from .placement import is_selected, parse_budget
     from .study import needs_probe, resolve_placements, selected_budget
 
     cfg = StudyConfig.load(args.config, overrides=args.overrides)
@@ -124,16 +136,20 @@ def cmd_plan(args) -> int:
     if args.budget:
         cfg.budget = args.budget
     cfg.check()
-    model, _ = load(args.model or cfg.model)
-    anat = analyze(model)
+    anat = analyze(skeleton(args.model or cfg.model))  # config only: no weights, no tokenizer
+    skipped = _drop_unplaceable(cfg, anat) if anat.fixed else {}
     probe = _stored_probe(cfg) if needs_probe(cfg) else None
     placements = resolve_placements(cfg, anat, probe.mean(cfg.auto.score) if probe else None)
+    t = cfg.train
+    ests = {name: estimate(p, t.batch_size, cfg.data.max_length, t.dtype, t.gradient_checkpointing)
+            for name, p in placements.items()}
     if args.json:
-        print(json.dumps({name: {**p.to_dict(), "adapter_bytes": p.adapter_bytes()} for name, p in placements.items()}, indent=2))
+        print(json.dumps({name: {**p.to_dict(), "adapter_bytes": p.adapter_bytes(), "estimate": ests[name].to_dict()}
+                          for name, p in placements.items()}, indent=2))
         return 0
     rows = [
         [name, str(len(p.modules)), _fmt_int(p.trainable_params), f"{p.trainable_pct:.3f}%", _fmt_bytes(p.adapter_bytes()),
-         _rank_text(p)]
+         _rank_text(p), _fmt_bytes(ests[name].peak_bytes), _fmt_gflop(ests[name].flops_per_step)]
         for name, p in placements.items()
     ]
     print(f"{anat.model_type}, {anat.n_blocks} blocks, {_fmt_int(anat.base_params)} base parameters (adapters excluded)")
@@ -145,7 +161,23 @@ def cmd_plan(args) -> int:
         target = (placements["auto"].trainable_params if cfg.budget == "same:auto"
                   else parse_budget(cfg.budget, anat, cfg.train.rank, cfg.define))
         print(f"budget-matched to {cfg.budget} = {_fmt_int(target)} trainable parameters (within 5%)")
-    print(_table(rows, ["strategy", "modules", "trainable", "of base", "adapter (fp32)", "ranks"], right={1, 2, 3, 4}))
+    print(_table(rows, ["strategy", "modules", "trainable", "of base", "adapter (fp32)", "ranks", "est. peak mem",
+                        "GFLOP/step"], right={1, 2, 3, 4, 6, 7}))
+    print(f"\nEstimated peak training memory at batch {t.batch_size} x {cfg.data.max_length} tokens, {t.dtype}"
+          f"{', gradient checkpointing' if t.gradient_checkpointing else ''}, every position a target (upper bound):")
+    terms = list(next(iter(ests.values())).terms)
+    per_example = {n: (e.terms["activations"] + e.terms["logits"]) / t.batch_size for n, e in ests.items()}
+    print(_table([[name, *(_fmt_bytes(e.terms[k]) for k in terms), _fmt_bytes(e.peak_bytes), _fmt_bytes(per_example[name])]
+                  for name, e in ests.items()],
+                 ["strategy", *terms, "peak", "per example"], right=set(range(1, len(terms) + 3))))
+    print("(activations and logits grow with batch size x length: each example of the batch adds 'per example')")
+    for name, why in skipped.items():
+        print(f"skipped {name}: {why}")
+    for note in sorted({n for e in ests.values() for n in e.notes}):
+        print(f"note: {note}")
+    if anat.fixed:
+        print("\nNot adaptable, so no strategy places LoRA there:")
+        print(_fixed_table(anat))
     for name, p in placements.items():
         print(f"\n{name}: {p.strategy.description or p.strategy.to_dict()}")
         print(placement_map(p, anat))
@@ -222,6 +254,32 @@ def _config_and_overrides(items: list[str]) -> tuple[str | None, list[str]]:
         else:
             raise _config_error(f"more than one config file given ({config_path}, {item}); use key=value for overrides")
     return config_path, overrides
+
+
+def _fmt_gflop(flops: float) -> str:
+    g = flops / 1e9
+    return f"{g:,.0f}" if g >= 10 else f"{g:.2g}"
+
+
+def _drop_unplaceable(cfg, anat) -> dict[str, str]:
+    """On a model with unadaptable block weights (MoE experts), strategies that match nothing are left out of the
+    plan, with the reason, instead of failing it; if none is left, the first reason is the error."""
+    from .placement import PlacementError, get_strategy, is_selected, resolve
+
+    skipped = {}
+    for name in list(cfg.strategies):
+        if is_selected(name):  # auto / random:K choose among the adaptable modules themselves
+            continue
+        try:
+            resolve(get_strategy(name, cfg.define), anat, rank=cfg.train.rank)
+        except PlacementError as e:
+            skipped[name] = str(e)
+    if len(skipped) == len(cfg.strategies):
+        raise PlacementError(next(iter(skipped.values())))
+    cfg.strategies = [s for s in cfg.strategies if s not in skipped]
+    if cfg.baseline in skipped:
+        cfg.baseline = cfg.strategies[0]
+    return skipped
 
 
 def _rank_text(p) -> str:

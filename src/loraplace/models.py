@@ -6,6 +6,12 @@ Usage::
     model, tokenizer = load("./my-model")       # a local Hugging Face directory
     model, tokenizer = load("model.Q4_1.gguf")  # dequantized to fp32 by transformers
     model, tokenizer = load("org/name")         # needs the Hugging Face hub
+    model = skeleton("org/name")                # meta-device structure from config.json alone
+
+``skeleton`` is what ``inspect`` and ``plan`` use: it reads only the config (a directory's config.json,
+a GGUF file's metadata, or config.json fetched from the hub), loads no weights and no tokenizer, and
+builds the model on the meta device (shapes, names, parameter counts; no memory) in about a second,
+whatever the model's size.
 
 GGUF weights are dequantized once (about 20 s for SmolLM2-135M) and cached as fp32 safetensors
 plus tokenizer under ``$LORAPLACE_CACHE`` (default ``$XDG_CACHE_HOME/loraplace``, else
@@ -130,6 +136,67 @@ def load(
         tok.pad_token = tok.eos_token  # batches are right-padded; labels mask the padding anyway
     model.to(device)
     return model, tok
+
+
+def skeleton(spec: str = DEFAULT_MODEL) -> torch.nn.Module:
+    """The model's structure on the meta device, built from its config alone: no weights, no tokenizer."""
+    return skeleton_from_config(model_config(spec), label=spec)
+
+
+def skeleton_from_config(config, label: str = "model") -> torch.nn.Module:
+    from transformers import AutoModelForCausalLM
+
+    try:
+        with torch.device("meta"):
+            model = AutoModelForCausalLM.from_config(config)
+    except Exception as e:  # unknown model_type, not a causal LM, bad sizes...
+        raise ModelError(f"model {label!r}: cannot build a causal LM from its config: {_first_line(e)}") from None
+    model.eval()
+    return model
+
+
+def model_config(spec: str = DEFAULT_MODEL):
+    """The transformers config of a --model value, reading nothing but the config (or GGUF metadata)."""
+    kind = describe(spec)
+    if kind == "alias":
+        cached = cache_root() / "models" / f"{spec}-{ALIASES[spec].version}"
+        if (cached / "config.json").is_file() and (cached / "loraplace.json").is_file():
+            return _read_config(cached, label=spec)
+        gguf = embedded_gguf(spec)
+        return _read_config(gguf.parent, label=spec, gguf_file=gguf.name)
+    if kind == "gguf":
+        path = Path(spec).expanduser()
+        return _read_config(path.parent, label=spec, gguf_file=path.name)
+    if kind == "dir":
+        if not (Path(spec) / "config.json").is_file():
+            raise ModelError(f"model {spec!r}: directory has no config.json, so it is not a Hugging Face model")
+        return _read_config(spec, label=spec)
+    if kind == "hub":
+        try:
+            from huggingface_hub import hf_hub_download
+
+            local = hf_hub_download(spec, "config.json")
+        except Exception as e:  # network errors come in many classes (httpx, OSError, hub errors)
+            raise ModelError(
+                f"model {spec!r}: the Hugging Face hub is not reachable or has no such model ({_first_line(e)}); "
+                f"offline options: --model {DEFAULT_MODEL}, a local model directory (config.json is enough), "
+                "or a .gguf file"
+            ) from None
+        return _read_config(Path(local).parent, label=spec)
+    if kind == "file":
+        raise ModelError(f"model {spec!r}: a file that is not a model (expected a .gguf file); {_valid_hint()}")
+    if kind == "missing":
+        raise ModelError(f"model {spec!r}: no such file or directory; {_valid_hint()}")
+    raise ModelError(f"unknown model {spec!r}; {_valid_hint()}")
+
+
+def _read_config(path: str | Path, label: str, **kw):
+    from transformers import AutoConfig
+
+    try:  # with gguf_file: transformers parses the metadata only (no tensor is read or dequantized)
+        return AutoConfig.from_pretrained(str(path), **kw)
+    except Exception as e:  # JSON errors, unknown model_type, gguf parser errors
+        raise ModelError(f"model {label!r}: its config could not be read: {_first_line(e)}") from None
 
 
 def _from_pretrained(path: str | Path, dtype: torch.dtype, **kw):

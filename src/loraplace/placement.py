@@ -448,6 +448,8 @@ def resolve(
         raise PlacementError(
             f"strategy {strategy.name!r} (roles {strategy.roles}, blocks {strategy.blocks}) matches no module of this "
             f"{anat.model_type} model; its roles are: {present}"
+            + ("; its mixture-of-experts MLP keeps the experts in fused 3-D weights, which are not layers LoRA can "
+               "wrap (see `loraplace inspect`)" if any(f.role == "moe.experts" for f in anat.fixed) else "")
         )
     modules, alphas = {}, {}
     for layer in chosen:
