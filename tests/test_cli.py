@@ -129,10 +129,13 @@ def test_a_corrupt_gguf_is_one_line_and_leaves_the_cache_empty(capsys, caplog, t
     garbage.write_bytes(bytes(range(256)) * 16)  # not a GGUF file at all
     truncated = tmp_path / "truncated.gguf"
     truncated.write_bytes(b"GGUF\x03\x00\x00\x00")  # the magic and a version, then nothing
+    from loraplace.models import ModelError, load
+
     for path in (garbage, truncated):
-        with caplog.at_level("INFO", logger="loraplace"):
-            rc, _, err = _run(capsys, "inspect", "--model", str(path))
-        assert rc == 2 and f"model {str(path)!r} could not be loaded" in err and "Traceback" not in err
+        rc, _, err = _run(capsys, "inspect", "--model", str(path))  # reads only the config: one line
+        assert rc == 2 and f"model {str(path)!r}" in err and len(err.strip().splitlines()) == 1
+        with caplog.at_level("INFO", logger="loraplace"), pytest.raises(ModelError, match="could not be loaded"):
+            load(str(path))  # the training path dequantizes (and would cache) the weights
         assert not any("cached" in r.getMessage() for r in caplog.records)  # no claim of a cache that is not there
     cache = tmp_path / "cache"
     assert not cache.exists() or not any(cache.rglob("*")), sorted(cache.rglob("*"))
