@@ -82,3 +82,22 @@ def test_not_a_causal_lm(tmp_path):
     ViTConfig(hidden_size=32, num_hidden_layers=1, num_attention_heads=2, intermediate_size=64).save_pretrained(tmp_path)
     with pytest.raises(ModelError, match="cannot build a causal LM"):
         skeleton(str(tmp_path))
+
+
+def test_describe_tells_the_kind_of_model_source(tmp_path, monkeypatch):
+    from loraplace.models import describe
+
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "dir").mkdir()
+    (tmp_path / "m.GGUF").write_bytes(b"")
+    (tmp_path / "notes.txt").write_text("x")
+    cases = {
+        "smollm2-135m": "alias",
+        "dir": "dir", str(tmp_path / "dir"): "dir",
+        "m.GGUF": "gguf",                       # the suffix is case-insensitive
+        "notes.txt": "file",                    # exists, but not a model file
+        "absent.gguf": "missing", "./absent": "missing", "/no/such/dir": "missing",
+        "HuggingFaceTB/SmolLM2-360M": "hub", "org/name.v1_2": "hub",
+        "just-a-name": "unknown", "a/b/c": "unknown", "org/na me": "unknown",
+    }
+    assert {spec: describe(spec) for spec in cases} == cases
