@@ -22,9 +22,10 @@ from .config import EvalSpec
 
 
 def final_answer(answer: str) -> str:
-    """The checkable answer: the number after GSM8K's ``####`` (commas removed), else the stripped text."""
+    """The checkable part of a reference answer: after GSM8K's ``####`` the number ``final_number`` reads there
+    (the same rule that reads a generation), else the stripped text."""
     if "####" in answer:
-        return answer.rsplit("####", 1)[1].strip().replace(",", "")
+        return final_number(answer) or answer.split("####", 1)[1].strip()
     return answer.strip()
 
 
