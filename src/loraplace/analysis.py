@@ -44,6 +44,7 @@ from dataclasses import dataclass, field
 from scipy import stats
 
 from .config import METRIC_CHOICES, ConfigError, StudyConfig
+from .metrics import numeric
 from .placement import PlacementRecord
 from .store import TrialRecord
 
@@ -258,14 +259,6 @@ def mean_curve(curves: list[list]) -> list[tuple[float, float]]:
     return [(s, sum(v) / len(v)) for s, v in sorted(by_step.items())]
 
 
-def _numeric(metrics: dict) -> dict[str, float]:
-    return {
-        k: float(v)
-        for k, v in metrics.items()
-        if isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(float(v))
-    }
-
-
 # -- the whole study ------------------------------------------------------------------------------
 def analyze(
     trials: list[TrialRecord],
@@ -319,7 +312,7 @@ def analyze(
     for name, ts in by_strategy.items():
         per_metric: dict[str, list[float]] = {}
         for seed in sorted(ts):
-            for k, v in _numeric(ts[seed].metrics).items():
+            for k, v in numeric(ts[seed].metrics).items():
                 per_metric.setdefault(k, []).append(v)
         st = StrategyStats(
             strategy=name,

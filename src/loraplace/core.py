@@ -24,6 +24,12 @@ ROLES = ("attn.q", "attn.k", "attn.v", "attn.qkv", "attn.o", "mlp.gate", "mlp.up
 ROLE_GROUPS = {g: tuple(r for r in ROLES if r.startswith(g + ".")) for g in ("attn", "mlp")}
 
 
+def first_line(e: BaseException, limit: int | None = 300) -> str:
+    """An exception as one line for a one-line error: its first line (at most ``limit`` characters), else its type."""
+    text = str(e).strip() or type(e).__name__
+    return text.splitlines()[0][:limit]
+
+
 def role_rank(role: str) -> int:
     """Sort key: a role's place in ROLES; unknown roles ("other") after every known one."""
     return ROLES.index(role) if role in ROLES else len(ROLES)

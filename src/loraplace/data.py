@@ -57,7 +57,7 @@ import torch
 from .config import DataSpec
 from .answers import final_answer
 from .builtin_data import builtin_rows
-from .core import LoraplaceError
+from .core import LoraplaceError, first_line
 from .metrics import IGNORE_INDEX
 
 log = logging.getLogger(__name__)
@@ -211,12 +211,12 @@ def _file_rows(path: Path) -> list[tuple[str, dict]]:
         try:
             table = pq.read_table(path).to_pylist()
         except Exception as e:  # pyarrow raises several types for corrupt files
-            raise DataError(f"{path}: not a readable Parquet file ({_first_line(e)})") from None
+            raise DataError(f"{path}: not a readable Parquet file ({first_line(e, limit=None)})") from None
         return [(f"{path}: row {i + 1}", r) for i, r in enumerate(table)]
     try:
         text = path.read_text(encoding="utf-8-sig")
     except (OSError, UnicodeDecodeError) as e:
-        raise DataError(f"{path}: cannot read ({_first_line(e)})") from None
+        raise DataError(f"{path}: cannot read ({first_line(e, limit=None)})") from None
     if ext == ".csv":
         reader = csv.DictReader(io.StringIO(text, newline=""))
         rows, start = [], 2
@@ -258,11 +258,6 @@ def _obj(row, where: str) -> dict:
     raise DataError(f"{where}: expected a JSON object with named fields, got {type(row).__name__}")
 
 
-def _first_line(e: BaseException) -> str:
-    lines = str(e).strip().splitlines()
-    return lines[0] if lines else type(e).__name__
-
-
 def _hub_rows(name: str, split: str) -> list[tuple[str, dict]]:
     repo, _, conf = name.partition(":")
     hint = "download it and set data.source to a local .jsonl/.csv/.parquet file"
@@ -274,7 +269,7 @@ def _hub_rows(name: str, split: str) -> list[tuple[str, dict]]:
     try:
         ds = datasets.load_dataset(repo, conf or None, split=split)
     except Exception as e:  # offline, unknown name, bad split: all end the same way
-        raise DataError(f"hub:{name}: cannot load split {split!r} ({type(e).__name__}: {_first_line(e)}); "
+        raise DataError(f"hub:{name}: cannot load split {split!r} ({type(e).__name__}: {first_line(e, limit=None)}); "
                         f"is the hub reachable? Or {hint}") from None
     return [(f"hub:{name} row {i + 1}", dict(r)) for i, r in enumerate(ds)]
 
@@ -408,7 +403,7 @@ def _chat_pieces(e: Example, tokenizer) -> list[Piece]:
             return tokenizer.apply_chat_template(messages[:n], tokenize=False, add_generation_prompt=generation_prompt)
         except Exception as err:  # jinja raises its own errors (roles must alternate, ...)
             raise DataError(f"{e.where}: the chat template of {name!r} cannot render this conversation "
-                            f"({type(err).__name__}: {_first_line(err)})") from None
+                            f"({type(err).__name__}: {first_line(err, limit=None)})") from None
 
     full, pieces, pos = render(len(messages), False), [], 0
     for k, (role, _) in enumerate(e.messages):

@@ -47,6 +47,12 @@ METRICS: dict[str, tuple[str, str]] = {
 }
 
 
+def numeric(metrics: dict) -> dict[str, float]:
+    """The finite numbers of a trial's metrics dict, as floats (booleans, text, inf and nan left out)."""
+    return {k: float(v) for k, v in metrics.items()
+            if isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(float(v))}
+
+
 def perplexity(loss: float) -> float:
     """exp(loss); inf when the loss is too large to exponentiate."""
     try:

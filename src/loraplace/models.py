@@ -30,7 +30,7 @@ from pathlib import Path
 
 import torch
 
-from .core import LoraplaceError
+from .core import LoraplaceError, first_line
 from .store import atomic_dir
 
 DEFAULT_MODEL = "smollm2-135m"
@@ -150,7 +150,7 @@ def skeleton_from_config(config, label: str = "model") -> torch.nn.Module:
         with torch.device("meta"):
             model = AutoModelForCausalLM.from_config(config)
     except Exception as e:  # unknown model_type, not a causal LM, bad sizes...
-        raise ModelError(f"model {label!r}: cannot build a causal LM from its config: {_first_line(e)}") from None
+        raise ModelError(f"model {label!r}: cannot build a causal LM from its config: {first_line(e)}") from None
     model.eval()
     return model
 
@@ -178,7 +178,7 @@ def model_config(spec: str = DEFAULT_MODEL):
             local = hf_hub_download(spec, "config.json")
         except Exception as e:  # network errors come in many classes (httpx, OSError, hub errors)
             raise ModelError(
-                f"model {spec!r}: the Hugging Face hub is not reachable or has no such model ({_first_line(e)}); "
+                f"model {spec!r}: the Hugging Face hub is not reachable or has no such model ({first_line(e)}); "
                 f"offline options: --model {DEFAULT_MODEL}, a local model directory (config.json is enough), "
                 "or a .gguf file"
             ) from None
@@ -196,7 +196,7 @@ def _read_config(path: str | Path, label: str, **kw):
     try:  # with gguf_file: transformers parses the metadata only (no tensor is read or dequantized)
         return AutoConfig.from_pretrained(str(path), **kw)
     except Exception as e:  # JSON errors, unknown model_type, gguf parser errors
-        raise ModelError(f"model {label!r}: its config could not be read: {_first_line(e)}") from None
+        raise ModelError(f"model {label!r}: its config could not be read: {first_line(e)}") from None
 
 
 def _from_pretrained(path: str | Path, dtype: torch.dtype, **kw):
@@ -207,7 +207,7 @@ def _from_pretrained(path: str | Path, dtype: torch.dtype, **kw):
         tok = AutoTokenizer.from_pretrained(str(path), **{k: v for k, v in kw.items() if k == "gguf_file"})
     except Exception as e:  # parsers raise many kinds (OSError, ValueError, KeyError, gguf errors)
         label = Path(path) / kw["gguf_file"] if "gguf_file" in kw else path
-        raise ModelError(f"model {str(label)!r} could not be loaded: {_first_line(e)}") from None
+        raise ModelError(f"model {str(label)!r} could not be loaded: {first_line(e)}") from None
     model.eval()
     return model, tok
 
@@ -254,12 +254,9 @@ def _load_hub(spec: str, dtype: torch.dtype):
         local = snapshot_download(spec, allow_patterns=["*.json", "*.safetensors", "*.model", "*.txt", "*.jinja"])
     except Exception as e:  # network errors come in many classes (httpx, OSError, hub errors)
         raise ModelError(
-            f"model {spec!r}: the Hugging Face hub is not reachable or has no such model ({_first_line(e)}); "
+            f"model {spec!r}: the Hugging Face hub is not reachable or has no such model ({first_line(e)}); "
             f"offline options: --model {DEFAULT_MODEL}, a local model directory, or a .gguf file"
         ) from None
     return _from_pretrained(local, dtype=dtype)
 
 
-def _first_line(e: Exception) -> str:
-    text = str(e).strip() or type(e).__name__
-    return text.splitlines()[0][:300]

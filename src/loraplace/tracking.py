@@ -21,11 +21,12 @@ from __future__ import annotations
 
 import json
 import logging
-import math
 import time
 from pathlib import Path
 
 from .config import ConfigError, StudyConfig
+from .core import first_line
+from .metrics import numeric
 from .store import TrialRecord
 
 log = logging.getLogger("loraplace")
@@ -53,7 +54,7 @@ def open_tracker(cfg: StudyConfig):
         return cls(cfg)
     except Exception as e:  # any client or server error: tracking is optional, the study is not
         log.warning("tracking: %s is not usable (%s); the study runs untracked (the store keeps everything)",
-                    cfg.track, _first_line(e))
+                    cfg.track, first_line(e))
         return None
 
 
@@ -85,11 +86,6 @@ def step_metrics(cfg: StudyConfig, rec: TrialRecord) -> list[tuple[str, float, i
         out.append(("train_loss", float(loss), int(step)))
         out.append(("lr", cfg.train.lr * lr_factor(int(step) - 1, int(total), cfg.train), int(step)))
     return out
-
-
-def final_metrics(rec: TrialRecord) -> dict[str, float]:
-    return {k: float(v) for k, v in rec.metrics.items()
-            if isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)}
 
 
 class MlflowTracker:
@@ -139,10 +135,10 @@ class MlflowTracker:
         try:
             self._log_trial(rec)
         except Exception as e:  # never fail a trial the store already holds
-            log.warning("tracking: could not log trial %s to MLflow at %s: %s", rec.trial_id, self.uri, _first_line(e))
+            log.warning("tracking: could not log trial %s to MLflow at %s: %s", rec.trial_id, self.uri, first_line(e))
 
     def _log_trial(self, rec: TrialRecord) -> None:
-        from mlflow.entities import Metric, Param, RunTag
+        from mlflow.entities import Metric, Param
 
         if rec.status == "done" and self.logged(rec.trial_id):
             return
@@ -155,7 +151,7 @@ class MlflowTracker:
         rid, now = run.info.run_id, int(time.time() * 1000)
         params = [Param(k, v) for k, v in trial_params(self.cfg, rec).items()]
         metrics = [Metric(k, v, now, s) for k, v, s in step_metrics(self.cfg, rec)]
-        metrics += [Metric(k, v, now, 0) for k, v in final_metrics(rec).items()]
+        metrics += [Metric(k, v, now, 0) for k, v in numeric(rec.metrics).items()]
         for i in range(0, len(params), 100):  # MLflow's batch limits: 100 params, 1000 metrics a call
             self.client.log_batch(rid, params=params[i:i + 100])
         for i in range(0, len(metrics), 1000):
@@ -169,7 +165,7 @@ class MlflowTracker:
         try:
             self.client.set_terminated(self.parent_id, status="FINISHED")
         except Exception as e:
-            log.warning("tracking: could not close the study's MLflow run: %s", _first_line(e))
+            log.warning("tracking: could not close the study's MLflow run: %s", first_line(e))
 
     def log_report(self, paths: dict[str, Path]) -> None:
         try:
@@ -177,7 +173,7 @@ class MlflowTracker:
                 if kind != "dir" and Path(path).is_file():
                     self.client.log_artifact(self.parent_id, str(path), "report")
         except Exception as e:
-            log.warning("tracking: could not log the report to MLflow at %s: %s", self.uri, _first_line(e))
+            log.warning("tracking: could not log the report to MLflow at %s: %s", self.uri, first_line(e))
 
 
 class WandbTracker:
@@ -203,10 +199,10 @@ class WandbTracker:
                              tags=[rec.status], notes=rec.trial_id)
             for name, value, step in step_metrics(self.cfg, rec):
                 run.log({name: value}, step=step)
-            run.summary.update({**final_metrics(rec), "trial_id": rec.trial_id, "status": rec.status})
+            run.summary.update({**numeric(rec.metrics), "trial_id": rec.trial_id, "status": rec.status})
             run.finish(exit_code=0 if rec.status == "done" else 1)
         except Exception as e:
-            log.warning("tracking: could not log trial %s to W&B: %s", rec.trial_id, _first_line(e))
+            log.warning("tracking: could not log trial %s to W&B: %s", rec.trial_id, first_line(e))
 
     def close(self) -> None:
         pass
@@ -249,6 +245,3 @@ def _text(v) -> str:
     return text[:6000]  # MLflow 3's limit on a param value
 
 
-def _first_line(e: Exception) -> str:
-    text = str(e).strip() or type(e).__name__
-    return text.splitlines()[0][:300]
