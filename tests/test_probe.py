@@ -12,7 +12,6 @@ import torch
 
 from loraplace import probe as P
 from loraplace.analysis import probe_verdict
-from loraplace.anatomy import analyze
 from loraplace.cli import main
 from loraplace.config import ConfigError, StudyConfig
 from loraplace.data import batches
@@ -21,7 +20,7 @@ from loraplace.placement import (BUDGET_TOLERANCE, PlacementError, apply, auto_p
                                  random_placement, resolve)
 from loraplace.store import Store, TrialRecord
 from loraplace.study import resolve_placements
-from loraplace.trial import _train_batches, target_nll
+from loraplace.trial import _train_batches, target_nll, target_positions
 
 
 def _cfg(tmp_path, **over) -> StudyConfig:
@@ -81,7 +80,7 @@ def test_lora_drop_matches_a_direct_computation(ws):
         for h in hooks:
             h.remove()
         got = P.lora_drop(peft_model, [batch])
-        select = P.target_positions(batch["labels"])
+        select, _ = target_positions(batch["labels"])
         for n, layer in layers.items():
             a, b = layer.lora_A["default"].weight, layer.lora_B["default"].weight
             delta = inputs[n] @ a.T @ b.T * layer.scaling["default"]  # (batch, seq, out)

@@ -48,8 +48,8 @@ from . import metrics as M
 from .config import EvalSpec, StudyConfig, TrainSpec
 from .data import TokenizedSet, batches
 from .placement import Placement, apply
-from .trial import (TrialError, TrialResult, _checkpointing, _head_on, _save_adapter, _train_batches, lr_factor,
-                    total_steps, trial_result)
+from .trial import (TrialError, TrialResult, _checkpointing, _save_adapter, _train_batches, head_logits, lr_factor,
+                    target_positions, total_steps, trial_result)
 
 log = logging.getLogger("loraplace")
 
@@ -254,14 +254,9 @@ def _stack(parts: list[dict], pad_id: int) -> tuple[dict, list[tuple[int, int]],
 
 def _fused_nll(model, batch: dict, n: int) -> list[tuple[torch.Tensor, int]]:
     """Per slot (of n, batch-major): summed target NLL and target count, the head on target positions only."""
-    labels = batch["labels"]
-    nxt = labels[:, 1:]
-    select = torch.zeros_like(labels, dtype=torch.bool)
-    select[:, :-1] = nxt != M.IGNORE_INDEX
+    select, targets = target_positions(batch["labels"])
     counts = select.view(n, -1).sum(1).tolist()
-    targets = nxt[nxt != M.IGNORE_INDEX]
-    with _head_on(model, select):
-        logits = model(input_ids=batch["input_ids"], use_cache=False).logits  # (sum counts, vocab), slot after slot
+    logits = head_logits(model, batch["input_ids"], select)  # (sum counts, vocab), slot after slot
     out, start = [], 0
     for c in counts:
         nll = F.cross_entropy(logits[start:start + c].float(), targets[start:start + c], reduction="sum")

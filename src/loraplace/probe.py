@@ -210,23 +210,12 @@ def lora_modules(peft_model) -> dict[str, object]:
             if isinstance(mod, LoraLayer) and "default" in mod.lora_A}
 
 
-def target_positions(labels):
-    """(batch, seq) bool mask of the positions whose next token is a target: the positions the loss reads."""
-    import torch
-
-    from .metrics import IGNORE_INDEX
-
-    select = torch.zeros_like(labels, dtype=torch.bool)
-    select[:, :-1] = labels[:, 1:] != IGNORE_INDEX
-    return select
-
-
 def lora_drop(peft_model, batch_list: list[dict], device="cpu") -> dict[str, float]:
     """module -> ||B A x|| * scaling over output features, averaged over target positions per batch, then over
     batches (batches without a target are skipped). Forward hooks on each LoRA B read its output."""
     import torch
 
-    from .trial import target_nll
+    from .trial import target_nll, target_positions
 
     layers = lora_modules(peft_model)
     sums = {n: 0.0 for n in layers}
@@ -246,7 +235,7 @@ def lora_drop(peft_model, batch_list: list[dict], device="cpu") -> dict[str, flo
         with torch.inference_mode():
             for batch in batch_list:
                 batch = {k: v.to(device) for k, v in batch.items()}
-                state["select"] = target_positions(batch["labels"])
+                state["select"] = target_positions(batch["labels"])[0]
                 if not state["select"].any():
                     continue
                 target_nll(peft_model, batch)

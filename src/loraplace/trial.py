@@ -59,19 +59,28 @@ def _head_on(model: torch.nn.Module, select: torch.Tensor):
         handle.remove()
 
 
-def target_nll(model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, int]:
-    """Summed next-token NLL over target tokens (labels != IGNORE_INDEX) and their count."""
-    labels = batch["labels"]
+def target_positions(labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(select (B, T) bool: positions whose next token is a target, targets (N,): those tokens, row-major)."""
     nxt = labels[:, 1:]
     select = torch.zeros_like(labels, dtype=torch.bool)
     select[:, :-1] = nxt != M.IGNORE_INDEX  # position t predicts token t+1
-    targets = nxt[nxt != M.IGNORE_INDEX]
-    n = int(targets.numel())
-    if n == 0:
-        return labels.new_zeros((), dtype=torch.float32), 0
+    return select, nxt[nxt != M.IGNORE_INDEX]
+
+
+def head_logits(model: torch.nn.Module, input_ids: torch.Tensor, select: torch.Tensor) -> torch.Tensor:
+    """Logits (N, vocab) of the selected positions only, in row-major order: the head never sees the others."""
     base = model.get_base_model() if hasattr(model, "get_base_model") else model
     with _head_on(base, select):
-        logits = model(input_ids=batch["input_ids"], use_cache=False).logits  # (N, vocab)
+        return model(input_ids=input_ids, use_cache=False).logits
+
+
+def target_nll(model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, int]:
+    """Summed next-token NLL over target tokens (labels != IGNORE_INDEX) and their count."""
+    select, targets = target_positions(batch["labels"])
+    n = int(targets.numel())
+    if n == 0:
+        return batch["labels"].new_zeros((), dtype=torch.float32), 0
+    logits = head_logits(model, batch["input_ids"], select)  # (N, vocab)
     return F.cross_entropy(logits.float(), targets, reduction="sum"), n
 
 
