@@ -49,7 +49,7 @@ from .config import EvalSpec, StudyConfig, TrainSpec
 from .data import TokenizedSet, batches
 from .placement import Placement, apply
 from .trial import (TrialError, TrialResult, _checkpointing, _save_adapter, _train_batches, head_logits, lr_factor,
-                    target_positions, total_steps, trial_result)
+                    target_positions, total_steps, train_stats, trial_result)
 
 log = logging.getLogger("loraplace")
 
@@ -405,6 +405,8 @@ def _finish(base_model, m: _Member, spec: TrainSpec, group: dict, size: int, pea
             accuracy_fn) -> TrialResult:
     """Accuracy (generation), the non-finite eval check and the saved adapter of one member, as run_trial."""
     ev = dict(m.eval)
+    if not math.isfinite(ev["eval_loss"]):  # a failed trial: no accuracy to generate, no adapter to save
+        raise TrialError(f"non-finite eval loss ({ev['eval_loss']})")
     saved = None
     if accuracy_fn is not None or target is not None:
         peft_model = _restore(base_model, m, spec)
@@ -413,20 +415,10 @@ def _finish(base_model, m: _Member, spec: TrainSpec, group: dict, size: int, pea
                 t0 = time.perf_counter()
                 ev.update(accuracy_fn(peft_model))  # accuracy, accuracy_n
                 m.eval_time += time.perf_counter() - t0
-            if not math.isfinite(ev["eval_loss"]):
-                raise TrialError(f"non-finite eval loss ({ev['eval_loss']})")
             saved = _save_adapter(peft_model, Path(target)) if target is not None else None
         finally:
             peft_model.unload()
-    elif not math.isfinite(ev["eval_loss"]):
-        raise TrialError(f"non-finite eval loss ({ev['eval_loss']})")
-    last = m.tail[-max(1, len(m.tail) // 10):]
-    stats = {
-        "steps": len(m.curve),
-        "train_tokens": m.tokens,
-        "padding_frac": 1.0 - m.tokens / max(m.slots, 1),
-        "train_loss_final": sum(s for s, _ in last) / max(1, sum(n for _, n in last)),
-    }
+    stats = train_stats(m.curve, m.tail, m.tokens, m.slots)
     return trial_result(m.placement, ev, stats, m.curve, m.train_time, m.eval_time, peak, saved, spec.dropout,
                         fused_trials=size, fused_padding_frac=group["fused_padding_frac"],
                         group_train_time_s=group["group_train_time_s"])
@@ -440,7 +432,7 @@ def run_group(ws, tasks: list) -> list[tuple]:
     runs on the sequential engine), so no trial is lost.
     """
     from .executor import RECORDED
-    from .workspace import BaseWeightsChanged, weights_fingerprint
+    from .workspace import BaseWeightsChanged, free_memory, weights_fingerprint
 
     if len(tasks) == 1:
         try:
@@ -465,18 +457,11 @@ def run_group(ws, tasks: list) -> list[tuple]:
         half = len(tasks) // 2
         log.warning("fused group of %d ran out of CUDA memory; running it as groups of %d and %d",
                     len(tasks), half, len(tasks) - half)
-        _free(ws.device)
+        free_memory(ws.device)
         return run_group(ws, tasks[:half]) + run_group(ws, tasks[half:])
     finally:
-        _free(ws.device)
+        free_memory(ws.device)
         if weights_fingerprint(ws.model) != before:
             raise BaseWeightsChanged(f"base weights changed during a fused group ({tasks[0].trial_id}...): refusing to continue")
     return [(t, r, None) if isinstance(r, TrialResult) else (t, None, f"{type(r).__name__}: {r}") for t, r in zip(tasks, results)]
 
-
-def _free(device: str) -> None:
-    import gc
-
-    gc.collect()
-    if str(device).startswith("cuda"):
-        torch.cuda.empty_cache()

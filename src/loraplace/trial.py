@@ -160,14 +160,19 @@ def train(model, train_set: TokenizedSet, spec: TrainSpec, seed: int, pad_id: in
         bar.set_postfix(loss=f"{curve[-1][1]:.3f}")
         bar.update(1)
     bar.close()
+    return curve, train_stats(curve, tail, tokens, slots)
+
+
+def train_stats(curve: list, tail: list[tuple[float, int]], tokens: int, slots: int) -> dict:
+    """A training run's metrics: tail holds (summed NLL, target count) per step; tokens / slots: real and
+    padded token slots fed to the model."""
     last = tail[-max(1, len(tail) // 10):]
-    stats = {
+    return {
         "steps": len(curve),
         "train_tokens": tokens,
         "padding_frac": 1.0 - tokens / max(slots, 1),
         "train_loss_final": sum(s for s, _ in last) / max(1, sum(n for _, n in last)),
     }
-    return curve, stats
 
 
 # -- the trial ---------------------------------------------------------------------------------

@@ -51,6 +51,13 @@ def pick_device(name: str) -> str:
     return name
 
 
+def free_memory(device: str) -> None:
+    """Collect what a finished trial (or group) left behind; on CUDA also hand cached blocks back."""
+    gc.collect()
+    if str(device).startswith("cuda"):
+        torch.cuda.empty_cache()
+
+
 def weights_fingerprint(model: torch.nn.Module) -> float:
     """A cheap checksum of every base weight (sum of |w| in float64), to prove trials leave it pristine."""
     with torch.no_grad():
@@ -114,8 +121,6 @@ class Workspace:
                 accuracy_fn=self.accuracy_fn(), desc=task.desc,
             )
         finally:
-            gc.collect()  # the trial's adapter, optimizer state and activations go before the next one
-            if self.device.startswith("cuda"):
-                torch.cuda.empty_cache()
+            free_memory(self.device)  # the trial's adapter, optimizer state and activations go before the next one
             if weights_fingerprint(self.model) != before:
                 raise BaseWeightsChanged(f"base weights changed during trial {task.trial_id}: refusing to continue")
