@@ -51,10 +51,20 @@ def run_tasks(
     for task in tasks if cfg.executor == "local" else ():
         if on_start(task.trial_id) is False:
             continue
-        try:
-            yield task, ws.run(task), None
-        except RECORDED as e:
-            yield task, None, f"{type(e).__name__}: {e}"
+        yield run_one(ws, task)
+
+
+def run_one(ws: Workspace, task: TrialTask) -> Outcome:
+    """One trial on the sequential engine; a recorded failure becomes its one-line error text."""
+    try:
+        return task, ws.run(task), None
+    except RECORDED as e:
+        return task, None, failure(e)
+
+
+def failure(e: BaseException) -> str:
+    """How a failed trial's error is stored: 'ExceptionType: message'."""
+    return f"{type(e).__name__}: {e}"
 
 
 # -- Ray ---------------------------------------------------------------------------------------
@@ -121,7 +131,5 @@ class _RayWorker:
     def run(self, task: TrialTask):
         if self.ws is None:
             self.ws = Workspace.build(self.cfg)
-        try:
-            return self.ws.run(task), None
-        except RECORDED as e:
-            return None, f"{type(e).__name__}: {e}"
+        _, result, error = run_one(self.ws, task)
+        return result, error

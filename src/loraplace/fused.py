@@ -431,14 +431,11 @@ def run_group(ws, tasks: list) -> list[tuple]:
     Out of CUDA memory: the group is split in halves and each half run again (a single trial
     runs on the sequential engine), so no trial is lost.
     """
-    from .executor import RECORDED
+    from .executor import RECORDED, failure, run_one
     from .workspace import BaseWeightsChanged, free_memory, weights_fingerprint
 
     if len(tasks) == 1:
-        try:
-            return [(tasks[0], ws.run(tasks[0]), None)]
-        except RECORDED as e:
-            return [(tasks[0], None, f"{type(e).__name__}: {e}")]
+        return [run_one(ws, tasks[0])]
     cfg, before = ws.cfg, weights_fingerprint(ws.model)
     try:
         placements = [ws.placement(t) for t in tasks]
@@ -463,5 +460,5 @@ def run_group(ws, tasks: list) -> list[tuple]:
         free_memory(ws.device)
         if weights_fingerprint(ws.model) != before:
             raise BaseWeightsChanged(f"base weights changed during a fused group ({tasks[0].trial_id}...): refusing to continue")
-    return [(t, r, None) if isinstance(r, TrialResult) else (t, None, f"{type(r).__name__}: {r}") for t, r in zip(tasks, results)]
+    return [(t, r, None) if isinstance(r, TrialResult) else (t, None, failure(r)) for t, r in zip(tasks, results)]
 
