@@ -53,6 +53,7 @@ import socket
 import sqlite3
 import tempfile
 import threading
+import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -62,6 +63,7 @@ DB_NAME = "study.db"
 STATUSES = ("pending", "running", "done", "failed")
 CLAIM_TIMEOUT_S = 120.0  # a running trial whose owner has not beaten for this long may be claimed again
 HEARTBEAT_S = 15.0  # how often a process refreshes the claims it holds
+LOCK_WAIT_S = 30.0  # how long any one statement waits for another process's lock before failing
 _CLAIM_COLUMNS = (("owner_pid", "INTEGER"), ("owner_host", "TEXT"), ("heartbeat_at", "TEXT"))  # added in 0.1 (migrated)
 
 _SCHEMA = """
@@ -176,8 +178,8 @@ class Store:
             raise StoreError(f"no study database at {db} (run `loraplace study out={directory}` first)")
         try:
             directory.mkdir(parents=True, exist_ok=True)
-            conn = sqlite3.connect(db, timeout=30, isolation_level=None)
-            conn.execute("PRAGMA journal_mode=WAL")
+            conn = sqlite3.connect(db, timeout=LOCK_WAIT_S, isolation_level=None)
+            _use_wal(conn)
             conn.execute("PRAGMA synchronous=NORMAL")
             conn.executescript(_SCHEMA)
             _migrate(conn)
@@ -486,6 +488,23 @@ def _record(row: dict) -> TrialRecord:
         owner_host=row.get("owner_host"),
         heartbeat_at=row.get("heartbeat_at"),
     )
+
+
+def _use_wal(conn: sqlite3.Connection, wait_s: float = LOCK_WAIT_S) -> None:
+    """Switch the file to WAL (it stays so). SQLite answers "database is locked" at once, without
+    its busy handler, when another process opens or switches the same new file at that moment,
+    so several `loraplace study` processes started together retry here instead of failing."""
+    deadline = time.monotonic() + wait_s
+    delay = 0.005
+    while True:
+        try:
+            conn.execute("PRAGMA journal_mode=WAL")
+            return
+        except sqlite3.OperationalError as e:
+            if "locked" not in str(e) and "busy" not in str(e) or time.monotonic() > deadline:
+                raise
+            time.sleep(delay)
+            delay = min(delay * 2, 0.2)
 
 
 def _migrate(conn: sqlite3.Connection) -> None:
