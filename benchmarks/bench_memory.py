@@ -15,8 +15,10 @@ a target, so the batch shape is B x L with no padding).
 
 - CPU: the RSS high-water mark (VmHWM, reset through /proc/self/clear_refs after the model is
   loaded, its weights read once and one no-grad forward run: safetensors weights are memory-mapped
-  and enter RSS only when first read) minus the RSS at that moment: what training adds to the loaded process. The estimate's
-  counterpart is ``training_bytes`` (its peak minus the base weights, which the baseline holds).
+  and enter RSS only when first read) minus the RSS at that moment: what training adds to the loaded
+  process. The estimate's counterparts: ``training_bytes`` (the tensors: its peak minus the base
+  weights, which the baseline holds) and, for glibc's default allocator, ``cpu_rss_bytes`` minus the
+  weights (``GLIBC_RSS_FACTOR`` x ``training_bytes``).
 - CUDA: ``torch.cuda.max_memory_allocated`` over the training steps, weights included, against
   the estimate's ``peak_bytes``.
 
@@ -24,7 +26,7 @@ glibc's malloc raises its mmap threshold after the first large free (up to 32 Mi
 activation-sized blocks come from the heap and stay in RSS after they are freed: with the default
 allocator, RSS keeps memory that no tensor holds any more. ``--malloc-mmap-threshold N`` runs the
 children with ``MALLOC_MMAP_THRESHOLD_=N`` (a fixed threshold: large blocks go back to the OS when
-freed), so RSS follows the live tensors that the estimate models.
+freed), so RSS follows the live tensors: compare with the tensor estimate then.
 
 Memory figures are not distorted by other processes on the machine (times would be).
 """
@@ -93,7 +95,8 @@ def one(batch: int, length: int, strategy: str, steps: int, device: str, dtype: 
     out = {"batch": batch, "length": length, "strategy": strategy, "steps": steps, "dtype": dtype,
            "gradient_checkpointing": ckpt, "device": device, "train_s": round(wall, 1),
            "rss_baseline_bytes": base_kb * 1024, "rss_above_baseline_bytes": (_status_kb("VmHWM") - base_kb) * 1024,
-           "est_training_bytes": est.training_bytes, "est_peak_bytes": est.peak_bytes, "est_terms": est.terms}
+           "est_training_bytes": est.training_bytes, "est_peak_bytes": est.peak_bytes,
+           "est_cpu_rss_above_bytes": est.cpu_rss_bytes - est.terms["weights"], "est_terms": est.terms}
     if device.startswith("cuda"):
         out["cuda_max_allocated_bytes"] = int(torch.cuda.max_memory_allocated())
     return out
@@ -140,13 +143,16 @@ def main() -> None:
           f"{', gradient checkpointing' if args.gradient_checkpointing else ''}, "
           f"MALLOC_MMAP_THRESHOLD_={args.malloc_mmap_threshold or 'unset (glibc default)'}\n")
     cuda = args.device.startswith("cuda")
-    head = "| B x L | strategy | RSS above baseline (MiB) | estimate (MiB) | error |"
+    head = ("| B x L | strategy | RSS above baseline (MiB) | tensor estimate (MiB) | error | CPU RSS estimate (MiB) "
+            "| error |")
     head += " CUDA max allocated (MiB) | estimate peak (MiB) | error |" if cuda else ""
     print(head)
-    print("|---|---|---:|---:|---:|" + ("---:|---:|---:|" if cuda else ""))
+    print("|---|---|---:|---:|---:|---:|---:|" + ("---:|---:|---:|" if cuda else ""))
     for r in results:
         m, e = r["rss_above_baseline_bytes"], r["est_training_bytes"]
-        line = f"| {r['batch']}x{r['length']} | {r['strategy']} | {m / 2**20:,.0f} | {e / 2**20:,.0f} | {100 * (e - m) / m:+.1f}% |"
+        c = r["est_cpu_rss_above_bytes"]
+        line = (f"| {r['batch']}x{r['length']} | {r['strategy']} | {m / 2**20:,.0f} | {e / 2**20:,.0f} | "
+                f"{100 * (e - m) / m:+.1f}% | {c / 2**20:,.0f} | {100 * (c - m) / m:+.1f}% |")
         if cuda:
             c, p = r["cuda_max_allocated_bytes"], r["est_peak_bytes"]
             line += f" {c / 2**20:,.0f} | {p / 2**20:,.0f} | {100 * (p - c) / c:+.1f}% |"

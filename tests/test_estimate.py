@@ -9,7 +9,7 @@ from tiny_models import ARCH_NAMES, MOE_NAMES, build
 
 from loraplace import metrics, trial
 from loraplace.anatomy import analyze
-from loraplace.estimate import CALIBRATED, estimate
+from loraplace.estimate import CALIBRATED, GLIBC_RSS_FACTOR, GLIBC_RSS_FACTOR_CHECKPOINTING, estimate
 from loraplace.placement import apply, get_strategy, resolve
 
 STRATEGIES = ["all_linear", "attention_only", "mlp_only", "top_half", "qv_only"]
@@ -133,6 +133,18 @@ def test_scaling_and_flops():
     assert a.flops_per_step == metrics.train_flops(p.anatomy.base_params, p.trainable_params, 4 * 128)
     assert a.peak_bytes == sum(a.terms.values()) and a.training_bytes == a.peak_bytes - a.terms["weights"]
     assert a.to_dict()["terms"] == a.terms
+
+
+def test_cpu_rss_scales_what_a_step_adds_not_the_weights():
+    p = _placement(build("llama"), "all_linear")
+    a, b = estimate(p, 4, 128), estimate(p, 8, 128)
+    for e in (a, b):
+        assert e.cpu_rss_bytes - e.terms["weights"] == int(GLIBC_RSS_FACTOR * e.training_bytes)
+    assert b.cpu_rss_bytes - a.cpu_rss_bytes == pytest.approx(GLIBC_RSS_FACTOR * (b.training_bytes - a.training_bytes), abs=2)
+    assert a.to_dict()["cpu_rss_bytes"] == a.cpu_rss_bytes
+    c = estimate(p, 4, 128, gradient_checkpointing=True)  # recomputed blocks leave more freed heap per live byte
+    assert c.cpu_rss_bytes - c.terms["weights"] == int(GLIBC_RSS_FACTOR_CHECKPOINTING * c.training_bytes)
+    assert c.cpu_rss_bytes < a.cpu_rss_bytes
 
 
 def test_notes_for_uncalibrated_and_moe():

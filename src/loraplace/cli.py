@@ -149,7 +149,8 @@ def cmd_plan(args) -> int:
         return 0
     rows = [
         [name, str(len(p.modules)), _fmt_int(p.trainable_params), f"{p.trainable_pct:.3f}%", _fmt_bytes(p.adapter_bytes()),
-         _rank_text(p), _fmt_bytes(ests[name].peak_bytes), _fmt_gflop(ests[name].flops_per_step)]
+         _rank_text(p), _fmt_bytes(ests[name].peak_bytes), _fmt_bytes(ests[name].cpu_rss_bytes),
+         _fmt_gflop(ests[name].flops_per_step)]
         for name, p in placements.items()
     ]
     print(f"{anat.model_type}, {anat.n_blocks} blocks, {_fmt_int(anat.base_params)} base parameters (adapters excluded)")
@@ -162,7 +163,7 @@ def cmd_plan(args) -> int:
                   else parse_budget(cfg.budget, anat, cfg.train.rank, cfg.define))
         print(f"budget-matched to {cfg.budget} = {_fmt_int(target)} trainable parameters (within 5%)")
     print(_table(rows, ["strategy", "modules", "trainable", "of base", "adapter (fp32)", "ranks", "est. peak mem",
-                        "GFLOP/step"], right={1, 2, 3, 4, 6, 7}))
+                        "est. CPU RSS", "GFLOP/step"], right={1, 2, 3, 4, 6, 7, 8}))
     print(f"\nEstimated peak training memory at batch {t.batch_size} x {cfg.data.max_length} tokens, {t.dtype}"
           f"{', gradient checkpointing' if t.gradient_checkpointing else ''}, every position a target (upper bound):")
     terms = list(next(iter(ests.values())).terms)

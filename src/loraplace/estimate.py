@@ -34,8 +34,14 @@ FLOPs per step follow ``metrics.train_flops``: 4 x base params x tokens (forward
 the activations; frozen weights get no gradient) + 6 x adapter params x tokens. Attention scores
 (about 6 x L x q per token per block) are not counted, as in that metric.
 
-Not modeled: mixture-of-experts expert activations (a note says so), allocator overhead, and the
-framework's own memory (Python, torch libraries: measured as the process baseline).
+``peak_bytes`` is what the tensors need (``torch.cuda.max_memory_allocated`` on a GPU, where the
+caching allocator reuses freed blocks). A CPU process holds more: glibc's default malloc keeps
+freed activation blocks in its heap, so ``cpu_rss_bytes`` = weights + ``GLIBC_RSS_FACTOR`` x
+``training_bytes`` (``GLIBC_RSS_FACTOR_CHECKPOINTING`` with gradient checkpointing), factors
+measured on the embedded model (BENCHMARKS.md).
+
+Not modeled: mixture-of-experts expert activations (a note says so), and the framework's own
+memory (Python, torch libraries: measured as the process baseline).
 """
 
 from __future__ import annotations
@@ -49,6 +55,11 @@ ADAPTER_BYTES = 4  # PEFT keeps LoRA weights in fp32
 # others (GPT-2, GPT-J, CodeGen, GPTBigCode, Gemma 2, Phi, ...) keep more (eager attention, extra norms):
 # up to 64% under (GPT-2), i.e. about 3x low.
 CALIBRATED = ("llama", "mistral", "qwen2", "qwen3", "gemma", "olmo", "starcoder2", "stablelm")
+# CPU RSS above the loaded model / training_bytes under glibc's default allocator, SmolLM2-135M, fp32
+# (BENCHMARKS.md): 1.74-1.76 for all_linear at 4x128 and 8x256, 1.50-1.87 at eight held-out placements
+# and shapes; with gradient checkpointing (recomputed blocks fragment the heap more) 1.76-2.37.
+GLIBC_RSS_FACTOR = 1.75
+GLIBC_RSS_FACTOR_CHECKPOINTING = 2.0
 HEAD_DIM_GUESS = 64  # heads = q width / 64 when only shapes are known (the log-sum-exp term is tiny)
 
 
@@ -58,6 +69,7 @@ class Estimate:
     flops_per_step: float
     tokens_per_step: int
     notes: tuple[str, ...] = field(default=())
+    gradient_checkpointing: bool = False
 
     @property
     def peak_bytes(self) -> int:
@@ -68,8 +80,16 @@ class Estimate:
         """The peak above the loaded model: what a step adds to the base weights."""
         return self.peak_bytes - self.terms["weights"]
 
+    @property
+    def cpu_rss_bytes(self) -> int:
+        """The resident memory of a CPU training process at its peak, above the framework's baseline:
+        the weights plus what glibc's allocator holds for a step (tensors and freed blocks it keeps)."""
+        factor = GLIBC_RSS_FACTOR_CHECKPOINTING if self.gradient_checkpointing else GLIBC_RSS_FACTOR
+        return self.terms["weights"] + int(factor * self.training_bytes)
+
     def to_dict(self) -> dict:
-        return {"peak_bytes": self.peak_bytes, "terms": dict(self.terms), "flops_per_step": self.flops_per_step,
+        return {"peak_bytes": self.peak_bytes, "cpu_rss_bytes": self.cpu_rss_bytes, "terms": dict(self.terms),
+                "flops_per_step": self.flops_per_step,
                 "tokens_per_step": self.tokens_per_step, "notes": list(self.notes)}
 
 
@@ -165,4 +185,4 @@ def estimate(placement, batch_size: int, seq_len: int, dtype: str = "float32", g
         "logits": 3 * targets * s.vocab * 4 if per_block else 0,
     }
     flops = float(4 * anat.base_params * tokens + 6 * n_lora * tokens)
-    return Estimate(terms, flops, tokens, tuple(notes))
+    return Estimate(terms, flops, tokens, tuple(notes), gradient_checkpointing)
