@@ -348,6 +348,16 @@ def test_drop_last_drops_only_the_short_batch():
     assert order(ts, 3, drop_last=True) == [b for b in full if len(b) == 8]
 
 
+def test_batches_can_name_each_rows_example():
+    ts = fake_set([(i * 37) % 50 + 1 for i in range(40)])  # example i's tokens are all i + 1
+    plain = list(D.batches(ts, 8, seed=2, pad_id=0))
+    named = list(D.batches(ts, 8, seed=2, pad_id=0, index=True))
+    assert all("index" not in b for b in plain)
+    for p, b in zip(plain, named, strict=True):
+        assert all(torch.equal(p[k], b[k]) for k in p)
+        assert (b["index"] + 1).tolist() == b["input_ids"][:, 0].tolist()
+
+
 def test_padding_fraction_matches_the_batches():
     ts = fake_set([(i * 37) % 50 + 1 for i in range(200)])
     for group in (True, False):

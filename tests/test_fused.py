@@ -17,7 +17,7 @@ from loraplace.config import ConfigError, EvalSpec, StudyConfig, TrainSpec
 from loraplace.data import TokenizedSet
 from loraplace.metrics import IGNORE_INDEX
 from loraplace.placement import Placement, Strategy, resolve
-from loraplace.trial import TrialError, TrialResult, run_trial
+from loraplace.trial import TrialError, TrialResult, _train_batches, run_trial, total_steps
 
 PAD = 0
 REL = 1e-4
@@ -113,6 +113,7 @@ def test_fused_group_equals_sequential_trials(tmp_path, arch, dropout):
             assert f.metrics[k] == s.metrics[k], k
         assert f.placement == s.placement
         assert f.metrics["fused_trials"] == 4 and 0 < f.metrics["fused_padding_frac"] < 1  # mixed seeds pad
+        assert f.metrics["fused_cached_blocks"] == 0  # all_linear adapts block 0: no frozen prefix to cache
         _assert_same_adapter(s.adapter_dir, f.adapter_dir)
 
 
@@ -279,3 +280,148 @@ def test_fused_trials_score_accuracy_like_sequential_ones(tmp_path):
     for a, b in zip(off, on):
         assert b.metrics["fused_trials"] == 2 and "accuracy" in a.metrics
         assert b.metrics["accuracy"] == a.metrics["accuracy"]
+
+
+# -- the frozen prefix, computed once per example and reused in later epochs ----------------------
+def _deep(arch: str, **cfg) -> torch.nn.Module:
+    """A 4-block tiny model (GPT-2 without its dropouts), with ``cfg`` set on its config."""
+    config = _gpt2_without_dropout().config if arch == "gpt2" else tiny_models.config(arch)
+    fields = {k: v for k, v in config.to_dict().items() if k not in ("layer_types", "n_layer")}  # per-layer lists follow
+    config = type(config)(**{**fields, "num_hidden_layers": 4, **cfg})
+    assert config.num_hidden_layers == 4
+    torch.manual_seed(0)
+    return T.AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+
+
+def _upper(anat):
+    """Trials that all leave blocks 0-1 alone (the group's lowest adapted block is 2; one starts at 3)."""
+    strategies = [(Strategy("top_half", "all", "last:50%"), 0), (Strategy("attn3", "attn", "3"), 1),
+                  (Strategy("ranks", "all", "2-3", rank={"attn": 2, "mlp": 6}), 2), (Strategy("mlp_top", "mlp", "2,3"), 0)]
+    return [resolve(s, anat, rank=4, alpha=8) for s, _ in strategies], [seed for _, seed in strategies]
+
+
+def _prefix_runs(model, anat) -> list[bool]:
+    """Counts training forwards that really compute block 0 (a hook on its first linear layer: a
+    bypassed block runs none of its layers)."""
+    first = next(m for m in model.get_submodule(anat.blocks_path)[0].modules() if isinstance(m, (torch.nn.Linear, T.Conv1D)))
+    runs: list[bool] = []
+    first.register_forward_hook(lambda mod, args, out: runs.append(True) if mod.training else None)
+    return runs
+
+
+def _steps_with_new_examples(ts, spec, seeds) -> tuple[int, int]:
+    """(steps whose stacked batch holds an example not seen at an earlier step, the last such step)."""
+    steps = total_steps(spec, len(ts))
+    streams = [_train_batches(ts, spec, s, PAD, steps, index=True) for s in seeds]
+    seen, misses, last = set(), 0, 0
+    for step in range(1, steps + 1):
+        idx = {i for b in (next(g) for g in streams) for i in b["index"].tolist()}
+        if not idx <= seen:
+            misses, last = misses + 1, step
+        seen |= idx
+    return misses, last
+
+
+@pytest.mark.parametrize("arch,checkpointing", [("llama", False), ("gpt_neox", False), ("bloom", False),
+                                                ("gpt2", False), ("llama", True)])
+def test_frozen_prefix_is_computed_once_and_results_equal_sequential(tmp_path, arch, checkpointing):
+    """Every trial starts at block 2 or above: blocks 0-1 run in epoch 1 only (bloom's blocks return
+    tuples; gpt2 has Conv1D layers and positional block arguments), with the sequential numbers."""
+    model = _deep(arch)
+    anat = analyze(model)
+    placements, seeds = _upper(anat)
+    ts = _toy_set(21)
+    spec = TrainSpec(**SPEC, gradient_checkpointing=checkpointing)
+    seq = _sequential(model, placements, seeds, ts, spec, [tmp_path / f"seq{i}" for i in range(4)])
+    runs = _prefix_runs(model, anat)
+    got = fused.run_fused_trials(model, placements, seeds, ts, ts, spec, EvalSpec(batch_size=8), pad_id=PAD,
+                                 adapter_dirs=[tmp_path / f"fused{i}" for i in range(4)])
+    misses, last = _steps_with_new_examples(ts, spec, seeds)
+    per_epoch = math.ceil(len(ts) / spec.batch_size)
+    assert len(runs) == misses and last <= per_epoch < 12  # the prefix ran in epoch 1 only, once for each such step
+    for i, (s, f) in enumerate(zip(seq, got)):
+        assert isinstance(s, TrialResult) and isinstance(f, TrialResult), (s, f)
+        assert f.metrics["fused_cached_blocks"] == 2
+        assert len(f.curve) == len(s.curve) == 12
+        assert all(_close(lf, ls) for (_, ls), (_, lf) in zip(s.curve, f.curve)), (i, s.curve, f.curve)
+        assert _close(f.metrics["eval_loss"], s.metrics["eval_loss"]), i
+        assert s.metrics["eval_loss"] < s.curve[0][1]
+        _assert_same_adapter(s.adapter_dir, f.adapter_dir)
+
+
+def test_prefix_cache_over_its_cap_is_skipped_with_the_same_results(caplog):
+    model = _deep("qwen2")
+    anat = analyze(model)
+    placements, seeds = _upper(anat)
+    ts, spec = _toy_set(21), TrainSpec(**SPEC)
+    seq = _sequential(model, placements, seeds, ts, spec, [None] * 4)
+    runs = _prefix_runs(model, anat)
+    with caplog.at_level("INFO", logger="loraplace"):
+        got = fused.run_fused_trials(model, placements, seeds, ts, ts, spec, EvalSpec(batch_size=8), pad_id=PAD,
+                                     prefix_cache_bytes=1024)
+    assert "not caching the frozen prefix (blocks 0-1)" in caplog.text and "over the cap of" in caplog.text
+    assert len(runs) == 12  # every step ran the prefix
+    for s, f in zip(seq, got):
+        assert f.metrics["fused_cached_blocks"] == 0
+        assert all(_close(lf, ls) for (_, ls), (_, lf) in zip(s.curve, f.curve))
+        assert _close(f.metrics["eval_loss"], s.metrics["eval_loss"])
+
+
+def test_prefix_with_dropout_or_one_epoch_is_not_cached(caplog):
+    """A prefix with its own dropout draws new masks every epoch, so its output is not reusable; with one
+    pass over the train set nothing is needed twice."""
+    ts = _toy_set(21)
+    model = _deep("llama", attention_dropout=0.1)
+    anat = analyze(model)
+    placements, seeds = _upper(anat)
+    runs = _prefix_runs(model, anat)
+    with caplog.at_level("INFO", logger="loraplace"):
+        got = fused.run_fused_trials(model, placements, seeds, ts, ts, TrainSpec(**SPEC), EvalSpec(batch_size=8),
+                                     pad_id=PAD)
+    assert "not caching the frozen prefix" in caplog.text and "config.attention_dropout=0.1" in caplog.text
+    assert len(runs) == 12 and all(r.metrics["fused_cached_blocks"] == 0 for r in got)
+
+    model = _deep("llama")
+    runs = _prefix_runs(model, anat)
+    got = fused.run_fused_trials(model, placements, seeds, ts, ts, TrainSpec(**{**SPEC, "steps": 6}),
+                                 EvalSpec(batch_size=8), pad_id=PAD)
+    assert len(runs) == 6 and all(r.metrics["fused_cached_blocks"] == 0 for r in got)
+
+
+def test_prefix_cache_steps_aside_when_block_k_does_not_read_the_prefix_output(caplog):
+    """Something between block k-1 and block k (here a pre-hook that rescales block 2's input) would
+    be skipped by the cache: it is detected on the first step and the prefix runs every step."""
+    model = _deep("llama")
+    anat = analyze(model)
+    model.get_submodule(anat.blocks_path)[2].register_forward_pre_hook(lambda mod, args: (args[0] * 0.5,) + args[1:])
+    placements, seeds = _upper(anat)
+    ts, spec = _toy_set(21), TrainSpec(**SPEC)
+    seq = _sequential(model, placements, seeds, ts, spec, [None] * 4)
+    runs = _prefix_runs(model, anat)
+    with caplog.at_level("INFO", logger="loraplace"):
+        got = fused.run_fused_trials(model, placements, seeds, ts, ts, spec, EvalSpec(batch_size=8), pad_id=PAD)
+    assert "does not read block 1's output directly" in caplog.text
+    assert len(runs) == 12
+    for s, f in zip(seq, got):
+        assert f.metrics["fused_cached_blocks"] == 0
+        assert all(_close(lf, ls) for (_, ls), (_, lf) in zip(s.curve, f.curve))
+
+
+def test_prefix_cache_equals_sequential_to_float64_precision(tmp_path):
+    """In float64 the kept hidden states are the ones the sequential engine recomputes every epoch."""
+    torch.set_default_dtype(torch.float64)
+    try:
+        model = _deep("llama").double()
+        anat = analyze(model)
+        placements, seeds = _upper(anat)
+        ts, spec = _toy_set(21), TrainSpec(**SPEC)
+        seq = _sequential(model, placements, seeds, ts, spec, [tmp_path / f"seq{i}" for i in range(4)])
+        got = fused.run_fused_trials(model, placements, seeds, ts, ts, spec, EvalSpec(batch_size=8), pad_id=PAD,
+                                     adapter_dirs=[tmp_path / f"fused{i}" for i in range(4)])
+    finally:
+        torch.set_default_dtype(torch.float32)
+    for s, f in zip(seq, got):
+        assert f.metrics["fused_cached_blocks"] == 2
+        assert all(math.isclose(lf, ls, rel_tol=1e-10) for (_, ls), (_, lf) in zip(s.curve, f.curve))
+        assert math.isclose(f.metrics["eval_loss"], s.metrics["eval_loss"], rel_tol=1e-10)
+        _assert_same_adapter(s.adapter_dir, f.adapter_dir, rel=1e-10)

@@ -12,7 +12,7 @@ from loraplace.anatomy import analyze
 from loraplace.config import EvalSpec, TrainSpec
 from loraplace.data import TokenizedSet, batches
 from loraplace.metrics import IGNORE_INDEX
-from loraplace.placement import get_strategy, resolve
+from loraplace.placement import Strategy, get_strategy, resolve
 from loraplace.trial import TrialError, evaluate, lr_factor, run_trial, target_nll
 
 PAD = 0
@@ -133,6 +133,19 @@ def test_gradient_checkpointing_gives_the_same_training(arch):
     assert [l for _, l in a.curve] == pytest.approx([l for _, l in b.curve], rel=1e-5)
     assert b.metrics["eval_loss"] == pytest.approx(a.metrics["eval_loss"], rel=1e-5)
     assert not any(getattr(m, "gradient_checkpointing", False) for m in model.modules())  # off again for the next trial
+
+
+def test_gradient_checkpointing_keeps_the_frozen_prefix_out_of_the_backward():
+    """With adapters in block 1 only, block 0 runs once per step: the backward does not recompute it."""
+    model = build("llama")
+    anat = analyze(model)
+    p = resolve(Strategy("block1", "all", "1"), anat, rank=4, alpha=8)
+    first = model.get_submodule(anat.blocks_path)[0].self_attn.q_proj
+    runs = []
+    first.register_forward_hook(lambda mod, args, out: runs.append(mod.training) if torch.is_grad_enabled() else None)
+    spec, ev = _specs(steps=4, gradient_checkpointing=True)
+    run_trial(model, p, _toy_set(), _toy_set(), spec, ev, seed=0, pad_id=PAD)
+    assert runs == [True] * 4
 
 
 # -- generation for accuracy ---------------------------------------------------------------------

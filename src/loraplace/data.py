@@ -487,8 +487,9 @@ def batch_indices(lengths: Sequence[int], batch_size: int, seed: int | None, gro
 
 
 def batches(ts: TokenizedSet, batch_size: int, seed: int | None, pad_id: int, group_by_length: bool = True,
-            drop_last: bool = False) -> Iterator[dict[str, torch.Tensor]]:
-    """Right-padded batches ``{"input_ids", "attention_mask", "labels"}`` (labels IGNORE_INDEX on padding).
+            drop_last: bool = False, index: bool = False) -> Iterator[dict[str, torch.Tensor]]:
+    """Right-padded batches ``{"input_ids", "attention_mask", "labels"}`` (labels IGNORE_INDEX on padding),
+    with ``index`` also ``"index"`` (B,): each row's position in ``ts``.
 
     ``seed`` set: shuffle with it; with ``group_by_length``, sort each mega-chunk of 50 batches by length
     and shuffle the batch order (about 2% padding on GSM8K instead of about 30%). ``seed=None`` (eval):
@@ -506,7 +507,10 @@ def batches(ts: TokenizedSet, batch_size: int, seed: int | None, pad_id: int, gr
             ids[row, :n] = torch.tensor(ts.input_ids[i])
             labels[row, :n] = torch.tensor(ts.labels[i])
             mask[row, :n] = 1
-        yield {"input_ids": ids, "attention_mask": mask, "labels": labels}
+        batch = {"input_ids": ids, "attention_mask": mask, "labels": labels}
+        if index:
+            batch["index"] = torch.tensor(group, dtype=torch.long)
+        yield batch
 
 
 def padding_fraction(ts: TokenizedSet | Sequence[int], batch_size: int, seed: int | None = 0,

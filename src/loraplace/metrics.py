@@ -44,6 +44,7 @@ METRICS: dict[str, tuple[str, str]] = {
     "fused_trials": ("trials", "size of the fused group the trial trained in"),
     "fused_padding_frac": ("fraction", "padding share of the token slots in the group's stacked batches"),
     "group_train_time_s": ("s", "wall time of the fused group's training loop (all its trials)"),
+    "fused_cached_blocks": ("blocks", "frozen blocks whose output was computed once per example and reused (0: none)"),
 }
 
 

@@ -119,11 +119,11 @@ def lr_factor(step: int, total: int, spec: TrainSpec) -> float:
     return 1.0 - progress if spec.schedule == "linear" else 0.5 * (1.0 + math.cos(math.pi * progress))
 
 
-def _train_batches(train_set: TokenizedSet, spec: TrainSpec, seed: int, pad_id: int, steps: int):
-    """As many batches as steps, epoch after epoch, each epoch in a seed-dependent order."""
+def _train_batches(train_set: TokenizedSet, spec: TrainSpec, seed: int, pad_id: int, steps: int, index: bool = False):
+    """As many batches as steps, epoch after epoch, each epoch in a seed-dependent order (``index``: see batches)."""
     epoch = 0
     while True:
-        for batch in batches(train_set, spec.batch_size, seed=seed * 100_003 + epoch, pad_id=pad_id):
+        for batch in batches(train_set, spec.batch_size, seed=seed * 100_003 + epoch, pad_id=pad_id, index=index):
             yield batch
             steps -= 1
             if steps == 0:
@@ -245,6 +245,11 @@ def _checkpointing(model, on: bool) -> None:
     if hasattr(model, "activation_checkpointing_enable"):
         if on:
             model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+            # transformers also makes the embeddings' output require grad (for reentrant checkpointing): that
+            # puts the frozen blocks below the lowest adapter into the backward, recomputed for nothing.
+            # Non-reentrant checkpointing reaches the LoRA weights without it.
+            if hasattr(model, "disable_input_require_grads"):
+                model.disable_input_require_grads()
         else:
             model.activation_checkpointing_disable()
     elif on:
