@@ -5,6 +5,8 @@ Usage::
 
     python benchmarks/bench_study.py                      # the reference workload (BENCHMARKS.md); quiet machine
     python benchmarks/bench_study.py --rows 16 --eval-rows 8 --max-length 64   # a quick check that it runs
+    python benchmarks/bench_study.py --rows 48 --eval-rows 16 --epochs 3 --strategies top_half --seeds 0 1 \
+        --engines fused fused-nocache sequential   # the frozen-prefix cache: fused with and without it
 
 The reference workload of ``bench_trial.py``: the embedded SmolLM2-135M, GSM8K train rows 0-127
 (max length 256), batch 8, one epoch (16 steps), r16 / alpha 32 / LoRA dropout 0.05, lr 2e-4
@@ -44,8 +46,10 @@ def main() -> int:
     ap.add_argument("--eval-rows", type=int, default=64, help="GSM8K test rows to evaluate on")
     ap.add_argument("--max-length", type=int, default=256)
     ap.add_argument("--strategies", nargs="+", default=["all_linear", "attention_only", "mlp_only"])
-    ap.add_argument("--engines", nargs="+", default=["sequential", "fused", "hf"], choices=["sequential", "fused", "hf"])
-    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--engines", nargs="+", default=["sequential", "fused", "hf"],
+                    choices=["sequential", "fused", "fused-nocache", "hf"], help="fused-nocache: no frozen-prefix cache")
+    ap.add_argument("--seeds", type=int, nargs="+", default=[0], help="a trial per strategy and seed")
+    ap.add_argument("--epochs", type=int, default=1, help="passes over the train rows")
     ap.add_argument("--json", help="also write the figures to this file")
     args = ap.parse_args()
     if not GSM8K.is_dir():
@@ -56,38 +60,43 @@ def main() -> int:
     spec = DataSpec(max_length=args.max_length)
     train_set = tokenize(load_examples(DataSpec(source=str(GSM8K / "train.jsonl")))[: args.rows], tok, spec)
     eval_set = tokenize(load_examples(DataSpec(source=str(GSM8K / "test.jsonl")))[: args.eval_rows], tok, spec)
-    steps = (len(train_set.input_ids) + 7) // 8
+    steps = args.epochs * ((len(train_set.input_ids) + 7) // 8)
     train = TrainSpec(lr=2e-4, steps=steps, batch_size=8, warmup=0, schedule="constant", rank=16, alpha=32,
                       dropout=0.05)
     ev = EvalSpec()
     pad = tok.pad_token_id
-    placements = [resolve(get_strategy(s), anat, rank=16, alpha=32) for s in args.strategies]
+    trials = [(s, seed) for s in args.strategies for seed in args.seeds]
+    names = [f"{s}/{seed}" if len(args.seeds) > 1 else s for s, seed in trials]
+    placements = [resolve(get_strategy(s), anat, rank=16, alpha=32) for s, _ in trials]
+    seeds = [seed for _, seed in trials]
     print(f"{len(placements)} trials, {steps} steps of batch 8 each; length-grouped padding "
-          f"{padding_fraction(train_set, 8, args.seed, True):.1%}; torch threads {torch.get_num_threads()}", flush=True)
+          f"{padding_fraction(train_set, 8, args.seeds[0], True):.1%}; torch threads {torch.get_num_threads()}", flush=True)
     out = {"rows": args.rows, "eval_rows": args.eval_rows, "steps": steps, "strategies": args.strategies,
-           "threads": torch.get_num_threads()}
+           "seeds": args.seeds, "threads": torch.get_num_threads()}
     for engine in args.engines:
         t0 = time.perf_counter()
         if engine == "sequential":
-            rs = [run_trial(model, p, train_set, eval_set, train, ev, seed=args.seed, pad_id=pad) for p in placements]
+            rs = [run_trial(model, p, train_set, eval_set, train, ev, seed=seed, pad_id=pad)
+                  for p, seed in zip(placements, seeds)]
             losses = [r.metrics["eval_loss"] for r in rs]
             train_s = sum(r.metrics["train_time_s"] for r in rs)
-        elif engine == "fused":
-            rs = run_fused_trials(model, placements, [args.seed] * len(placements), train_set, eval_set, train, ev,
-                                  pad_id=pad)
+        elif engine.startswith("fused"):
+            rs = run_fused_trials(model, placements, seeds, train_set, eval_set, train, ev, pad_id=pad,
+                                  prefix_cache_bytes=0 if engine == "fused-nocache" else None)
             losses = [r.metrics["eval_loss"] for r in rs]
             train_s = rs[0].metrics["group_train_time_s"]
+            print(f"{engine}: frozen blocks served from the prefix cache: {rs[0].metrics['fused_cached_blocks']}")
         else:
             losses, train_s = [], 0.0
-            for p in placements:
-                t, peft_model = trainer_run(model, p, train_set, train, pad, seed=args.seed)
+            for p, seed in zip(placements, seeds):
+                t, peft_model = trainer_run(model, p, train_set, train, pad, seed=seed)
                 losses.append(evaluate(peft_model, eval_set, ev.batch_size, pad)["eval_loss"])
                 peft_model.unload()
                 train_s += t
         wall = time.perf_counter() - t0
-        out[engine] = {"study_s": wall, "train_s": train_s, "eval_loss": dict(zip(args.strategies, losses))}
+        out[engine] = {"study_s": wall, "train_s": train_s, "eval_loss": dict(zip(names, losses))}
         print(f"{engine:10s} study {wall:7.1f} s (training {train_s:7.1f} s)  eval loss "
-              + "  ".join(f"{s} {v:.4f}" for s, v in zip(args.strategies, losses)), flush=True)
+              + "  ".join(f"{s} {v:.4f}" for s, v in zip(names, losses)), flush=True)
     for engine in ("sequential", "fused"):
         if engine in out and "hf" in out:
             out[f"{engine}_speedup_vs_hf"] = out["hf"]["study_s"] / out[engine]["study_s"]

@@ -37,8 +37,10 @@ the activations; frozen weights get no gradient) + 6 x adapter params x tokens. 
 ``peak_bytes`` is what the tensors need (``torch.cuda.max_memory_allocated`` on a GPU, where the
 caching allocator reuses freed blocks). A CPU process holds more: glibc's default malloc keeps
 freed activation blocks in its heap, so ``cpu_rss_bytes`` = weights + ``GLIBC_RSS_FACTOR`` x
-``training_bytes`` (``GLIBC_RSS_FACTOR_CHECKPOINTING`` with gradient checkpointing), factors
-measured on the embedded model (BENCHMARKS.md).
+``training_bytes``. With gradient checkpointing the blocks recomputed one by one in the backward
+leave a heap that grows with what they compute, not with what is kept: ``cpu_rss_bytes`` = the
+peak + ``GLIBC_HEAP_CHECKPOINTING`` x the activations the run would keep without checkpointing.
+Both factors are measured on the embedded model (BENCHMARKS.md).
 
 Not modeled: mixture-of-experts expert activations (a note says so), and the framework's own
 memory (Python, torch libraries: measured as the process baseline).
@@ -57,9 +59,11 @@ ADAPTER_BYTES = 4  # PEFT keeps LoRA weights in fp32
 CALIBRATED = ("llama", "mistral", "qwen2", "qwen3", "gemma", "olmo", "starcoder2", "stablelm")
 # CPU RSS above the loaded model / training_bytes under glibc's default allocator, SmolLM2-135M, fp32
 # (BENCHMARKS.md): 1.74-1.76 for all_linear at 4x128 and 8x256, 1.50-1.87 at eight held-out placements
-# and shapes; with gradient checkpointing (recomputed blocks fragment the heap more) 1.76-2.37.
+# and shapes.
 GLIBC_RSS_FACTOR = 1.75
-GLIBC_RSS_FACTOR_CHECKPOINTING = 2.0
+# With gradient checkpointing: (CPU RSS - weights - training_bytes) / activations without checkpointing,
+# same model (BENCHMARKS.md).
+GLIBC_HEAP_CHECKPOINTING = 0.68
 HEAD_DIM_GUESS = 64  # heads = q width / 64 when only shapes are known (the log-sum-exp term is tiny)
 
 
@@ -69,7 +73,7 @@ class Estimate:
     flops_per_step: float
     tokens_per_step: int
     notes: tuple[str, ...] = field(default=())
-    gradient_checkpointing: bool = False
+    cpu_rss_bytes: int = 0  # the resident memory of a CPU training process at its peak (see the module doc)
 
     @property
     def peak_bytes(self) -> int:
@@ -79,13 +83,6 @@ class Estimate:
     def training_bytes(self) -> int:
         """The peak above the loaded model: what a step adds to the base weights."""
         return self.peak_bytes - self.terms["weights"]
-
-    @property
-    def cpu_rss_bytes(self) -> int:
-        """The resident memory of a CPU training process at its peak, above the framework's baseline:
-        the weights plus what glibc's allocator holds for a step (tensors and freed blocks it keeps)."""
-        factor = GLIBC_RSS_FACTOR_CHECKPOINTING if self.gradient_checkpointing else GLIBC_RSS_FACTOR
-        return self.terms["weights"] + int(factor * self.training_bytes)
 
     def to_dict(self) -> dict:
         return {"peak_bytes": self.peak_bytes, "cpu_rss_bytes": self.cpu_rss_bytes, "terms": dict(self.terms),
@@ -164,17 +161,14 @@ def estimate(placement, batch_size: int, seq_len: int, dtype: str = "float32", g
                      "they can be up to 3x low")
     if anat.fixed_params().get("moe.experts"):
         notes.append("routed-expert activations are not modeled (mixture of experts): the estimate is low")
-    elems = 0
+    elems = full = 0  # saved elements per token; full: the same without checkpointing
     if per_block:
         first = min(per_block)
         first_start = "attn" if any(r.startswith("attn.") for r in per_block[first]) else "mlp"
         blocks = [_block_elems(s, per_block.get(b, {}), "before" if b > first else first_start, has_mlp)
                   for b in range(first, anat.n_blocks)]
-        if gradient_checkpointing:
-            elems = (s.hidden * len(blocks) + max(blocks))
-        else:
-            elems = sum(blocks)
-        elems += s.hidden + 1  # final norm
+        full = sum(blocks) + s.hidden + 1  # + the final norm
+        elems = s.hidden * len(blocks) + max(blocks) + s.hidden + 1 if gradient_checkpointing else full
     targets = int(round(tokens * target_frac))
     terms = {
         "weights": anat.base_params * act_bytes,
@@ -185,4 +179,9 @@ def estimate(placement, batch_size: int, seq_len: int, dtype: str = "float32", g
         "logits": 3 * targets * s.vocab * 4 if per_block else 0,
     }
     flops = float(4 * anat.base_params * tokens + 6 * n_lora * tokens)
-    return Estimate(terms, flops, tokens, tuple(notes), gradient_checkpointing)
+    peak = sum(terms.values())
+    if gradient_checkpointing:
+        rss = peak + int(GLIBC_HEAP_CHECKPOINTING * full * tokens * act_bytes)
+    else:
+        rss = terms["weights"] + int(GLIBC_RSS_FACTOR * (peak - terms["weights"]))
+    return Estimate(terms, flops, tokens, tuple(notes), rss)
