@@ -6,7 +6,7 @@ Usage::
     python benchmarks/bench_study.py                      # the reference workload (BENCHMARKS.md); quiet machine
     python benchmarks/bench_study.py --rows 16 --eval-rows 8 --max-length 64   # a quick check that it runs
     python benchmarks/bench_study.py --rows 48 --eval-rows 16 --epochs 3 --strategies top_half --seeds 0 1 \
-        --engines fused fused-nocache sequential   # the frozen-prefix cache: fused with and without it
+        --engines sequential sequential-nocache fused fused-nocache   # the frozen-prefix cache, with and without
 
 The reference workload of ``bench_trial.py``: the embedded SmolLM2-135M, GSM8K train rows 0-127
 (max length 256), batch 8, one epoch (16 steps), r16 / alpha 32 / LoRA dropout 0.05, lr 2e-4
@@ -47,7 +47,8 @@ def main() -> int:
     ap.add_argument("--max-length", type=int, default=256)
     ap.add_argument("--strategies", nargs="+", default=["all_linear", "attention_only", "mlp_only"])
     ap.add_argument("--engines", nargs="+", default=["sequential", "fused", "hf"],
-                    choices=["sequential", "fused", "fused-nocache", "hf"], help="fused-nocache: no frozen-prefix cache")
+                    choices=["sequential", "sequential-nocache", "fused", "fused-nocache", "hf"],
+                    help="*-nocache: without the frozen-prefix cache")
     ap.add_argument("--seeds", type=int, nargs="+", default=[0], help="a trial per strategy and seed")
     ap.add_argument("--epochs", type=int, default=1, help="passes over the train rows")
     ap.add_argument("--json", help="also write the figures to this file")
@@ -75,9 +76,11 @@ def main() -> int:
            "seeds": args.seeds, "threads": torch.get_num_threads()}
     for engine in args.engines:
         t0 = time.perf_counter()
-        if engine == "sequential":
-            rs = [run_trial(model, p, train_set, eval_set, train, ev, seed=seed, pad_id=pad)
+        if engine.startswith("sequential"):
+            rs = [run_trial(model, p, train_set, eval_set, train, ev, seed=seed, pad_id=pad,
+                            prefix_cache_bytes=0 if engine == "sequential-nocache" else None)
                   for p, seed in zip(placements, seeds)]
+            print(f"{engine}: frozen blocks served from the prefix cache: {rs[0].metrics['prefix_cached_blocks']}")
             losses = [r.metrics["eval_loss"] for r in rs]
             train_s = sum(r.metrics["train_time_s"] for r in rs)
         elif engine.startswith("fused"):
@@ -85,7 +88,7 @@ def main() -> int:
                                   prefix_cache_bytes=0 if engine == "fused-nocache" else None)
             losses = [r.metrics["eval_loss"] for r in rs]
             train_s = rs[0].metrics["group_train_time_s"]
-            print(f"{engine}: frozen blocks served from the prefix cache: {rs[0].metrics['fused_cached_blocks']}")
+            print(f"{engine}: frozen blocks served from the prefix cache: {rs[0].metrics['prefix_cached_blocks']}")
         else:
             losses, train_s = [], 0.0
             for p, seed in zip(placements, seeds):

@@ -144,7 +144,7 @@ def test_gradient_checkpointing_keeps_the_frozen_prefix_out_of_the_backward():
     runs = []
     first.register_forward_hook(lambda mod, args, out: runs.append(mod.training) if torch.is_grad_enabled() else None)
     spec, ev = _specs(steps=4, gradient_checkpointing=True)
-    run_trial(model, p, _toy_set(), _toy_set(), spec, ev, seed=0, pad_id=PAD)
+    run_trial(model, p, _toy_set(), _toy_set(), spec, ev, seed=0, pad_id=PAD, prefix_cache_bytes=0)  # no cache: every step
     assert runs == [True] * 4
 
 

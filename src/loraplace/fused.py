@@ -27,24 +27,16 @@ defaults: their masks would come from one stream), and LoRA dropout under gradie
 (the recompute would redraw the masks).
 
 Frozen prefix: the base is frozen, so the blocks below the group's lowest adapted block k never
-enter the backward graph (under gradient checkpointing too: ``trial._checkpointing`` drops the
-input-grad hook transformers adds). When k > 0 and training passes over the train set more than
-once, the prefix's output (block k's input) is kept per training example, at its true length, the
-first time a step meets it; a step whose examples are all kept bypasses blocks 0..k-1 and feeds
-block k the kept states (``fused_cached_blocks`` = k). Not cached: a base with its own randomness
-(dropout anywhere, router noise: such models are not fused anyway), a cache over
-``PREFIX_CACHE_SHARE`` of free memory (logged), or a model whose block k reads something other
-than block k-1's output (detected on the first step). Not done yet: running the prefix once for
-the identical rows of a same-seed group within a step; rows of a trial whose adapters start
-higher than the group's lowest one still get (zero) activation gradients between the two.
+enter the backward graph, and from the second epoch on their output comes from ``prefix.PrefixCache``
+(as in the sequential engine). Not done yet: running the prefix once for the identical rows of a
+same-seed group within a step; rows of a trial whose adapters start higher than the group's lowest
+one still get (zero) activation gradients between the two.
 """
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import math
-import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -57,6 +49,7 @@ from . import metrics as M
 from .config import EvalSpec, StudyConfig, TrainSpec
 from .data import TokenizedSet, batches
 from .placement import Placement, apply
+from .prefix import PrefixCache, base_randomness, lowest_block, prefix_cache
 from .trial import (TrialError, TrialResult, _checkpointing, _save_adapter, _train_batches, head_logits, lr_factor,
                     target_positions, total_steps, train_stats, trial_result)
 
@@ -66,26 +59,11 @@ log = logging.getLogger("loraplace")
 # -- how many trials a group holds ------------------------------------------------------------
 def fusable(model: torch.nn.Module, spec: TrainSpec) -> str | None:
     """None when fusing gives the sequential numbers for this model and settings, else why not."""
-    why = _base_randomness(model)
+    why = base_randomness(model)
     if why:
         return why
     if spec.gradient_checkpointing and spec.dropout > 0:
         return "LoRA dropout under gradient checkpointing (the recompute would redraw its masks)"
-    return None
-
-
-def _base_randomness(model: torch.nn.Module) -> str | None:
-    """Why the base model's own training forward is random (dropout, router noise), or None: the masks of a
-    stacked batch would come from one stream, and a cached prefix output would freeze one draw."""
-    for name, mod in model.named_modules():
-        if isinstance(mod, torch.nn.Dropout) and mod.p > 0:
-            return f"the base model has its own dropout ({name or 'model'}, p={mod.p})"
-    cfg = getattr(model, "config", None)
-    for key in ("attention_dropout", "attn_pdrop", "attention_probs_dropout_prob", "hidden_dropout"):
-        if float(getattr(cfg, key, 0) or 0) > 0:
-            return f"the base model has its own dropout (config.{key}={getattr(cfg, key)})"
-    if float(getattr(cfg, "router_jitter_noise", 0) or 0) > 0:  # Mixtral-style: multiplies router inputs by noise
-        return f"the base model's router adds noise in training (config.router_jitter_noise={cfg.router_jitter_noise})"
     return None
 
 
@@ -285,128 +263,6 @@ def _fused_nll(model, batch: dict, n: int) -> list[tuple[torch.Tensor, int]]:
     return out
 
 
-# -- the frozen prefix, computed once per training example ---------------------------------------
-# The cache may take at most this share of the training device's free memory at the start of a group:
-# it fits in the 20% that ``auto`` group sizing leaves outside its activation estimate.
-PREFIX_CACHE_SHARE = 0.15
-
-
-class _PrefixCache:
-    """Block k's input for every training example, kept the first time a step meets the example; a step
-    whose examples are all kept skips blocks 0..k-1 and feeds block k from here (the embeddings still run).
-
-    Exact because the prefix is frozen and deterministic (no dropout, checked before) and rows never
-    mix: an example's hidden states at its real positions do not depend on the batch it sits in or
-    on the padding after it (within float rounding of different batch shapes, as in any two runs).
-    """
-
-    def __init__(self, blocks: torch.nn.ModuleList, k: int):
-        self.blocks, self.k = blocks, k
-        self.store: dict[int, torch.Tensor] = {}  # example index -> (true length, hidden), detached
-        self.arity: int | None = None  # a block returns a tensor (None) or a tuple of this length
-        self.rows: list[tuple[int, int, int]] = []  # this step: (row of the stacked batch, example index, length)
-        self.broken: str | None = None  # why the cache cannot be used on this model after all
-        self.reused = 0  # steps fed from the cache
-
-    def plan(self, parts: list[dict], stride: int) -> None:
-        """The stacked batch's rows: slot i's rows start at i * stride."""
-        self.rows = [(i * stride + j, int(idx), int(n))
-                     for i, p in enumerate(parts)
-                     for j, (idx, n) in enumerate(zip(p["index"].tolist(), p["attention_mask"].sum(1).tolist()))]
-
-    @contextlib.contextmanager
-    def step(self, shape: tuple[int, int]):
-        """Around one training forward over a stacked batch of ``shape`` (rows, width)."""
-        if self.broken is not None:
-            yield
-        elif all(i in self.store for _, i, _ in self.rows):
-            with self._bypass(shape):
-                yield
-            self.reused += 1
-        else:
-            with self._capture():
-                yield
-
-    @contextlib.contextmanager
-    def _capture(self):
-        """Run the prefix and keep block k-1's output for each new example (and check that block k reads it)."""
-        last, seen = self.blocks[self.k - 1], {}
-
-        def keep(mod, args, out):
-            h = out[0] if isinstance(out, tuple) else out
-            self.arity = len(out) if isinstance(out, tuple) else None
-            seen["h"] = h
-            for row, i, n in self.rows:
-                if i not in self.store:
-                    self.store[i] = h[row, :n].detach().clone()
-
-        def check(mod, args, kwargs):  # block k must get block k-1's output itself, nothing made in between
-            given = args[0] if args else kwargs.get("hidden_states")
-            if given is not seen.get("h") and self.broken is None:
-                self.broken = f"block {self.k} does not read block {self.k - 1}'s output directly"
-                self.store.clear()
-                log.info("fused: not caching the frozen prefix: %s", self.broken)
-
-        handles = [last.register_forward_hook(keep), self.blocks[self.k].register_forward_pre_hook(check, with_kwargs=True)]
-        try:
-            yield
-        finally:
-            for h in handles:
-                h.remove()
-
-    @contextlib.contextmanager
-    def _bypass(self, shape: tuple[int, int]):
-        """Blocks 0..k-1 return the cached hidden states (zeros on padding) instead of computing them."""
-        first = next(iter(self.store.values()))
-        hidden = first.new_zeros(*shape, first.shape[-1])
-        for row, i, n in self.rows:
-            hidden[row, :n] = self.store[i]
-        out = hidden if self.arity is None else (hidden,) + (None,) * (self.arity - 1)
-        skipped = [self.blocks[j] for j in range(self.k)]
-        for blk in skipped:  # an instance attribute shadows the class's forward (and its checkpointing wrapper)
-            blk.forward = lambda *args, **kwargs: out
-        try:
-            yield
-        finally:
-            for blk in skipped:
-                del blk.forward
-
-
-def _free_bytes(device) -> int:
-    """Free memory of the training device: CUDA's free memory, or the host's available memory."""
-    if str(device).startswith("cuda"):
-        return torch.cuda.mem_get_info(torch.device(device))[0]
-    try:
-        with open("/proc/meminfo") as f:
-            return next(int(line.split()[1]) * 1024 for line in f if line.startswith("MemAvailable:"))
-    except (OSError, StopIteration, ValueError):
-        return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
-
-
-def _prefix_cache(model, members: list[_Member], train_set: TokenizedSet, spec: TrainSpec, steps: int, device,
-                  cap: int | None) -> _PrefixCache | None:
-    """A cache of the frozen prefix's output when every member adapts only blocks >= k > 0 and training
-    sees an example more than once; else None (saying why where it is not obvious). ``cap``: bytes the
-    cache may take (None: ``PREFIX_CACHE_SHARE`` of the device's free memory)."""
-    anat = members[0].placement.anatomy
-    k = min((anat.layer(n).block for m in members for n in m.adapters), default=0)
-    if k <= 0 or steps <= math.ceil(len(train_set) / spec.batch_size):
-        return None  # block 0 is adapted, or one pass: no prefix output is ever needed twice
-    why = _base_randomness(model)
-    if why:
-        log.info("fused: not caching the frozen prefix (blocks 0-%d): %s", k - 1, why)
-        return None
-    hidden = getattr(model.config, "hidden_size", None) or model.get_input_embeddings().embedding_dim
-    elt = model.get_input_embeddings().weight.element_size()
-    need = sum(train_set.lengths) * hidden * elt
-    cap = int(PREFIX_CACHE_SHARE * _free_bytes(device)) if cap is None else cap
-    if need > cap:
-        log.info("fused: not caching the frozen prefix (blocks 0-%d): its output for the train set takes %.0f MB, "
-                 "over the cap of %.0f MB", k - 1, need / 2**20, cap / 2**20)
-        return None
-    return _PrefixCache(model.get_submodule(anat.blocks_path), k)
-
-
 # -- training and evaluation of a group -----------------------------------------------------------
 def train_group(model, members: list[_Member], train_set: TokenizedSet, spec: TrainSpec, pad_id: int, device="cpu",
                 desc: str = "fused", prefix_cache_bytes: int | None = None) -> dict:
@@ -414,7 +270,8 @@ def train_group(model, members: list[_Member], train_set: TokenizedSet, spec: Tr
     Returns group stats (fused padding share, wall time, blocks served from the prefix cache).
     ``prefix_cache_bytes``: cap on the prefix cache (None: a share of free memory; 0: no cache)."""
     steps = total_steps(spec, len(train_set.input_ids))
-    cache = _prefix_cache(model, members, train_set, spec, steps, device, prefix_cache_bytes)
+    k = lowest_block([m.placement for m in members])
+    cache = prefix_cache(model, members[0].placement.anatomy, k, train_set, spec, steps, device, prefix_cache_bytes)
     for m in members:
         m.opt = torch.optim.AdamW(m.params, lr=spec.lr, weight_decay=spec.weight_decay)
         m.sched = torch.optim.lr_scheduler.LambdaLR(m.opt, lambda s: lr_factor(s, steps, spec))
@@ -439,9 +296,7 @@ def train_group(model, members: list[_Member], train_set: TokenizedSet, spec: Tr
             real += tokens
             hooks.slots = [_Slot(m, r, w) for m, (r, w) in zip(active, shape)]
             batch = {k: v.to(device) for k, v in batch.items()}
-            if cache is not None:
-                cache.plan(parts, batch["input_ids"].shape[0] // len(active))
-            with cache.step(tuple(batch["input_ids"].shape)) if cache is not None else contextlib.nullcontext():
+            with PrefixCache.around(cache, parts, batch["input_ids"].shape):
                 results = _fused_nll(model, batch, len(active))
             total, alive = None, []
             for m, part, (nll, n) in zip(active, parts, results):
@@ -479,7 +334,7 @@ def train_group(model, members: list[_Member], train_set: TokenizedSet, spec: Tr
     for m in members:
         m.opt = m.sched = m.batches = None  # AdamW state goes with the group
     return {"fused_padding_frac": 1.0 - real / max(slots, 1), "group_train_time_s": time.perf_counter() - t_group,
-            "fused_cached_blocks": cache.k if cache is not None and cache.reused else 0}
+            "prefix_cached_blocks": PrefixCache.blocks_reused(cache)}
 
 
 @torch.inference_mode()
@@ -522,7 +377,7 @@ def run_fused_trials(
     ``train_time_s`` / ``eval_time_s`` of a fused trial are its equal share of each group step
     (so a study's trials still sum to its wall time; they do not tell strategies apart);
     ``group_train_time_s`` is the group's whole training wall time and ``fused_trials`` its size.
-    ``peak_mem_bytes`` is the group's peak; ``fused_cached_blocks`` the frozen blocks whose output was
+    ``peak_mem_bytes`` is the group's peak; ``prefix_cached_blocks`` the frozen blocks whose output was
     reused from the prefix cache (0: none; ``prefix_cache_bytes`` caps the cache, see ``train_group``).
     """
     adapter_dirs = adapter_dirs or [None] * len(placements)
@@ -572,7 +427,7 @@ def _finish(base_model, m: _Member, spec: TrainSpec, group: dict, size: int, pea
     return trial_result(m.placement, ev, stats, m.curve, m.train_time, m.eval_time, peak, saved, spec.dropout,
                         fused_trials=size, fused_padding_frac=group["fused_padding_frac"],
                         group_train_time_s=group["group_train_time_s"],
-                        fused_cached_blocks=group["fused_cached_blocks"])
+                        prefix_cached_blocks=group["prefix_cached_blocks"])
 
 
 # -- a group of study tasks ---------------------------------------------------------------------

@@ -39,12 +39,12 @@ METRICS: dict[str, tuple[str, str]] = {
     "padding_frac": ("fraction", "padding share of the token slots in train batches"),
     "steps": ("steps", "optimizer steps"),
     "peak_mem_bytes": ("bytes", "CPU: process RSS high-water mark; CUDA: max memory allocated"),
+    "prefix_cached_blocks": ("blocks", "frozen blocks whose output was computed once per example and reused (0: none)"),
     "train_flops": ("FLOP", "estimate: 2*N_base*T forward + 2*N_base*T backward through activations + 6*N_lora*T"),
     # only in trials trained in a fused group (train.fuse); their train/eval times are equal shares of the group's
     "fused_trials": ("trials", "size of the fused group the trial trained in"),
     "fused_padding_frac": ("fraction", "padding share of the token slots in the group's stacked batches"),
     "group_train_time_s": ("s", "wall time of the fused group's training loop (all its trials)"),
-    "fused_cached_blocks": ("blocks", "frozen blocks whose output was computed once per example and reused (0: none)"),
 }
 
 

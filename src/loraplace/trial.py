@@ -31,6 +31,7 @@ from .config import EvalSpec, TrainSpec
 from .core import LoraplaceError
 from .data import TokenizedSet, batches
 from .placement import Placement, PlacementRecord, apply
+from .prefix import PrefixCache, lowest_block, prefix_cache
 from .store import atomic_dir
 
 
@@ -131,8 +132,10 @@ def _train_batches(train_set: TokenizedSet, spec: TrainSpec, seed: int, pad_id: 
         epoch += 1
 
 
-def train(model, train_set: TokenizedSet, spec: TrainSpec, seed: int, pad_id: int, device="cpu", desc: str = "train"):
-    """Train the trainable parameters of ``model``; returns (curve, stats)."""
+def train(model, train_set: TokenizedSet, spec: TrainSpec, seed: int, pad_id: int, device="cpu", desc: str = "train",
+          prefix: PrefixCache | None = None):
+    """Train the trainable parameters of ``model``; returns (curve, stats). ``prefix``: a cache of the frozen
+    blocks below the lowest adapter (``prefix.prefix_cache``), used from the second pass over the data on."""
     params = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=spec.lr, weight_decay=spec.weight_decay)
     steps = total_steps(spec, len(train_set.input_ids))
@@ -140,9 +143,10 @@ def train(model, train_set: TokenizedSet, spec: TrainSpec, seed: int, pad_id: in
     model.train()
     curve, tokens, slots, tail = [], 0, 0, []
     bar = tqdm(total=steps, desc=desc, unit="step", leave=False, dynamic_ncols=True, disable=None)
-    for step, batch in enumerate(_train_batches(train_set, spec, seed, pad_id, steps), start=1):
+    for step, batch in enumerate(_train_batches(train_set, spec, seed, pad_id, steps, index=prefix is not None), start=1):
         batch = {k: v.to(device) for k, v in batch.items()}
-        nll, n = target_nll(model, batch)
+        with PrefixCache.around(prefix, [batch], batch["input_ids"].shape):
+            nll, n = target_nll(model, batch)
         loss = nll / max(n, 1)  # token-weighted mean over this batch's targets
         if not torch.isfinite(loss):
             bar.close()
@@ -160,7 +164,7 @@ def train(model, train_set: TokenizedSet, spec: TrainSpec, seed: int, pad_id: in
         bar.set_postfix(loss=f"{curve[-1][1]:.3f}")
         bar.update(1)
     bar.close()
-    return curve, train_stats(curve, tail, tokens, slots)
+    return curve, {**train_stats(curve, tail, tokens, slots), "prefix_cached_blocks": PrefixCache.blocks_reused(prefix)}
 
 
 def train_stats(curve: list, tail: list[tuple[float, int]], tokens: int, slots: int) -> dict:
@@ -189,16 +193,21 @@ def run_trial(
     adapter_dir: Path | None = None,
     accuracy_fn=None,
     desc: str = "train",
+    prefix_cache_bytes: int | None = None,
 ) -> TrialResult:
-    """Wrap, train, evaluate, save; the base model is unwrapped again whatever happens."""
+    """Wrap, train, evaluate, save; the base model is unwrapped again whatever happens.
+    ``prefix_cache_bytes``: cap on the frozen-prefix cache (None: a share of free memory; 0: none)."""
     torch.manual_seed(seed)  # adapter init (lora_A) and dropout
     M.reset_peak_memory(device)
+    steps = total_steps(train_spec, len(train_set.input_ids))
+    prefix = prefix_cache(base_model, placement.anatomy, lowest_block([placement]), train_set, train_spec, steps, device,
+                          prefix_cache_bytes)  # before wrapping: LoRA dropout is not the base's own randomness
     peft_model = apply(base_model, placement, dropout=train_spec.dropout)
     if train_spec.gradient_checkpointing:  # non-reentrant: the frozen embeddings need no grad hook
         _checkpointing(base_model, True)
     try:
         t0 = time.perf_counter()
-        curve, stats = train(peft_model, train_set, train_spec, seed, pad_id, device, desc=desc)
+        curve, stats = train(peft_model, train_set, train_spec, seed, pad_id, device, desc=desc, prefix=prefix)
         train_time = time.perf_counter() - t0
         t0 = time.perf_counter()
         ev = evaluate(peft_model, eval_set, eval_spec.batch_size, pad_id, device)
