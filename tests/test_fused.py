@@ -118,16 +118,13 @@ def test_fused_group_equals_sequential_trials(tmp_path, arch, dropout):
         _assert_same_adapter(s.adapter_dir, f.adapter_dir)
 
 
-def test_fused_equals_sequential_to_float64_precision(tmp_path):
-    """In float64 rounding cannot hide a difference: the fused math is the sequential math."""
+def _float64_runs(tmp_path, build_model, pick) -> list[TrialResult]:
+    """Sequential and fused runs of pick(anatomy) -> (placements, seeds) in float64, checked equal to 1e-10."""
     torch.set_default_dtype(torch.float64)
     try:
-        model = tiny_models.build("llama").double()
-        anat = analyze(model)
-        placements = [resolve(s, anat, rank=4, alpha=8) for s, _ in _strategies()]
-        seeds = [seed for _, seed in _strategies()]
-        ts = _toy_set(21)
-        spec = TrainSpec(**SPEC)
+        model = build_model().double()
+        placements, seeds = pick(analyze(model))
+        ts, spec = _toy_set(21), TrainSpec(**SPEC)
         seq = _sequential(model, placements, seeds, ts, spec, [tmp_path / f"seq{i}" for i in range(4)])
         got = fused.run_fused_trials(model, placements, seeds, ts, ts, spec, EvalSpec(batch_size=8), pad_id=PAD,
                                      adapter_dirs=[tmp_path / f"fused{i}" for i in range(4)])
@@ -137,6 +134,14 @@ def test_fused_equals_sequential_to_float64_precision(tmp_path):
         assert all(math.isclose(lf, ls, rel_tol=1e-10) for (_, ls), (_, lf) in zip(s.curve, f.curve))
         assert math.isclose(f.metrics["eval_loss"], s.metrics["eval_loss"], rel_tol=1e-10)
         _assert_same_adapter(s.adapter_dir, f.adapter_dir, rel=1e-10)
+    return got
+
+
+def test_fused_equals_sequential_to_float64_precision(tmp_path):
+    """In float64 rounding cannot hide a difference: the fused math is the sequential math."""
+    def pick(anat):
+        return [resolve(s, anat, rank=4, alpha=8) for s, _ in _strategies()], [seed for _, seed in _strategies()]
+    _float64_runs(tmp_path, lambda: tiny_models.build("llama"), pick)
 
 
 def test_same_seed_group_adds_no_padding(tmp_path):
@@ -410,19 +415,5 @@ def test_prefix_cache_steps_aside_when_block_k_does_not_read_the_prefix_output(c
 
 def test_prefix_cache_equals_sequential_to_float64_precision(tmp_path):
     """In float64 the kept hidden states are the ones the sequential engine recomputes every epoch."""
-    torch.set_default_dtype(torch.float64)
-    try:
-        model = _deep("llama").double()
-        anat = analyze(model)
-        placements, seeds = _upper(anat)
-        ts, spec = _toy_set(21), TrainSpec(**SPEC)
-        seq = _sequential(model, placements, seeds, ts, spec, [tmp_path / f"seq{i}" for i in range(4)])
-        got = fused.run_fused_trials(model, placements, seeds, ts, ts, spec, EvalSpec(batch_size=8), pad_id=PAD,
-                                     adapter_dirs=[tmp_path / f"fused{i}" for i in range(4)])
-    finally:
-        torch.set_default_dtype(torch.float32)
-    for s, f in zip(seq, got):
-        assert f.metrics["prefix_cached_blocks"] == 2
-        assert all(math.isclose(lf, ls, rel_tol=1e-10) for (_, ls), (_, lf) in zip(s.curve, f.curve))
-        assert math.isclose(f.metrics["eval_loss"], s.metrics["eval_loss"], rel_tol=1e-10)
-        _assert_same_adapter(s.adapter_dir, f.adapter_dir, rel=1e-10)
+    got = _float64_runs(tmp_path, lambda: _deep("llama"), _upper)
+    assert all(f.metrics["prefix_cached_blocks"] == 2 for f in got)
