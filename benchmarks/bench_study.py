@@ -29,13 +29,11 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from bench_trial import GSM8K, trainer_run  # noqa: E402
+from bench_trial import reference_setup, trainer_run  # noqa: E402
 
-from loraplace.anatomy import analyze  # noqa: E402
-from loraplace.config import DataSpec, EvalSpec, TrainSpec  # noqa: E402
-from loraplace.data import load_examples, padding_fraction, tokenize  # noqa: E402
+from loraplace.config import EvalSpec, TrainSpec  # noqa: E402
+from loraplace.data import padding_fraction  # noqa: E402
 from loraplace.fused import run_fused_trials  # noqa: E402
-from loraplace.models import load  # noqa: E402
 from loraplace.placement import get_strategy, resolve  # noqa: E402
 from loraplace.trial import evaluate, run_trial  # noqa: E402
 
@@ -53,14 +51,10 @@ def main() -> int:
     ap.add_argument("--epochs", type=int, default=1, help="passes over the train rows")
     ap.add_argument("--json", help="also write the figures to this file")
     args = ap.parse_args()
-    if not GSM8K.is_dir():
-        print(f"GSM8K not found at {GSM8K}: this benchmark needs ../shared/data/gsm8k beside the checkout")
+    setup = reference_setup(args.rows, args.eval_rows, args.max_length)
+    if setup is None:
         return 1
-    model, tok = load("smollm2-135m")
-    anat = analyze(model)
-    spec = DataSpec(max_length=args.max_length)
-    train_set = tokenize(load_examples(DataSpec(source=str(GSM8K / "train.jsonl")))[: args.rows], tok, spec)
-    eval_set = tokenize(load_examples(DataSpec(source=str(GSM8K / "test.jsonl")))[: args.eval_rows], tok, spec)
+    model, tok, anat, train_set, eval_set = setup
     steps = args.epochs * ((len(train_set.input_ids) + 7) // 8)
     train = TrainSpec(lr=2e-4, steps=steps, batch_size=8, warmup=0, schedule="constant", rank=16, alpha=32,
                       dropout=0.05)

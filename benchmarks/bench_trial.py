@@ -33,6 +33,19 @@ from loraplace.trial import evaluate, run_trial
 GSM8K = Path(__file__).resolve().parents[2] / "shared" / "data" / "gsm8k"
 
 
+def reference_setup(rows: int, eval_rows: int = 0, max_length: int = 256):
+    """(model, tokenizer, anatomy, train set, eval set) of the reference workload: the embedded model and
+    GSM8K train rows 0..rows-1 and test rows 0..eval_rows-1 (None if 0); None (saying why) where GSM8K is absent."""
+    if not GSM8K.is_dir():
+        print(f"GSM8K not found at {GSM8K}: this benchmark needs ../shared/data/gsm8k beside the checkout")
+        return None
+    model, tok = load("smollm2-135m")
+    spec = DataSpec(max_length=max_length)
+    train_set, eval_set = (tokenize(load_examples(DataSpec(source=str(GSM8K / f"{split}.jsonl")))[:n], tok, spec)
+                           if n else None for split, n in (("train", rows), ("test", eval_rows)))
+    return model, tok, analyze(model), train_set, eval_set
+
+
 def trainer_run(model, placement, train_set, spec: TrainSpec, pad_id: int, seed: int):
     """The usual script: Trainer + PEFT + a padding collator. Returns (train wall time in s, PEFT model)."""
     from transformers import Trainer, TrainingArguments
@@ -73,15 +86,10 @@ def main() -> int:
     ap.add_argument("--strategies", nargs="+", default=["all_linear", "attention_only", "mlp_only"])
     ap.add_argument("--json", help="also write the figures to this file")
     args = ap.parse_args()
-    if not GSM8K.is_dir():
-        print(f"GSM8K not found at {GSM8K}: this benchmark needs ../shared/data/gsm8k beside the checkout")
+    setup = reference_setup(args.rows, args.eval_rows)
+    if setup is None:
         return 1
-    model, tok = load("smollm2-135m")
-    anat = analyze(model)
-    spec = DataSpec(max_length=256)
-    train_ex = load_examples(DataSpec(source=str(GSM8K / "train.jsonl")))[: args.rows]
-    eval_ex = load_examples(DataSpec(source=str(GSM8K / "test.jsonl")))[: args.eval_rows]
-    train_set, eval_set = tokenize(train_ex, tok, spec), tokenize(eval_ex, tok, spec)
+    model, tok, anat, train_set, eval_set = setup
     steps = (len(train_set.input_ids) + 7) // 8
     train = TrainSpec(lr=2e-4, steps=steps, batch_size=8, warmup=0, schedule="constant", rank=16, alpha=32, dropout=0.05)
     pad = tok.pad_token_id

@@ -28,12 +28,9 @@ from torch.profiler import ProfilerActivity, profile
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from bench_trial import GSM8K, trainer_run  # noqa: E402
+from bench_trial import reference_setup, trainer_run  # noqa: E402
 
-from loraplace.anatomy import analyze  # noqa: E402
-from loraplace.config import DataSpec, TrainSpec  # noqa: E402
-from loraplace.data import load_examples, tokenize  # noqa: E402
-from loraplace.models import load  # noqa: E402
+from loraplace.config import TrainSpec  # noqa: E402
 from loraplace.placement import apply, get_strategy, resolve  # noqa: E402
 from loraplace.trial import train  # noqa: E402
 
@@ -81,13 +78,10 @@ def main() -> int:
     ap.add_argument("--strategy", default="all_linear")
     ap.add_argument("--trainer-first", action="store_true", help="profile the Trainer side first")
     args = ap.parse_args()
-    if not GSM8K.is_dir():
-        print(f"GSM8K not found at {GSM8K}: this benchmark needs ../shared/data/gsm8k beside the checkout")
+    setup = reference_setup(args.rows)
+    if setup is None:
         return 1
-    model, tok = load("smollm2-135m")
-    anat = analyze(model)
-    spec = DataSpec(max_length=256)
-    ts = tokenize(load_examples(DataSpec(source=str(GSM8K / "train.jsonl")))[: args.rows], tok, spec)
+    model, tok, anat, ts, _ = setup
     steps = (len(ts.input_ids) + 7) // 8
     tspec = TrainSpec(lr=2e-4, steps=steps, batch_size=8, warmup=0, schedule="constant", rank=16, alpha=32,
                       dropout=0.05)
