@@ -287,37 +287,26 @@ class Store:
 
     def heartbeat(self, trial_ids) -> None:
         """This process is alive and still running these trials."""
-        ids = list(trial_ids)
-        if ids:
-            self._exec(
-                f"UPDATE trials SET heartbeat_at=? WHERE status='running' AND owner_pid=? AND owner_host=?"
-                f" AND trial_id IN ({','.join('?' * len(ids))})",
-                (_now(), os.getpid(), HOST, *ids),
-            )
+        self._update_ids("SET heartbeat_at=? WHERE status='running' AND owner_pid=? AND owner_host=?",
+                         (_now(), os.getpid(), HOST), trial_ids)
 
     def release(self, trial_ids) -> int:
         """Give trials this process still holds back to ``pending`` (it is stopping early)."""
-        ids = list(trial_ids)
-        if not ids:
-            return 0
-        with self._conn:
-            cur = self._conn.execute(
-                f"UPDATE trials SET status='pending', started_at=NULL WHERE status='running' AND owner_pid=?"
-                f" AND owner_host=? AND trial_id IN ({','.join('?' * len(ids))})",
-                (os.getpid(), HOST, *ids),
-            )
-        return cur.rowcount
+        return self._update_ids("SET status='pending', started_at=NULL WHERE status='running' AND owner_pid=?"
+                                " AND owner_host=?", (os.getpid(), HOST), trial_ids)
 
     def requeue_failed(self, trial_ids) -> int:
         """Failed trials go back to ``pending`` to be tried again; returns how many."""
+        return self._update_ids("SET status='pending' WHERE status='failed'", (), trial_ids)
+
+    def _update_ids(self, set_where: str, args: tuple, trial_ids) -> int:
+        """``UPDATE trials <set_where> AND trial_id IN (trial_ids)`` in one transaction; rows changed."""
         ids = list(trial_ids)
         if not ids:
             return 0
         with self._conn:
-            cur = self._conn.execute(
-                f"UPDATE trials SET status='pending' WHERE status='failed' AND trial_id IN ({','.join('?' * len(ids))})",
-                ids,
-            )
+            cur = self._conn.execute(f"UPDATE trials {set_where} AND trial_id IN ({','.join('?' * len(ids))})",
+                                     (*args, *ids))
         return cur.rowcount
 
     def mark_done(
