@@ -91,7 +91,7 @@ def group_size(cfg: StudyConfig, model: torch.nn.Module, device: str, n_tasks: i
 def _auto_size(cfg: StudyConfig, model, device: str, max_length: int) -> int:
     """Trials whose activations fit in 80% of free CUDA memory (about 34 bytes a token a block per
     hidden unit in 16-bit, twice that in fp32, for a decoder block without stored attention scores)."""
-    free, _ = torch.cuda.mem_get_info(torch.device(device))
+    free = M.free_memory_bytes(device)
     hidden = model.get_input_embeddings().embedding_dim
     blocks = getattr(model.config, "num_hidden_layers", None) or 12
     elt = torch.finfo(getattr(torch, cfg.train.dtype)).bits // 8

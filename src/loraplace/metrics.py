@@ -92,6 +92,19 @@ def peak_memory_bytes(device="cpu") -> int:
     return int(rss if sys.platform == "darwin" else rss * 1024)  # Linux reports KiB
 
 
+def free_memory_bytes(device="cpu") -> int:
+    """Memory a run on ``device`` can still take: CUDA's free memory, or the host's available memory."""
+    if _is_cuda(device):
+        import torch
+
+        return int(torch.cuda.mem_get_info(torch.device(device))[0])
+    try:
+        with open("/proc/meminfo") as f:
+            return next(int(line.split()[1]) * 1024 for line in f if line.startswith("MemAvailable:"))  # kB
+    except (OSError, StopIteration, ValueError):
+        return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+
+
 def reset_peak_memory(device="cpu") -> None:
     """Start a new CUDA peak window. RSS high-water cannot be reset portably; on Linux we try
     /proc/self/clear_refs (5 resets VmHWM) so each trial reports its own peak."""

@@ -21,9 +21,10 @@ from __future__ import annotations
 import contextlib
 import logging
 import math
-import os
 
 import torch
+
+from . import metrics as M
 
 log = logging.getLogger("loraplace")
 
@@ -145,17 +146,6 @@ class PrefixCache:
                 del blk.forward
 
 
-def free_bytes(device) -> int:
-    """Free memory of the training device: CUDA's free memory, or the host's available memory."""
-    if str(device).startswith("cuda"):
-        return torch.cuda.mem_get_info(torch.device(device))[0]
-    try:
-        with open("/proc/meminfo") as f:
-            return next(int(line.split()[1]) * 1024 for line in f if line.startswith("MemAvailable:"))
-    except (OSError, StopIteration, ValueError):
-        return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
-
-
 def lowest_block(placements) -> int:
     """The lowest block any of ``placements`` adapts (0 when none adapts anything)."""
     return min((p.anatomy.layer(n).block for p in placements for n in p.modules), default=0)
@@ -175,7 +165,7 @@ def prefix_cache(model, anat, k: int, train_set, spec, steps: int, device, cap: 
     hidden = getattr(model.config, "hidden_size", None) or model.get_input_embeddings().embedding_dim
     elt = model.get_input_embeddings().weight.element_size()
     need = sum(train_set.lengths) * hidden * elt
-    cap = int(PREFIX_CACHE_SHARE * free_bytes(device)) if cap is None else cap
+    cap = int(PREFIX_CACHE_SHARE * M.free_memory_bytes(device)) if cap is None else cap
     if need > cap:
         log.info("not caching the frozen prefix (blocks 0-%d): its output for the train set takes %.0f MB, "
                  "over the cap of %.0f MB", k - 1, need / 2**20, cap / 2**20)
