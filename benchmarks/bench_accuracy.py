@@ -8,12 +8,12 @@ Usage::
 
 Both sides answer the same GSM8K test questions with the embedded SmolLM2-135M (or it plus a
 trained PEFT adapter from a study), greedy, in the same length-sorted, left-padded batches of
-``--batch-size``, at most ``--max-new-tokens`` new tokens. loraplace (``answers.generate_greedy``,
+``--batch-size``, at most ``--max-new-tokens`` new tokens. loraplace (``train.generate.generate_greedy``,
 what ``eval.accuracy=true`` runs) stops a row at the end-of-turn token or once its '#### <number>'
 line is complete, and drops finished rows from the batch and the KV cache. The reference is the
 usual call, ``model.generate(do_sample=False, eos_token_id=...)``: it stops a row only at eos and
 keeps finished rows in the batch until the longest is done. Accuracy is scored the same way on
-both sides (``answers.answer_matches``). Wall times in this process, one side after the other; compare
+both sides (``data.answers.answer_matches``). Wall times in this process, one side after the other; compare
 the ratio, not absolute seconds across machines. The base model rarely writes '####' or eos after a
 plain ``Question: ... Answer:`` prompt, so without --adapter most rows run to the token limit
 (the worst case); a trained adapter shows the usual case.
@@ -29,10 +29,12 @@ from pathlib import Path
 
 import torch
 
-from loraplace.config import DataSpec
-from loraplace.data import encode_prompt, load_examples
-from loraplace.models import load
-from loraplace.answers import FINAL_LINE, answer_matches, eos_ids, final_line_stop, generate_greedy
+from loraplace.core.config import DataSpec
+from loraplace.data.answers import FINAL_LINE, answer_matches, final_line_stop
+from loraplace.data.sources import load_examples
+from loraplace.data.tokenize import encode_prompt
+from loraplace.model.loading import load
+from loraplace.train.generate import eos_ids, generate_greedy
 
 GSM8K = Path(__file__).resolve().parents[2] / "shared" / "data" / "gsm8k"
 

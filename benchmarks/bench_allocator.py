@@ -16,13 +16,17 @@ from pathlib import Path
 
 import torch
 
-from loraplace import metrics as M
-from loraplace.anatomy import analyze
-from loraplace.config import DataSpec
-from loraplace.data import batches, load_examples, tokenize
-from loraplace.models import load
-from loraplace.placement import apply, get_strategy, resolve
-from loraplace.trial import target_nll
+from loraplace.core.config import DataSpec
+from loraplace.data.batches import batches
+from loraplace.data.sources import load_examples
+from loraplace.data.tokenize import tokenize
+from loraplace.model.anatomy import analyze
+from loraplace.model.loading import load
+from loraplace.placement.peft import apply
+from loraplace.placement.resolve import resolve
+from loraplace.placement.strategy import get_strategy
+from loraplace.train import memory as M
+from loraplace.train.loss import target_nll
 
 model, tok = load("smollm2-135m")
 for p in model.parameters():

@@ -39,13 +39,16 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from loraplace.anatomy import analyze  # noqa: E402
-from loraplace.config import EvalSpec, TrainSpec  # noqa: E402
-from loraplace.data import TokenizedSet  # noqa: E402
-from loraplace.fused import run_fused_trials  # noqa: E402
-from loraplace.metrics import IGNORE_INDEX  # noqa: E402
-from loraplace.placement import get_strategy, resolve  # noqa: E402
-from loraplace.trial import evaluate, run_trial  # noqa: E402
+from loraplace.core.config import EvalSpec, TrainSpec  # noqa: E402
+from loraplace.core.metrics import IGNORE_INDEX  # noqa: E402
+from loraplace.data.tokenize import TokenizedSet  # noqa: E402
+from loraplace.model.anatomy import analyze  # noqa: E402
+from loraplace.placement.resolve import resolve  # noqa: E402
+from loraplace.placement.strategy import get_strategy  # noqa: E402
+from loraplace.train.fused import run_fused_trials  # noqa: E402
+from loraplace.train.loss import evaluate  # noqa: E402
+from loraplace.train.sequential import run_trial  # noqa: E402
+from loraplace.train.trial import Setup  # noqa: E402
 
 STRATEGIES = ["all_linear", "attention_only", "mlp_only", "top_half"]
 SEEDS = [0, 1, 2]
@@ -156,9 +159,10 @@ def main() -> int:
         flops = sum(useful_flops(model, placements[s], train_set, args.steps, args.batch_size) for s, _ in trials)
         res = out["models"][name] = {"params": anat.base_params, "trials": len(trials), "study_flops": flops,
                                      "build_s": time.perf_counter() - t_build}
+        lp_setup = Setup(model, train_set, EVAL_SET, spec, ev_spec, pad_id=PAD, device=device)
         # warm-up (CUDA context, cuBLAS, kernels): one short trial, not timed
-        run_trial(model, placements["all_linear"], synthetic(16, vocab, 3, scale), EVAL_SET,
-                  TrainSpec(**{**spec.__dict__, "steps": 2}), ev_spec, seed=0, pad_id=PAD, device=device)
+        run_trial(Setup(model, synthetic(16, vocab, 3, scale), EVAL_SET, TrainSpec(**{**spec.__dict__, "steps": 2}),
+                        ev_spec, pad_id=PAD, device=device), placements["all_linear"], seed=0)
         print(f"{name}: {anat.base_params / 1e6:.0f}M params, {len(trials)} trials, {flops / 1e12:.1f} TFLOP "
               f"of useful work", flush=True)
         for engine in args.engines:
@@ -172,8 +176,7 @@ def main() -> int:
             sync(device)
             t0 = time.perf_counter()
             if engine == "fused":
-                results = run_fused_trials(model, [placements[s] for s, _ in trials], [seed for _, seed in trials],
-                                           train_set, EVAL_SET, spec, ev_spec, pad_id=PAD, device=device)
+                results = run_fused_trials(lp_setup, [placements[s] for s, _ in trials], [seed for _, seed in trials])
                 sync(device)
                 wall = time.perf_counter() - t0
                 bad = [str(r) for r in results if not hasattr(r, "metrics")]
@@ -184,8 +187,7 @@ def main() -> int:
             elif engine == "sequential":
                 losses, train_s = {}, 0.0
                 for s, seed in trials:
-                    r = run_trial(model, placements[s], train_set, EVAL_SET, spec, ev_spec, seed=seed, pad_id=PAD,
-                                  device=device)
+                    r = run_trial(lp_setup, placements[s], seed=seed)
                     losses[f"{s} s{seed}"], train_s = r.metrics["eval_loss"], train_s + r.metrics["train_time_s"]
                 sync(device)
                 row = {"study_s": time.perf_counter() - t0, "train_s": train_s, "eval_loss": losses}

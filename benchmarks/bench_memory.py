@@ -10,8 +10,9 @@ Usage::
 Each (setting, strategy) runs in a fresh process, one after the other (a process that has already
 trained keeps freed memory in its allocator, which would hide the next run's peak). The process
 loads the embedded SmolLM2-135M, wraps it with the strategy's placement and trains ``--steps``
-steps with ``loraplace.trial.train`` on random token rows of exactly max length (every next token
-a target, so the batch shape is B x L with no padding).
+steps with the sequential engine (``loraplace.train.sequential.start`` and ``advance``, no frozen-prefix
+cache) on random token rows of exactly max length (every next token a target, so the batch shape is
+B x L with no padding).
 
 - CPU: the RSS high-water mark (VmHWM, reset through /proc/self/clear_refs after the model is
   loaded, its weights read once and one no-grad forward run: safetensors weights are memory-mapped
@@ -55,14 +56,16 @@ def _status_kb(key: str) -> int:
 
 def one(batch: int, length: int, strategy: str, steps: int, device: str, dtype: str, ckpt: bool) -> dict:
     """One measurement in this process (call in a fresh one)."""
-    from loraplace.anatomy import analyze
-    from loraplace.config import TrainSpec
-    from loraplace.data import TokenizedSet
-    from loraplace.estimate import estimate
-    from loraplace.metrics import IGNORE_INDEX
-    from loraplace.models import load
-    from loraplace.placement import apply, get_strategy, resolve
-    from loraplace.trial import _checkpointing, train
+    from loraplace.core.config import EvalSpec, TrainSpec
+    from loraplace.core.metrics import IGNORE_INDEX
+    from loraplace.data.tokenize import TokenizedSet
+    from loraplace.model.anatomy import analyze
+    from loraplace.model.estimate import estimate
+    from loraplace.model.loading import load
+    from loraplace.placement.resolve import resolve
+    from loraplace.placement.strategy import get_strategy
+    from loraplace.train import sequential
+    from loraplace.train.trial import Setup, TrialError
 
     model, tok = load("smollm2-135m", dtype=getattr(torch, dtype), device=device)
     anat = analyze(model)
@@ -71,6 +74,8 @@ def one(batch: int, length: int, strategy: str, steps: int, device: str, dtype: 
     rows = torch.randint(10, model.config.vocab_size, (batch * steps, length), generator=g).tolist()
     data = TokenizedSet(input_ids=rows, labels=[[IGNORE_INDEX] + r[1:] for r in rows])
     spec = TrainSpec(steps=steps, batch_size=batch, rank=16, dtype=dtype, gradient_checkpointing=ckpt)
+    # no eval set (nothing is evaluated); no frozen-prefix cache (one pass over the rows would not use it anyway)
+    setup = Setup(model, data, None, spec, EvalSpec(), pad_id=tok.pad_token_id, device=device, prefix_cache_bytes=0)
     est = estimate(placement, batch, length, dtype, ckpt, target_frac=(length - 1) / length)
 
     # Weights loaded from safetensors are memory-mapped and only enter RSS when first read: read them all (and
@@ -86,12 +91,14 @@ def one(batch: int, length: int, strategy: str, steps: int, device: str, dtype: 
     base_kb = _status_kb("VmRSS")
     with open("/proc/self/clear_refs", "w") as f:
         f.write("5")  # VmHWM := current RSS
-    peft_model = apply(model, placement)
-    if ckpt:
-        _checkpointing(model, True)
-    t0 = time.perf_counter()
-    train(peft_model, data, spec, seed=0, pad_id=tok.pad_token_id, device=device, desc=f"{strategy} {batch}x{length}")
-    wall = time.perf_counter() - t0
+    trial = sequential.start(setup, placement, seed=0)  # the adapters and AdamW, inside the measurement
+    # advance turns activation checkpointing on for the steps when spec.gradient_checkpointing is set
+    with trial.attached(setup):
+        t0 = time.perf_counter()
+        sequential.advance(setup, [trial], steps, desc=f"{strategy} {batch}x{length}")
+        wall = time.perf_counter() - t0
+    if trial.error is not None:
+        raise TrialError(trial.error)
     out = {"batch": batch, "length": length, "strategy": strategy, "steps": steps, "dtype": dtype,
            "gradient_checkpointing": ckpt, "device": device, "train_s": round(wall, 1),
            "rss_baseline_bytes": base_kb * 1024, "rss_above_baseline_bytes": (_status_kb("VmHWM") - base_kb) * 1024,

@@ -13,7 +13,7 @@ The reference workload of ``bench_trial.py``: the embedded SmolLM2-135M, GSM8K t
 constant, loss on answer tokens only, evaluated by the token-weighted eval loss on GSM8K test
 rows 0-63. Whole-study wall time = training and evaluation of every trial, one after the other
 (the fused engine: all of them as one group). The fused engine gives the sequential engine's
-numbers (tests/test_fused.py), so its eval losses must match the sequential ones to ~1e-4;
+numbers (tests/train/test_fused.py), so its eval losses must match the sequential ones to ~1e-4;
 the Trainer's differ by its batch order (about 1%, see BENCHMARKS.md).
 """
 
@@ -31,11 +31,14 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from bench_trial import reference_setup, trainer_run  # noqa: E402
 
-from loraplace.config import EvalSpec, TrainSpec  # noqa: E402
-from loraplace.data import padding_fraction  # noqa: E402
-from loraplace.fused import run_fused_trials  # noqa: E402
-from loraplace.placement import get_strategy, resolve  # noqa: E402
-from loraplace.trial import evaluate, run_trial  # noqa: E402
+from loraplace.core.config import EvalSpec, TrainSpec  # noqa: E402
+from loraplace.data.batches import padding_fraction  # noqa: E402
+from loraplace.placement.resolve import resolve  # noqa: E402
+from loraplace.placement.strategy import get_strategy  # noqa: E402
+from loraplace.train.fused import run_fused_trials  # noqa: E402
+from loraplace.train.loss import evaluate  # noqa: E402
+from loraplace.train.sequential import run_trial  # noqa: E402
+from loraplace.train.trial import Setup  # noqa: E402
 
 
 def main() -> int:
@@ -70,16 +73,15 @@ def main() -> int:
            "seeds": args.seeds, "threads": torch.get_num_threads()}
     for engine in args.engines:
         t0 = time.perf_counter()
+        lp_setup = Setup(model, train_set, eval_set, train, ev, pad_id=pad,
+                         prefix_cache_bytes=0 if engine.endswith("-nocache") else None)
         if engine.startswith("sequential"):
-            rs = [run_trial(model, p, train_set, eval_set, train, ev, seed=seed, pad_id=pad,
-                            prefix_cache_bytes=0 if engine == "sequential-nocache" else None)
-                  for p, seed in zip(placements, seeds)]
+            rs = [run_trial(lp_setup, p, seed=seed) for p, seed in zip(placements, seeds)]
             print(f"{engine}: frozen blocks served from the prefix cache: {rs[0].metrics['prefix_cached_blocks']}")
             losses = [r.metrics["eval_loss"] for r in rs]
             train_s = sum(r.metrics["train_time_s"] for r in rs)
         elif engine.startswith("fused"):
-            rs = run_fused_trials(model, placements, seeds, train_set, eval_set, train, ev, pad_id=pad,
-                                  prefix_cache_bytes=0 if engine == "fused-nocache" else None)
+            rs = run_fused_trials(lp_setup, placements, seeds)
             losses = [r.metrics["eval_loss"] for r in rs]
             train_s = rs[0].metrics["group_train_time_s"]
             print(f"{engine}: frozen blocks served from the prefix cache: {rs[0].metrics['prefix_cached_blocks']}")

@@ -23,12 +23,18 @@ from pathlib import Path
 
 import torch
 
-from loraplace.anatomy import analyze
-from loraplace.config import DataSpec, EvalSpec, TrainSpec
-from loraplace.data import load_examples, padding_fraction, tokenize
-from loraplace.models import load
-from loraplace.placement import apply, get_strategy, resolve
-from loraplace.trial import evaluate, run_trial
+from loraplace.core.config import DataSpec, EvalSpec, TrainSpec
+from loraplace.data.batches import padding_fraction
+from loraplace.data.sources import load_examples
+from loraplace.data.tokenize import tokenize
+from loraplace.model.anatomy import analyze
+from loraplace.model.loading import load
+from loraplace.placement.peft import apply
+from loraplace.placement.resolve import resolve
+from loraplace.placement.strategy import get_strategy
+from loraplace.train.loss import evaluate
+from loraplace.train.sequential import run_trial
+from loraplace.train.trial import Setup
 
 GSM8K = Path(__file__).resolve().parents[2] / "shared" / "data" / "gsm8k"
 
@@ -96,9 +102,10 @@ def main() -> int:
     print(f"GSM8K rows 0-{args.rows - 1}: {steps} steps of batch 8; padding share random {padding_fraction(train_set, 8, 0, False):.1%}, "
           f"length-grouped {padding_fraction(train_set, 8, 0, True):.1%}", flush=True)
     results = []
+    lp_setup = Setup(model, train_set, eval_set, train, EvalSpec(), pad_id=pad)
     for name in args.strategies:
         p = resolve(get_strategy(name), anat, rank=16, alpha=32)
-        r = run_trial(model, p, train_set, eval_set, train, EvalSpec(), seed=0, pad_id=pad)
+        r = run_trial(lp_setup, p, seed=0)
         t_lp, loss_lp = r.metrics["train_time_s"], r.metrics["eval_loss"]
         t_hf, peft_model = trainer_run(model, p, train_set, train, pad, seed=0)
         loss_hf = evaluate(peft_model, eval_set, 16, pad)["eval_loss"]

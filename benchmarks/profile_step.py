@@ -30,9 +30,11 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from bench_trial import reference_setup, trainer_run  # noqa: E402
 
-from loraplace.config import TrainSpec  # noqa: E402
-from loraplace.placement import apply, get_strategy, resolve  # noqa: E402
-from loraplace.trial import train  # noqa: E402
+from loraplace.core.config import EvalSpec, TrainSpec  # noqa: E402
+from loraplace.placement.resolve import resolve  # noqa: E402
+from loraplace.placement.strategy import get_strategy  # noqa: E402
+from loraplace.train import sequential  # noqa: E402
+from loraplace.train.trial import Setup, TrialError  # noqa: E402
 
 CATEGORIES = (  # first match wins; matched against the aten op name
     ("matmul", ("aten::mm", "aten::addmm", "aten::bmm", "aten::baddbmm")),
@@ -88,14 +90,14 @@ def main() -> int:
     placement = resolve(get_strategy(args.strategy), anat, rank=16, alpha=32)
     pad = tok.pad_token_id
     real = sum(ts.lengths)
+    # no eval set (nothing is evaluated); no frozen-prefix cache (one pass over the rows would not use it anyway)
+    lp_setup = Setup(model, ts, None, tspec, EvalSpec(), pad_id=pad, prefix_cache_bytes=0)
 
-    def ours():
-        torch.manual_seed(0)
-        peft_model = apply(model, placement, dropout=tspec.dropout)
-        try:
-            train(peft_model, ts, tspec, seed=0, pad_id=pad)
-        finally:
-            peft_model.unload()
+    def ours():  # start (seeded adapter init, AdamW), train every step, unwrap: as in a trial, without its evaluation
+        trial = sequential.start(lp_setup, placement, seed=0)
+        sequential.advance(lp_setup, [trial], steps)
+        if trial.error is not None:
+            raise TrialError(trial.error)
 
     def theirs():
         _, peft_model = trainer_run(model, placement, ts, tspec, pad, seed=0)

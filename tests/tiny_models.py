@@ -74,6 +74,12 @@ MOE_SPECS = {
 }
 MOE_NAMES: list[str] = list(MOE_SPECS)
 
+# A Llama 3 70B config.json (no weights): what inspect and plan read for a model that size.
+LLAMA_70B = {"architectures": ["LlamaForCausalLM"], "model_type": "llama", "hidden_size": 8192,
+             "intermediate_size": 28672, "num_hidden_layers": 80, "num_attention_heads": 64,
+             "num_key_value_heads": 8, "vocab_size": 128256, "max_position_embeddings": 8192,
+             "rms_norm_eps": 1e-5, "tie_word_embeddings": False, "hidden_act": "silu"}
+
 ARCH_NAMES: list[str] = list(_SPECS)
 EXPECTED_ROLES: dict[str, tuple[str, ...]] = {k: v[1] for k, v in _SPECS.items()}
 

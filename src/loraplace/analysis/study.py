@@ -1,0 +1,253 @@
+"""A study's trials -> per-strategy statistics, Pareto fronts and the recommendation.
+
+Usage::
+
+    a = analyze(store.trials(), baseline="all_linear", zero_shot_loss=2.9, threshold=0.95)
+    a = analyze_store(store)           # the same from an open Store: its latest config's trials and zero-shot
+    a.get("mlp_only").retained, a.recommendation.text
+
+Pure functions over ``study.store.TrialRecord`` lists; no disk I/O beyond ``analyze_store`` reading an open
+``Store``. Only ``done`` trials count; failed and unfinished ones are listed in ``StudyAnalysis.failed`` /
+``.unfinished``. The quality metric (``metric``, the study's ``analysis.metric``) is ``eval_loss`` (lower is
+better) or ``accuracy`` (higher is better): it decides retained improvement, the Pareto fronts and the
+recommendation (``analysis.decision``); deltas and intervals are reported for both when trials carry both.
+Pareto fronts are over (trainable_params, quality) and (train_time_s, quality), means across seeds.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+from loraplace.analysis.decision import Recommendation, recommend
+from loraplace.core.stats import (Interval, Paired, mean_curve, paired_comparison, pareto_front,
+                                      retained_improvement, t_interval, wilson_interval)
+from loraplace.analysis.verdict import ProbeVerdict, probe_verdict
+from loraplace.core.config import ConfigError, StudyConfig
+from loraplace.core.metrics import METRIC_CHOICES, QUALITY, numeric
+from loraplace.placement.record import PlacementRecord
+from loraplace.study.probe_scores import load as load_probe
+from loraplace.study.store import DONE, FAILED, STOPPED, UNFINISHED, TrialRecord
+
+
+@dataclass
+class StrategyStats:
+    strategy: str
+    seeds: list[int]  # seeds of done trials, ascending
+    metrics: dict[str, Interval]  # every numeric metric across seeds
+    curve: list[tuple[float, float]]  # (step, mean train loss over the seeds logging that step)
+    placement: PlacementRecord | None  # of the first done trial (identical across seeds); None if not stored
+    n_failed: int = 0
+    paired: Paired | None = None  # eval loss; None for the baseline itself or with no common seeds
+    retained: Interval | None = None  # in the analysis metric; None without zero-shot value, baseline or common seeds
+    paired_accuracy: Paired | None = None  # accuracy, strategy minus baseline; None as for paired or without accuracy
+    stopped: dict | None = None  # stopped by racing: {"step", "reason"}; its metrics are then those at that rung
+
+    @property
+    def eval_loss(self) -> Interval:
+        return self.metrics["eval_loss"]
+
+    @property
+    def accuracy(self) -> Interval | None:
+        return self.metrics.get("accuracy")
+
+    def wilson(self) -> tuple[float, float] | None:
+        """95% Wilson interval of the accuracy from accuracy_n examples; only with one seed (else None)."""
+        acc, n = self.metrics.get("accuracy"), self.metrics.get("accuracy_n")
+        if acc is None or n is None or acc.n != 1 or n.mean < 1:
+            return None
+        return wilson_interval(acc.mean, int(n.mean))
+
+    def mean(self, metric: str, default: float = math.nan) -> float:
+        iv = self.metrics.get(metric)
+        return iv.mean if iv is not None else default
+
+
+@dataclass(frozen=True)
+class FailedTrial:
+    strategy: str
+    seed: int
+    status: str  # failed | pending | running
+    error: str
+
+
+@dataclass
+class StudyAnalysis:
+    baseline: str
+    threshold: float
+    zero_shot_loss: float | None
+    strategies: list[StrategyStats]  # ordered cheapest first (trainable params, train time, name)
+    pareto_params: list[str]  # frontier over (trainable_params, metric), cheapest first
+    pareto_time: list[str]  # frontier over (train_time_s, metric), fastest first
+    recommendation: Recommendation
+    failed: list[FailedTrial] = field(default_factory=list)
+    unfinished: list[FailedTrial] = field(default_factory=list)  # pending / running
+    notes: list[str] = field(default_factory=list)
+    config: StudyConfig | None = None  # the study's config, as stored (set by analyze_store)
+    metric: str = "eval_loss"  # the quality measure of retained improvement, fronts and recommendation
+    zero_shot_accuracy: float | None = None  # the base model's accuracy on the trials' accuracy examples
+    zero_shot_accuracy_n: int | None = None  # how many examples that accuracy is over
+
+    @property
+    def has_accuracy(self) -> bool:
+        return any(s.accuracy is not None for s in self.strategies)
+
+    @property
+    def zero_shot(self) -> float | None:
+        """The base model's value of the analysis metric."""
+        return self.zero_shot_accuracy if self.metric == "accuracy" else self.zero_shot_loss
+    probe: object | None = None  # probe.ProbeScores of the study's latest probe (set by analyze_store), or None
+    verdict: "ProbeVerdict | None" = None  # auto vs random draws vs the reference (set by analyze_store)
+    racing: object | None = None  # analysis.racing.Racing: what racing did, or would have done (set by analyze_store)
+
+    def get(self, strategy: str) -> StrategyStats | None:
+        return next((s for s in self.strategies if s.strategy == strategy), None)
+
+    @property
+    def min_seeds(self) -> int:
+        return min((len(s.seeds) for s in self.strategies), default=0)
+
+
+# -- the whole study ------------------------------------------------------------------------------
+def analyze(
+    trials: list[TrialRecord],
+    baseline: str,
+    zero_shot_loss: float | None = None,
+    threshold: float = 0.95,
+    order: list[str] | None = None,
+    metric: str = "eval_loss",
+    zero_shot_accuracy: float | None = None,
+) -> StudyAnalysis:
+    """Statistics, fronts and recommendation for a study's trials.
+
+    zero_shot_loss: the base model's eval loss (nats/token); None falls back to the
+    ``zero_shot_loss`` metric that trials of older stores carry, if any. order: strategy names, used only to
+    break ties in the cheapest-first ordering (e.g. the study config's order). metric: eval_loss
+    or accuracy, the quality measure of retained improvement, fronts and recommendation;
+    zero_shot_accuracy: the base model's accuracy on the same examples. Raises config.ConfigError
+    when metric=accuracy and no finished trial has an accuracy.
+    """
+    if metric not in METRIC_CHOICES:
+        raise ConfigError(f"analysis.metric: {metric!r} is not one of {', '.join(METRIC_CHOICES)}")
+    done = [t for t in trials if t.status == DONE and "eval_loss" in t.metrics]
+    failed = [FailedTrial(t.strategy, t.seed, t.status, t.error or "") for t in trials if t.status == FAILED]
+    unfinished = [FailedTrial(t.strategy, t.seed, t.status, "") for t in trials if t.status in UNFINISHED]
+    notes: list[str] = []
+    odd = [t for t in trials if t.status == DONE and "eval_loss" not in t.metrics]
+    if odd:
+        notes.append(f"{len(odd)} done trial(s) have no eval_loss and are ignored.")
+    if zero_shot_loss is None:
+        zs = {round(float(t.metrics["zero_shot_loss"]), 9) for t in done if "zero_shot_loss" in t.metrics}
+        zero_shot_loss = next(iter(zs)) if len(zs) == 1 else None
+        if len(zs) > 1:
+            notes.append("Trials disagree on zero_shot_loss; retained improvement not computed.")
+
+    by_strategy: dict[str, dict[int, TrialRecord]] = {}
+    for t in done:  # later trials of the same (strategy, seed) replace earlier ones
+        by_strategy.setdefault(t.strategy, {})[int(t.seed)] = t
+    if metric == "accuracy" and done and not any("accuracy" in t.metrics for t in done):
+        raise ConfigError("analysis.metric=accuracy: no finished trial of this study has an accuracy "
+                          "(measure it with eval.accuracy=true on question/answer data)")
+
+    losses = {s: {seed: float(t.metrics["eval_loss"]) for seed, t in ts.items()} for s, ts in by_strategy.items()}
+    accs = {s: {seed: float(t.metrics["accuracy"]) for seed, t in ts.items() if "accuracy" in t.metrics}
+            for s, ts in by_strategy.items()}
+    base_losses, base_accs = losses.get(baseline, {}), accs.get(baseline, {})
+    quality = accs if metric == "accuracy" else losses
+    base_quality = quality.get(baseline, {})
+    zero_quality = zero_shot_accuracy if metric == "accuracy" else zero_shot_loss
+
+    rows: list[StrategyStats] = []
+    for name, ts in by_strategy.items():
+        per_metric: dict[str, list[float]] = {}
+        for seed in sorted(ts):
+            for k, v in numeric(ts[seed].metrics).items():
+                per_metric.setdefault(k, []).append(v)
+        st = StrategyStats(
+            strategy=name,
+            seeds=sorted(ts),
+            metrics={k: t_interval(v) for k, v in per_metric.items()},
+            curve=mean_curve([ts[s].curve for s in sorted(ts)]),
+            placement=PlacementRecord.from_dict(ts[min(ts)].placement) if ts[min(ts)].placement.get("modules") else None,
+            n_failed=sum(1 for f in failed if f.strategy == name),
+        )
+        if name != baseline and base_losses:
+            st.paired = paired_comparison(losses[name], base_losses)
+        if name != baseline and base_accs and accs[name]:
+            st.paired_accuracy = paired_comparison(accs[name], base_accs)
+        if zero_quality is not None and base_quality and quality[name]:
+            st.retained = retained_improvement(quality[name], base_quality, zero_quality, QUALITY[metric].higher_is_better)
+        rows.append(st)
+    single = sorted(s.strategy for s in rows if len(s.seeds) == 1)
+    if single:
+        notes.append(f"One finished seed, so no interval exists for: {', '.join(single)}.")
+    for name in sorted({f.strategy for f in failed} - set(by_strategy)):
+        notes.append(f"{name}: no trial finished (all failed); it is left out of the comparison.")
+
+    rows += _stopped(trials, set(by_strategy))
+    rank = {n: i for i, n in enumerate(order or [])}
+    rows.sort(key=lambda s: (s.mean("trainable_params"), s.mean("train_time_s"),
+                             rank.get(s.strategy, len(rank)), s.strategy))
+    sign = -1.0 if QUALITY[metric].higher_is_better else 1.0  # the fronts minimise, so accuracy enters negated
+    finished = [s for s in rows if s.stopped is None]  # a stopped strategy's numbers are a rung's, not final
+    front_p = pareto_front({s.strategy: (s.mean("trainable_params"), sign * s.mean(metric)) for s in finished})
+    front_t = pareto_front({s.strategy: (s.mean("train_time_s"), sign * s.mean(metric)) for s in finished})
+    rec = recommend(rows, baseline, zero_quality, threshold, metric)
+    return StudyAnalysis(baseline, threshold, zero_shot_loss, rows, front_p, front_t, rec, failed, unfinished, notes,
+                         metric=metric, zero_shot_accuracy=zero_shot_accuracy)
+
+
+def _stopped(trials: list[TrialRecord], finished: set[str]) -> list[StrategyStats]:
+    """A row per strategy that racing stopped (and that has no finished trial): its figures at the rung where it
+    stopped (``Trial.progress``), the step and the reason."""
+    by: dict[str, list[TrialRecord]] = {}
+    for t in trials:
+        if t.status == STOPPED and t.strategy not in finished:
+            by.setdefault(t.strategy, []).append(t)
+    rows = []
+    for name, ts in by.items():
+        ts = sorted(ts, key=lambda t: t.seed)
+        per_metric: dict[str, list[float]] = {}
+        for t in ts:
+            for k, v in numeric(t.metrics).items():
+                per_metric.setdefault(k, []).append(v)
+        rows.append(StrategyStats(
+            strategy=name, seeds=[int(t.seed) for t in ts], metrics={k: t_interval(v) for k, v in per_metric.items()},
+            curve=mean_curve([t.curve for t in ts]),
+            placement=PlacementRecord.from_dict(ts[0].placement) if ts[0].placement.get("modules") else None,
+            stopped={"step": min(int(t.step or 0) for t in ts), "reason": ts[0].error or "stopped by racing"}))
+    return rows
+
+
+def analyze_store(store, threshold: float | None = None, metric: str | None = None) -> StudyAnalysis:
+    """``analyze`` over an open ``study.store.Store``; threshold None = the study config's, metric None = the study
+    config's ``analysis.metric``.
+
+    Only the trials of the study's latest config count: a directory reused with other settings
+    keeps its older trials in the database, but they are never mixed into the statistics.
+    """
+    cfg = store.study_config() or StudyConfig()  # a store without a config (never run): the defaults
+    zero = store.get_meta("zero_shot")
+    trials = store.current_trials()
+    zero = zero if isinstance(zero, dict) else {}
+    zero_acc, stale = zero.get("accuracy"), None
+    ns = {int(t.metrics["accuracy_n"]) for t in trials if t.status == DONE and "accuracy_n" in t.metrics}
+    if zero_acc is not None and ns and zero.get("accuracy_n") not in ns:
+        stale = (f"The stored zero-shot accuracy is over {zero.get('accuracy_n')} examples but the trials' over "
+                 f"{', '.join(map(str, sorted(ns)))}; it is not used (rerun `loraplace study` to measure it again).")
+        zero_acc = None
+    a = analyze(trials, cfg.baseline, zero.get("eval_loss"), cfg.threshold if threshold is None else float(threshold),
+                order=cfg.strategies, metric=cfg.analysis.metric if metric is None else metric,
+                zero_shot_accuracy=zero_acc)
+    a.config = cfg
+    a.zero_shot_accuracy_n = zero.get("accuracy_n") if zero_acc is not None else None
+    if stale:
+        a.notes.append(stale)
+    a.probe = load_probe(store)
+    from loraplace.analysis.racing import racing  # it builds rung analyses with analyze itself
+    from loraplace.study.race import decisions
+
+    a.racing = racing(a, trials, decisions(store))
+    a.verdict = probe_verdict(trials, a.zero_shot, reference="all_linear" if a.get("all_linear") else cfg.baseline,
+                              probe=a.probe, criterion=cfg.auto.score, metric=a.metric)
+    return a

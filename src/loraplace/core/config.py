@@ -1,0 +1,323 @@
+"""Typed study configuration: dataclasses that YAML and ``key=value`` overrides only serialize.
+
+Usage::
+
+    cfg = StudyConfig.load("study.yaml", overrides=["train.lr=1e-4", "seeds=[0,1,2]"])
+    cfg.to_yaml()          # the resolved config, saved with the study; StudyConfig.from_dict reads it back
+
+The field names are the YAML keys and the CLI override paths (``train.steps=60``); the comment beside
+each field is its documentation (``examples/study.yaml`` lists them all with their defaults). Nothing in
+a config is executed: values are parsed with ``yaml.safe_load`` and checked against the field types
+(``core.typed``); an error names the field, the bad value and what is valid.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import ClassVar
+
+import yaml
+
+from loraplace.core.metrics import DTYPE_BYTES, METRIC_CHOICES
+from loraplace.core.names import is_selected
+from loraplace.core.typed import (ConfigError, apply_override, build, check_choice, check_finite,  # noqa: F401
+                                  check_positive)
+
+
+@dataclass
+class DataSpec:
+    """Which examples to train and evaluate on, and how to turn them into tokens."""
+
+    source: str = "builtin"  # "builtin", a .json/.jsonl/.csv/.parquet path, or "hub:NAME" (needs the hub)
+    format: str = "auto"  # auto (per file) | messages | sharegpt | alpaca | prompt_completion | qa | text
+    template: str = "plain"  # plain (documented in data/examples.py) | chat (the model's chat template); conversations always chat
+    max_length: int = 256  # tokens per example; longer ones are truncated
+    eval_size: float = 64  # eval examples: a count (>= 1) or a fraction (< 1) of all examples; unused with eval_source
+    limit: int | None = None  # use the first N examples of source's seeded shuffle: train + eval when eval is a split of source,
+    #                           train only with eval_source
+    split_seed: int = 0  # fixed across trial seeds, so every trial sees the same eval set
+    hub_split: str = "train"  # split name for hub datasets
+    eval_source: str | None = None  # a fixed eval set (same kinds as source), used as given; None: split source
+    eval_hub_split: str = "test"  # split name for a hub eval_source
+    eval_limit: int | None = None  # eval_source: use only its first N examples (file order); None: all
+
+    def check(self) -> None:
+        check_choice("data.format", self.format, ("auto", "messages", "sharegpt", "alpaca", "prompt_completion", "qa", "text"))
+        check_choice("data.template", self.template, ("plain", "chat"))
+        check_positive("data.max_length", self.max_length)
+        check_positive("data.eval_size", self.eval_size)
+        if self.limit is not None:
+            check_positive("data.limit", self.limit)
+        if self.eval_source is not None and not self.eval_source.strip():
+            raise ConfigError("data.eval_source: empty; give a file, hub:NAME, or leave it null to split data.source")
+        if self.eval_limit is not None:
+            check_positive("data.eval_limit", self.eval_limit)
+            if self.eval_source is None:
+                raise ConfigError("data.eval_limit: applies to data.eval_source, which is not set; "
+                                  "use data.eval_size to size a split of data.source")
+
+
+@dataclass
+class TrainSpec:
+    """Training settings shared by every trial of a study (strategies change only the placement)."""
+
+    lr: float = 5e-4  # peak learning rate (AdamW)
+    schedule: str = "cosine"  # constant | linear | cosine, after warm-up
+    warmup: float = 0.1  # warm-up: a fraction of the steps (< 1) or a number of steps (>= 1)
+    steps: int = 30  # optimizer steps (ignored when epochs is set)
+    epochs: float | None = None  # passes over the train split; overrides steps
+    batch_size: int = 8  # examples per step
+    weight_decay: float = 0.0
+    max_grad_norm: float = 1.0  # gradient clipping; 0 disables
+    rank: int = 16  # default LoRA rank
+    alpha: float = 32  # LoRA alpha (scale = alpha / r)
+    alpha_per_rank: bool = False  # True: a module of rank r gets alpha * r / rank, so every module keeps alpha/rank
+    dropout: float = 0.0  # LoRA dropout; PEFT defaults to 0 too, and on CPU the masks cost about 25% of a step
+    device: str = "auto"  # auto (cuda if this torch has it, else cpu) | cpu | cuda | cuda:N | mps
+    dtype: str = "float32"  # float32 | bfloat16 | float16 (the 16-bit types are slower on CPUs without AMX)
+    threads: int | None = None  # torch CPU threads; None leaves torch's default
+    save_adapter: bool = True
+    gradient_checkpointing: bool = False  # recompute block activations in the backward: about half the memory, ~10% more time
+    fuse: int | str | bool = "auto"  # trials trained together over one base pass: auto | off | N (same results; see train/fused.py)
+
+    # Settings that change how a trial runs but not its numbers: left out of its identity (``identity``), so a
+    # study can change them halfway. Every other field, including any added later, is part of it.
+    SAME_NUMBERS: ClassVar[tuple[str, ...]] = ("threads", "save_adapter", "device", "gradient_checkpointing", "fuse")
+
+    def identity(self) -> dict:
+        """The settings that can change a trial's numbers, as plain data (part of its trial id)."""
+        return {k: v for k, v in dataclasses.asdict(self).items() if k not in self.SAME_NUMBERS}
+
+    def check(self) -> None:
+        check_positive("train.lr", self.lr)
+        check_choice("train.schedule", self.schedule, ("constant", "linear", "cosine"))
+        for name in ("warmup", "weight_decay", "max_grad_norm", "dropout"):  # also when built in Python, not parsed
+            check_finite(f"train.{name}", getattr(self, name))
+        if self.warmup < 0:
+            raise ConfigError(f"train.warmup: must be >= 0, got {self.warmup}")
+        check_positive("train.steps", self.steps)
+        if self.epochs is not None:
+            check_positive("train.epochs", self.epochs)
+        check_positive("train.batch_size", self.batch_size)
+        check_positive("train.rank", self.rank)
+        check_positive("train.alpha", self.alpha)
+        if not 0 <= self.dropout < 1:
+            raise ConfigError(f"train.dropout: must be in [0, 1), got {self.dropout}")
+        if self.weight_decay < 0 or self.max_grad_norm < 0:
+            raise ConfigError("train.weight_decay and train.max_grad_norm must be >= 0")
+        check_choice("train.dtype", self.dtype, tuple(DTYPE_BYTES))
+        if not (self.device in ("auto", "cpu", "cuda", "mps") or self.device.startswith("cuda:")):
+            raise ConfigError(f"train.device: {self.device!r} is not one of auto, cpu, cuda, cuda:N, mps")
+        if self.fuse is False:  # YAML reads a bare off as false
+            self.fuse = "off"
+        self.fuse_trials()
+
+    def fuse_trials(self) -> int | str:
+        """train.fuse as "auto" or a number of trials per group (off -> 1)."""
+        value = self.fuse
+        if value is False:
+            return 1
+        if isinstance(value, str) and value.strip().lower() in ("auto", "off"):
+            return value.strip().lower() if value.strip().lower() == "auto" else 1
+        if isinstance(value, str) and value.strip().isdigit():
+            value = int(value)
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise ConfigError(f"train.fuse: {self.fuse!r} is not one of auto, off or a number of trials >= 1")
+        return value
+
+
+@dataclass
+class EvalSpec:
+    """How trials are evaluated."""
+
+    batch_size: int = 16
+    accuracy: bool = False  # generation exact match of the final answer (question/answer data)
+    accuracy_limit: int = 50  # eval examples used for accuracy (generation is slow)
+    max_new_tokens: int = 200
+
+    def check(self) -> None:
+        check_positive("eval.batch_size", self.batch_size)
+        check_positive("eval.accuracy_limit", self.accuracy_limit)
+        check_positive("eval.max_new_tokens", self.max_new_tokens)
+
+
+PROBE_CRITERIA = ("lora_drop", "grad_norm", "fisher")  # documented in study/probe.py and docs/results.md
+
+
+@dataclass
+class ProbeSpec:
+    """The probe (``loraplace probe``, and ``study`` before placing ``auto``): a short uniform low-rank run on
+    every module a strategy can adapt (the block linears whose role is known) that scores each; see study/probe.py."""
+
+    steps: int = 20  # optimizer steps per probe seed (a trial has train.steps)
+    rank: int = 4  # uniform LoRA rank of the probe adapter (alpha keeps the trials' alpha/rank scale)
+    seeds: list[int] = field(default_factory=lambda: [0, 1])  # probe seeds: the spread and rank correlation need >= 2
+    lr: float | None = None  # peak learning rate; None: train.lr
+    score_batches: int = 4  # train batches the LoRA-drop norm is averaged over after the probe steps
+
+    def check(self) -> None:
+        check_positive("probe.steps", self.steps)
+        check_positive("probe.rank", self.rank)
+        check_positive("probe.score_batches", self.score_batches)
+        if self.lr is not None:
+            check_positive("probe.lr", self.lr)
+        if not self.seeds:
+            raise ConfigError("probe.seeds: empty; give at least one seed, e.g. probe.seeds=[0,1]")
+        if len(set(self.seeds)) != len(self.seeds):
+            raise ConfigError(f"probe.seeds: duplicates in {self.seeds}")
+
+
+@dataclass
+class AutoSpec:
+    """Strategy ``auto``: the modules the probe scores highest, at train.rank, until the budget is met."""
+
+    score: str = "lora_drop"  # lora_drop | grad_norm | fisher (the probe's criteria)
+    budget: str | None = None  # "same:STRATEGY" or a count; None: the study's budget
+
+    def check(self) -> None:
+        check_choice("auto.score", self.score, PROBE_CRITERIA)
+        if self.budget is not None and str(self.budget).startswith("same:") and is_selected(str(self.budget)[5:]):
+            raise ConfigError(f"auto.budget: {self.budget!r} refers to itself; use same:STRATEGY of a fixed strategy "
+                              "or a count")
+
+
+@dataclass
+class AnalysisSpec:
+    """How the study's trials are compared (changes no trial: only the summary and the report)."""
+
+    metric: str = "eval_loss"  # eval_loss | accuracy: the quality measure of retained improvement, Pareto fronts, recommendation
+
+    def check(self) -> None:
+        check_choice("analysis.metric", self.metric, METRIC_CHOICES)
+
+
+@dataclass
+class RaceSpec:
+    """Racing (study/race.py): every trial is evaluated at rungs, fractions of its steps; at the racing rungs
+    (``at``) the strategies that cannot become the study's answer stop, the others go on from their
+    checkpoints. Changes no trial's numbers: the schedule is always the whole run's."""
+
+    at: list[float] = field(default_factory=list)  # racing rungs, fractions of a trial's steps in (0, 1); []: no racing
+    record: list[float] = field(default_factory=lambda: [0.25, 0.5])  # rungs evaluated in every study, raced or not
+    confidence: float = 0.95  # one-sided level of the upper bound on retained improvement a stop needs
+    slack: float = 0.2  # catch-up allowed for, as retained improvement over a whole run: the bar is threshold - slack x (1 - fraction)
+    keep_checkpoints: bool = False  # keep each trial's last checkpoint (checkpoints/) after it finishes or stops
+
+    def check(self) -> None:
+        for name in ("at", "record"):
+            values = getattr(self, name)
+            for v in values:
+                check_finite(f"race.{name}", v)
+                if not 0 < v < 1:
+                    raise ConfigError(f"race.{name}: {v} is not a fraction of the steps in (0, 1), e.g. race.{name}=[0.25,0.5]")
+            if len(set(values)) != len(values):
+                raise ConfigError(f"race.{name}: duplicates in {values}")
+        if not 0.5 <= self.confidence < 1:
+            raise ConfigError(f"race.confidence: must be in [0.5, 1), got {self.confidence}")
+        check_finite("race.slack", self.slack)
+        if not 0 <= self.slack < 1:
+            raise ConfigError(f"race.slack: must be in [0, 1), got {self.slack}")
+
+    def rungs(self) -> list[float]:
+        """Every fraction at which trials are evaluated: the racing rungs and the recorded ones, in order."""
+        return sorted(set(self.at) | set(self.record))
+
+
+DEFAULT_STRATEGIES = ["all_linear", "attention_only", "mlp_only", "top_half"]
+
+
+@dataclass
+class StudyConfig:
+    """A whole study: one model, one dataset, strategies x seeds, shared settings."""
+
+    model: str = "smollm2-135m"  # alias, local HF directory, .gguf file, or hub id
+    data: DataSpec = field(default_factory=DataSpec)
+    train: TrainSpec = field(default_factory=TrainSpec)
+    eval: EvalSpec = field(default_factory=EvalSpec)
+    strategies: list[str] = field(default_factory=lambda: list(DEFAULT_STRATEGIES))
+    define: dict[str, dict] = field(default_factory=dict)  # user strategies, same vocabulary as built-ins
+    baseline: str = "all_linear"  # the reference for deltas and retained improvement
+    budget: str | None = None  # "same:STRATEGY" or a parameter count: budget-match every strategy
+    seeds: list[int] = field(default_factory=lambda: [0, 1, 2])
+    out: str = "studies/default"  # study directory (database, adapters, report)
+    threshold: float = 0.95  # retained improvement a cheaper strategy must keep to be recommended
+    executor: str = "local"  # local (this process: one trial at a time, or fused groups, see train.fuse) | ray (Ray workers)
+    ray_address: str | None = None  # executor=ray: a cluster address; None starts Ray here (or uses RAY_ADDRESS)
+    cpus_per_trial: float = 2  # executor=ray: CPUs (and torch threads) per trial
+    gpus_per_trial: float = 0  # executor=ray: GPUs per trial (set 1 with train.device=cuda)
+    probe: ProbeSpec = field(default_factory=ProbeSpec)  # the probe behind strategy auto
+    auto: AutoSpec = field(default_factory=AutoSpec)  # strategy auto: which probe score, which budget
+    analysis: AnalysisSpec = field(default_factory=AnalysisSpec)
+    race: RaceSpec = field(default_factory=RaceSpec)  # racing: stop strategies early that cannot become the answer
+    max_retries: int = 1  # executor=ray: reruns of a trial whose worker died, before it is recorded as failed
+    track: str | None = None  # experiment tracking besides the store: mlflow | wandb (needs that package)
+    tracking_uri: str | None = None  # mlflow: tracking server or store (None: sqlite:///OUT/mlflow.db); wandb: the project
+
+    def check(self) -> None:
+        self.data.check()
+        self.train.check()
+        self.eval.check()
+        self.analysis.check()
+        self.race.check()
+        if self.analysis.metric == "accuracy" and not self.eval.accuracy:
+            raise ConfigError("analysis.metric=accuracy needs eval.accuracy=true (accuracy is not measured otherwise)")
+        if not self.strategies:
+            raise ConfigError("strategies: empty; name at least one strategy")
+        if len(set(self.strategies)) != len(self.strategies):
+            raise ConfigError(f"strategies: duplicates in {self.strategies}")
+        if not self.seeds:
+            raise ConfigError("seeds: empty; give at least one seed, e.g. seeds=[0]")
+        if len(set(self.seeds)) != len(self.seeds):
+            raise ConfigError(f"seeds: duplicates in {self.seeds}")
+        check_choice("executor", self.executor, ("local", "ray"))
+        check_positive("cpus_per_trial", self.cpus_per_trial)
+        check_finite("gpus_per_trial", self.gpus_per_trial)
+        if self.max_retries < 0:
+            raise ConfigError(f"max_retries: must be >= 0, got {self.max_retries}")
+        if self.track is not None:
+            check_choice("track", self.track, ("mlflow", "wandb"))
+        check_finite("threshold", self.threshold)
+        if self.gpus_per_trial < 0:
+            raise ConfigError(f"gpus_per_trial: must be >= 0, got {self.gpus_per_trial}")
+        if not 0 < self.threshold <= 1.5:
+            raise ConfigError(f"threshold: must be in (0, 1.5], got {self.threshold}")
+        self.probe.check()
+        self.auto.check()
+        reserved = [n for n in self.define if is_selected(n)]
+        if reserved:
+            raise ConfigError(f"define.{reserved[0]}: auto and random:K are built from the probe and the budget; "
+                              "choose another name")
+
+    # -- serialization -------------------------------------------------------------------------
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    def to_yaml(self) -> str:
+        return yaml.safe_dump(self.to_dict(), sort_keys=False)
+
+    @classmethod
+    def from_dict(cls, data: dict) -> "StudyConfig":
+        cfg = build(cls, data, "")
+        cfg.check()
+        return cfg
+
+    @classmethod
+    def load(cls, path: str | Path | None = None, overrides: list[str] | tuple[str, ...] = ()) -> "StudyConfig":
+        """Read a YAML file (or start from the defaults) and apply ``key=value`` overrides."""
+        data: dict = {}
+        if path is not None:
+            try:
+                text = Path(path).read_text()
+            except OSError as e:
+                raise ConfigError(f"config file {path}: {e.strerror}") from None
+            try:
+                data = yaml.safe_load(text) or {}
+            except yaml.YAMLError as e:
+                raise ConfigError(f"config file {path}: not valid YAML ({str(e).splitlines()[0]})") from None
+            if not isinstance(data, dict):
+                raise ConfigError(f"config file {path}: expected a mapping of settings at the top level")
+        for item in overrides:
+            apply_override(data, item)
+        return cls.from_dict(data)

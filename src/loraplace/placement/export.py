@@ -1,0 +1,193 @@
+"""Write a studied placement as a config for another fine-tuning tool.
+
+Usage::
+
+    from loraplace.placement.export import export
+    print(export(placement, "axolotl"))     # placement: a PlacementRecord; peft | axolotl | llamafactory | torchtune
+
+``study.results.placement_for`` finds the record a study stored for a strategy.
+
+A placement (``placement.record.PlacementRecord``, as the trial stored it) lists every adapted module with its rank,
+alpha, role and block, and the dropout it was trained with.
+Each format is written only when it means exactly that placement; otherwise ``ExportError`` says,
+in one line, what the tool cannot express:
+
+* peft: ``LoraConfig`` JSON from ``PlacementRecord.lora_kwargs``, the same settings the trial trained with:
+  explicit full module names, per-module ``rank_pattern`` / ``alpha_pattern`` keyed by full name (PEFT
+  matches those keys as ``(.*\\.)?KEY$``). Always works.
+* axolotl: ``lora_target_modules`` + ``peft_layers_to_transform`` when every chosen block adapts the
+  same module short names; otherwise full module names (axolotl hands ``lora_target_modules`` to
+  PEFT's ``target_modules``, which accepts full names). One ``lora_r``/``lora_alpha``: ranks must be uniform.
+* llamafactory: ``lora_target`` short names applied to every block, uniform rank.
+* torchtune: ``lora_attn_modules`` / ``apply_lora_to_mlp`` mapped from roles (Llama-family roles
+  only, all blocks, uniform rank; the MLP's three projections together or not at all, and at least
+  one attention projection, since its builders reject an empty ``lora_attn_modules``).
+"""
+
+from __future__ import annotations
+
+import json
+
+import yaml
+
+from loraplace.core.errors import LoraplaceError
+from loraplace.core.identity import plain
+from loraplace.core.roles import role_rank
+from loraplace.placement.record import PlacementRecord
+
+FORMATS = ("peft", "axolotl", "llamafactory", "torchtune")
+
+# role -> torchtune attention module name (torchtune's LORA_ATTN_MODULES vocabulary)
+TORCHTUNE_ATTN = {"attn.q": "q_proj", "attn.k": "k_proj", "attn.v": "v_proj", "attn.o": "output_proj"}
+TORCHTUNE_MLP = {"mlp.gate", "mlp.up", "mlp.down"}  # apply_lora_to_mlp adapts w1, w2, w3 together
+# HF model_types whose torchtune builders take lora_attn_modules with that vocabulary
+TORCHTUNE_MODEL_TYPES = {"llama", "mistral", "qwen2", "gemma"}
+
+
+class ExportError(LoraplaceError, ValueError):
+    """The placement cannot be expressed in the requested tool's vocabulary (one-line message)."""
+
+
+def export(placement: PlacementRecord, fmt: str) -> str:
+    """The config text for ``fmt`` (one of FORMATS); raises ExportError when it cannot be exact."""
+    writers = {"peft": _peft, "axolotl": _axolotl, "llamafactory": _llamafactory, "torchtune": _torchtune}
+    if fmt not in writers:
+        raise ExportError(f"unknown format {fmt!r}; choose one of {', '.join(FORMATS)}")
+    if not placement.modules:
+        raise ExportError("the placement adapts no modules; nothing to export")
+    return writers[fmt](placement)
+
+
+# -- helpers ---------------------------------------------------------------------------------------
+def _short(name: str) -> str:
+    return name.rsplit(".", 1)[-1]
+
+
+def _dropout(placement: PlacementRecord, key: str) -> dict:
+    """{key: dropout} when the study recorded it; otherwise nothing, so the tool's default applies."""
+    return {} if placement.dropout is None else {key: placement.dropout}
+
+
+def _uniform(placement: PlacementRecord, tool: str) -> tuple[int, float]:
+    """The single (rank, alpha) of every module, or ExportError naming the tool."""
+    mods = placement.modules.values()
+    ranks = sorted({m.rank for m in mods})
+    alphas = sorted({plain(m.alpha) for m in mods})
+    if len(ranks) > 1:
+        raise ExportError(f"{tool} has one LoRA rank for all modules; this placement uses ranks "
+                          f"{', '.join(map(str, ranks))} (export to peft, which has rank_pattern)")
+    if len(alphas) > 1:
+        raise ExportError(f"{tool} has one LoRA alpha for all modules; this placement uses alphas "
+                          f"{', '.join(map(str, alphas))} (export to peft, which has alpha_pattern)")
+    return ranks[0], alphas[0]
+
+
+def _block_sets(placement: PlacementRecord, key: str) -> dict[int, frozenset]:
+    """{block: set of the modules' `key` ("short" name or "role")} over adapted blocks."""
+    sets: dict[int, set] = {}
+    for name, m in placement.modules.items():
+        if m.block < 0:
+            raise ExportError(f"module {name} is outside the transformer blocks; only peft can target it")
+        sets.setdefault(m.block, set()).add(_short(name) if key == "short" else m.role)
+    return {b: frozenset(s) for b, s in sets.items()}
+
+
+def _blocks_shape(placement: PlacementRecord, key: str, tool: str, need_all_blocks: bool) -> tuple[list, list[int], bool]:
+    """(the common per-block set, adapted blocks, whether they are all blocks); ExportError if uneven."""
+    sets = _block_sets(placement, key)
+    blocks = sorted(sets)
+    common = set(sets[blocks[0]])
+    uneven = any(s != sets[blocks[0]] for s in sets.values())
+    n_blocks = placement.n_blocks
+    all_blocks = n_blocks is not None and blocks == list(range(int(n_blocks)))
+    if need_all_blocks and (uneven or not all_blocks):
+        what = "different modules in different blocks" if uneven else (
+            f"blocks {_ranges(blocks)} of {n_blocks}" if n_blocks is not None else "an unknown block count")
+        raise ExportError(f"{tool} applies LoRA to the same modules in every block; this placement adapts {what}")
+    role_of = {(_short(n) if key == "short" else m.role): m.role for n, m in placement.modules.items()}
+    return sorted(common, key=lambda x: (role_rank(role_of.get(x, "")), x)), blocks, all_blocks and not uneven
+
+
+def _ranges(blocks: list[int]) -> str:
+    """[0, 1, 2, 5] -> '0-2, 5'."""
+    out, start = [], None
+    for i, b in enumerate(blocks):
+        if start is None:
+            start = b
+        if i + 1 == len(blocks) or blocks[i + 1] != b + 1:
+            out.append(str(start) if start == b else f"{start}-{b}")
+            start = None
+    return ", ".join(out)
+
+
+def _header(placement: PlacementRecord, tool: str) -> str:
+    params = placement.trainable_params
+    extra = f", {params:,} trainable params" if params else ""
+    return (f"# loraplace export for {tool}: strategy {placement.strategy or '?'!r}, "
+            f"{len(placement.modules)} modules{extra}, model_type {placement.model_type or '?'}\n")
+
+
+class _Dumper(yaml.SafeDumper):
+    """Block-style mappings; lists of scalars on one line ([2, 3]) as configs usually write them."""
+
+
+_Dumper.add_representer(list, lambda d, data: d.represent_sequence(
+    "tag:yaml.org,2002:seq", data, flow_style=all(not isinstance(x, (list, dict)) for x in data)))
+
+
+def _yaml(data: dict) -> str:
+    return yaml.dump(data, Dumper=_Dumper, sort_keys=False, default_flow_style=False, width=100)
+
+
+# -- writers ---------------------------------------------------------------------------------------
+def _peft(placement: PlacementRecord) -> str:
+    return json.dumps({"peft_type": "LORA", **placement.lora_kwargs()}, indent=2) + "\n"
+
+
+def _axolotl(placement: PlacementRecord) -> str:
+    r, alpha = _uniform(placement, "axolotl")
+    sets = _block_sets(placement, "short")
+    blocks = sorted(sets)
+    config = {"adapter": "lora", "lora_r": r, "lora_alpha": alpha, **_dropout(placement, "lora_dropout")}
+    if all(s == sets[blocks[0]] for s in sets.values()):
+        shorts, blocks, all_blocks = _blocks_shape(placement, "short", "axolotl", need_all_blocks=False)
+        config["lora_target_modules"] = shorts
+        if not all_blocks:  # block subset: PEFT layers_to_transform
+            config["peft_layers_to_transform"] = blocks
+    else:  # uneven per block: explicit full names (PEFT matches them exactly)
+        config["lora_target_modules"] = placement.names()
+    return _header(placement, "axolotl") + _yaml(config)
+
+
+def _llamafactory(placement: PlacementRecord) -> str:
+    r, alpha = _uniform(placement, "LLaMA-Factory")
+    shorts, _, _ = _blocks_shape(placement, "short", "LLaMA-Factory lora_target", need_all_blocks=True)
+    config = {"finetuning_type": "lora", "lora_target": ",".join(shorts), "lora_rank": r,
+              "lora_alpha": alpha, **_dropout(placement, "lora_dropout")}
+    return _header(placement, "LLaMA-Factory") + _yaml(config)
+
+
+def _torchtune(placement: PlacementRecord) -> str:
+    model_type = placement.model_type
+    if model_type and model_type not in TORCHTUNE_MODEL_TYPES:
+        raise ExportError(f"torchtune's lora_attn_modules vocabulary covers {', '.join(sorted(TORCHTUNE_MODEL_TYPES))} "
+                          f"models, not {model_type!r}")
+    roles, _, _ = _blocks_shape(placement, "role", "torchtune", need_all_blocks=True)
+    other = [x for x in roles if x not in TORCHTUNE_ATTN and x not in TORCHTUNE_MLP]
+    if other:
+        raise ExportError(f"torchtune has no LoRA switch for role(s) {', '.join(other)} "
+                          "(only attn.q/k/v/o and the whole MLP)")
+    mlp = [x for x in roles if x in TORCHTUNE_MLP]
+    if mlp and set(mlp) != TORCHTUNE_MLP:
+        raise ExportError(f"torchtune's apply_lora_to_mlp adapts gate, up and down together; this placement "
+                          f"adapts only {', '.join(mlp)}")
+    attn = [TORCHTUNE_ATTN[x] for x in roles if x in TORCHTUNE_ATTN]
+    if not attn:  # its lora_*_self_attention builders raise on an empty lora_modules list
+        raise ExportError("torchtune's LoRA builders need at least one of q_proj, k_proj, v_proj, output_proj in "
+                          "lora_attn_modules; this placement adapts only the MLP")
+    r, alpha = _uniform(placement, "torchtune")
+    model = {"lora_attn_modules": attn,
+             "apply_lora_to_mlp": bool(mlp), "apply_lora_to_output": False,
+             "lora_rank": r, "lora_alpha": alpha, **_dropout(placement, "lora_dropout")}
+    note = "# merge into the recipe's model: section (keep its _component_ builder)\n"
+    return _header(placement, "torchtune") + note + _yaml({"model": model})

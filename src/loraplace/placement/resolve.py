@@ -1,0 +1,178 @@
+"""A strategy on one model: explicit module names and ranks, and budget matching.
+
+Usage::
+
+    p = resolve(get_strategy("mlp_only"), anat, rank=16, alpha=32)
+    p = match_budget(get_strategy("mlp_only"), anat, target=4_884_480)     # ranks scaled to the target count
+    p.trainable_params, p.record(dropout=0.0)
+
+A module's LoRA adapter trains ``lora_params(layer, r)`` = r x (in + out) parameters (A is r x in, B is
+out x r; no bias), its rank at most min(in, out): the one formula every count here uses.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
+
+from loraplace.core.names import is_selected
+from loraplace.placement.record import ModuleSpec, PlacementRecord
+from loraplace.placement.strategy import PlacementError, Strategy, _check_rank_keys, _rank_for, get_strategy, parse_blocks, parse_roles
+
+if TYPE_CHECKING:  # torch-free: an Anatomy is only read
+    from loraplace.model.anatomy import Anatomy, Layer
+
+
+BUDGET_TOLERANCE = 0.05  # budget-matched strategies land within 5% of the target
+
+
+def max_rank(layer: Layer) -> int:
+    """The largest LoRA rank a module takes: min(in, out)."""
+    return min(layer.in_features, layer.out_features)
+
+
+def lora_params(layer: Layer, rank: int) -> int:
+    """Parameters of a rank-``rank`` LoRA adapter on ``layer`` (rank capped at ``max_rank``): r x (in + out)."""
+    return min(rank, max_rank(layer)) * (layer.in_features + layer.out_features)
+
+
+@dataclass(frozen=True)
+class Placement:
+    strategy: Strategy
+    modules: dict[str, int]  # full module name -> rank, sorted by name
+    alphas: dict[str, float]  # full module name -> lora_alpha
+    anatomy: Anatomy = field(repr=False)
+
+    @property
+    def names(self) -> list[str]:
+        return list(self.modules)
+
+    @property
+    def trainable_params(self) -> int:
+        """sum of r * (in + out): LoRA's A is (r, in), B is (out, r); no bias is trained."""
+        return sum(lora_params(self.anatomy.layer(n), r) for n, r in self.modules.items())
+
+    @property
+    def trainable_pct(self) -> float:
+        return 100.0 * self.trainable_params / self.anatomy.base_params
+
+    def adapter_bytes(self, bytes_per_param: int = 4) -> int:
+        """Size of the saved adapter: tensor bytes plus the safetensors header (about 100 bytes a tensor)."""
+        header = sum(2 * (len(n) + 100) for n in self.modules)
+        return self.trainable_params * bytes_per_param + header
+
+    def record(self, dropout: float | None = None) -> PlacementRecord:
+        """The placement as plain data (stored with the trial); ``dropout`` is the trial's LoRA dropout."""
+        layer = self.anatomy.layer
+        return PlacementRecord(
+            strategy=self.strategy.name,
+            modules={n: ModuleSpec(r, self.alphas[n], layer(n).role, layer(n).block) for n, r in self.modules.items()},
+            model_type=self.anatomy.model_type,
+            n_blocks=self.anatomy.n_blocks,
+            trainable_params=self.trainable_params,
+            base_params=self.anatomy.base_params,
+            definition=self.strategy.to_dict(),
+            dropout=dropout,
+            fan_in_fan_out={layer(n).kind for n in self.modules} == {"Conv1D"},
+        )
+
+    def to_dict(self, dropout: float | None = None) -> dict:
+        return self.record(dropout).to_dict()
+
+
+def resolve(
+    strategy: Strategy, anat: Anatomy, rank: int = 16, alpha: float = 32, alpha_per_rank: bool = False,
+    ranks: dict[str, int] | None = None,
+) -> Placement:
+    """Explicit module names and ranks for a strategy. ``ranks`` (full name -> rank) overrides,
+    as budget matching does. With ``alpha_per_rank`` each module keeps alpha/r = alpha/rank."""
+    roles = parse_roles(strategy.roles)
+    blocks = set(parse_blocks(strategy.blocks, anat.n_blocks))
+    _check_rank_keys(strategy.rank, strategy.name)
+    chosen = sorted((l for l in anat.layers if l.role in roles and l.block in blocks), key=lambda l: l.name)
+    if is_selected(strategy.name):  # auto / random:K: the module set is data (``ranks``), not roles x blocks
+        if not ranks:
+            raise PlacementError(f"strategy {strategy.name!r} is chosen per study (probe scores, budget): resolve it "
+                                 "with auto_placement / random_placement, or through the study")
+        chosen = [l for l in chosen if l.name in ranks]
+    if not chosen:
+        present = ", ".join(anat.roles_present())
+        raise PlacementError(
+            f"strategy {strategy.name!r} (roles {strategy.roles}, blocks {strategy.blocks}) matches no module of this "
+            f"{anat.model_type} model; its roles are: {present}"
+            + ("; its mixture-of-experts MLP keeps the experts in fused 3-D weights, which are not layers LoRA can "
+               "wrap (see `loraplace inspect`)" if any(f.role == "moe.experts" for f in anat.fixed) else "")
+        )
+    modules, alphas = {}, {}
+    for layer in chosen:
+        r = (ranks or {}).get(layer.name) or _rank_for(layer.role, strategy.rank, rank)
+        limit = min(layer.in_features, layer.out_features)
+        if not 1 <= r <= limit:
+            raise PlacementError(f"rank {r} for {layer.name} ({layer.role}, {layer.in_features}->{layer.out_features}) must be in 1-{limit}")
+        modules[layer.name] = r
+        alphas[layer.name] = float(alpha * r / rank) if alpha_per_rank else float(alpha)
+    return Placement(strategy, modules, alphas, anat)
+
+
+def parse_budget(budget: str | int | float, anat: Anatomy, rank: int, defined: dict | None = None) -> int:
+    """A budget as a trainable-parameter count: a number (1e6, 2.5M, 300k) or same:STRATEGY."""
+    text = str(budget).strip()
+    if text.startswith("same:"):
+        return resolve(get_strategy(text[5:], defined), anat, rank=rank).trainable_params
+    mult = {"k": 1e3, "m": 1e6, "b": 1e9}.get(text[-1:].lower(), 1)
+    try:
+        value = float(text[:-1] if mult != 1 else text) * mult
+    except ValueError:
+        raise PlacementError(f"budget {text!r}: expected a parameter count (e.g. 1e6, 2.5M) or same:STRATEGY") from None
+    if value <= 0 or not math.isfinite(value):
+        raise PlacementError(f"budget {text!r}: must be a positive parameter count")
+    return int(value)
+
+
+def match_budget(
+    strategy: Strategy, anat: Anatomy, target: int, rank: int = 16, alpha: float = 32, alpha_per_rank: bool = False
+) -> Placement:
+    """Scale the strategy's ranks so its trainable count lands within ``BUDGET_TOLERANCE`` (5%) of ``target``.
+
+    Ranks keep the strategy's per-role proportions and are scaled by one factor (found by
+    bisection; no rank exceeds min(in, out)); when integer rounding misses the tolerance, single
+    modules (in name order) get one rank more or less until it is met.
+    """
+    base = resolve(strategy, anat, rank=rank, alpha=alpha, alpha_per_rank=alpha_per_rank)
+    width = {n: lora_params(anat.layer(n), 1) for n in base.modules}  # parameters per unit of rank
+    limit = {n: max_rank(anat.layer(n)) for n in base.modules}
+    lo, hi = sum(width.values()), sum(width[n] * limit[n] for n in base.modules)
+    if not lo * (1 - BUDGET_TOLERANCE) <= target <= hi * (1 + BUDGET_TOLERANCE):
+        raise PlacementError(
+            f"budget {target:,} is unreachable for strategy {strategy.name!r}: its trainable count ranges from "
+            f"{lo:,} (rank 1) to {hi:,} (full rank) on this model"
+        )
+    def scaled(f: float) -> dict[str, int]:
+        return {n: min(limit[n], max(1, round(r * f))) for n, r in base.modules.items()}
+
+    def count(ranks: dict[str, int]) -> int:
+        return sum(ranks[n] * width[n] for n in ranks)
+
+    lo_f, hi_f = 0.0, max(limit.values()) / min(base.modules.values())
+    for _ in range(60):  # bisection on the common factor; capped ranks make the count piecewise
+        mid = (lo_f + hi_f) / 2
+        lo_f, hi_f = (mid, hi_f) if count(scaled(mid)) < target else (lo_f, mid)
+    ranks = min((scaled(lo_f), scaled(hi_f)), key=lambda rk: abs(count(rk) - target))
+    total = count(ranks)
+    improved = True
+    while improved and abs(total - target) > BUDGET_TOLERANCE * target / 2:  # nudge single modules
+        improved = False
+        for n in sorted(ranks):
+            step = 1 if total < target else -1
+            if 1 <= ranks[n] + step <= limit[n] and abs(total + step * width[n] - target) < abs(total - target):
+                ranks[n] += step
+                total += step * width[n]
+                improved = True
+    placement = resolve(strategy, anat, rank=rank, alpha=alpha, alpha_per_rank=alpha_per_rank, ranks=ranks)
+    if abs(placement.trainable_params - target) > BUDGET_TOLERANCE * target:
+        raise PlacementError(
+            f"budget {target:,}: strategy {strategy.name!r} reaches only {placement.trainable_params:,} "
+            f"(more than {BUDGET_TOLERANCE:.0%} away)"
+        )
+    return placement

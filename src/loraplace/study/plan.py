@@ -1,0 +1,144 @@
+"""From a study config to its trials: every strategy resolved (and budget-matched), every (strategy, seed) keyed.
+
+Usage::
+
+    placements = resolve_placements(cfg, anat)        # strategy -> Placement, errors before any training
+    tasks = plan_trials(cfg, placements)              # one TrialTask per strategy and seed, seed-major
+
+A trial is keyed by a hash of what can change its numbers (``trial_id``): the model, the data and eval
+settings, the training settings except ``TrainSpec.SAME_NUMBERS``, the strategy, its resolved ranks and
+the seed. Changing a shared setting therefore makes new trials instead of silently mixing results.
+Torch-free: ``plan`` and the placements it builds read the anatomy only.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from loraplace.core.config import StudyConfig
+from loraplace.core.identity import digest
+from loraplace.core.names import AUTO, is_random, is_selected, random_draw
+from loraplace.placement.resolve import Placement, match_budget, parse_budget, resolve
+from loraplace.placement.select import auto_placement, random_placement
+from loraplace.placement.strategy import PlacementError, get_strategy
+from loraplace.study.race import rung_steps
+
+if TYPE_CHECKING:  # torch-free: the anatomy is only read
+    from loraplace.model.anatomy import Anatomy
+
+SAME_AUTO = f"same:{AUTO}"  # budget: match the fixed strategies to auto's trainable count
+CHECKPOINTS = "checkpoints"  # inside the study directory: one resumable checkpoint per racing trial
+
+
+@dataclass(frozen=True)
+class TrialTask:
+    """A trial to run, as plain data (it travels to Ray workers)."""
+
+    trial_id: str  # hash of config
+    strategy: str
+    seed: int
+    ranks: dict[str, int]  # full module name -> rank, as resolved (and budget-matched) by the driver
+    adapter_dir: str | None  # where the trained adapter goes; None: not saved
+    config: dict = field(default_factory=dict)  # the resolved trial config that trial_id hashes
+    desc: str = ""  # progress label, e.g. "[2/12] mlp_only seed 0"
+    checkpoint_dir: str | None = None  # where its resumable checkpoint goes (a raced study); None: none is kept
+    start: int = 0  # the step its checkpoint is at, where this piece of work begins (0: the start of the run)
+    until: int | None = None  # the step this piece of work ends at (None: the end of the run)
+    evals_at: tuple[int, ...] = ()  # rung steps to evaluate at on the way (``until`` among them when it is a rung)
+
+
+def resolve_placements(cfg: StudyConfig, anat: Anatomy, scores: dict[str, float] | None = None) -> dict[str, Placement]:
+    """Every strategy of the study resolved (and budget-matched when cfg.budget is set).
+
+    ``scores`` (full module name -> the probe's ``cfg.auto.score``, mean over probe seeds) places ``auto``;
+    ``auto`` and ``random:K`` fill ``selected_budget``, and ``budget: same:auto`` matches the others to auto."""
+    t = cfg.train
+    kw = dict(rank=t.rank, alpha=t.alpha, alpha_per_rank=t.alpha_per_rank)
+    if any(is_selected(n) for n in cfg.strategies) or cfg.budget == SAME_AUTO:
+        return _with_selected(cfg, anat, scores, kw)
+    strategies = {name: get_strategy(name, cfg.define) for name in cfg.strategies}
+    if cfg.budget is None:
+        return {name: resolve(s, anat, **kw) for name, s in strategies.items()}
+    target = parse_budget(cfg.budget, anat, t.rank, cfg.define)
+    return {name: match_budget(s, anat, target, **kw) for name, s in strategies.items()}
+
+
+def needs_probe(cfg: StudyConfig) -> bool:
+    """Whether resolving the study's placements needs probe scores (strategy auto, or budget same:auto)."""
+    return AUTO in cfg.strategies or cfg.budget == SAME_AUTO
+
+
+def selected_budget(cfg: StudyConfig, anat: Anatomy) -> int:
+    """The trainable count ``auto`` and ``random:K`` are filled to: ``auto.budget``, else the study's budget."""
+    spec = cfg.auto.budget if cfg.auto.budget is not None else cfg.budget
+    if spec is None or spec == SAME_AUTO:
+        raise PlacementError("strategies auto and random:K need a budget: set auto.budget (e.g. same:attention_only "
+                             "or 1.5M), or the study's budget to a count or same:STRATEGY")
+    if is_selected(str(spec)[5:]) and str(spec).startswith("same:"):
+        raise PlacementError(f"budget {spec!r}: only same:auto or same:<fixed strategy> is possible")
+    return parse_budget(spec, anat, cfg.train.rank, cfg.define)
+
+
+def _with_selected(cfg: StudyConfig, anat: Anatomy, scores: dict[str, float] | None, kw: dict) -> dict[str, Placement]:
+    target = selected_budget(cfg, anat)
+    out: dict[str, Placement] = {}
+    if needs_probe(cfg):
+        if not scores:
+            raise PlacementError("strategy auto needs probe scores: run `loraplace probe` with the study's config "
+                                 "(`loraplace study` runs it itself)")
+        out[AUTO] = auto_placement(anat, scores, target, **kw)
+    for name in cfg.strategies:
+        if is_random(name):
+            out[name] = random_placement(anat, random_draw(name), target, **kw)
+    if cfg.budget == SAME_AUTO:
+        fixed_target = out[AUTO].trainable_params
+    elif cfg.budget is not None:
+        fixed_target = parse_budget(cfg.budget, anat, cfg.train.rank, cfg.define)
+    else:
+        fixed_target = None
+    for name in cfg.strategies:
+        if name not in out:
+            s = get_strategy(name, cfg.define)
+            out[name] = resolve(s, anat, **kw) if fixed_target is None else match_budget(s, anat, fixed_target, **kw)
+    return {name: out[name] for name in cfg.strategies}
+
+
+def trial_id(config: dict) -> str:
+    """16 hex digits identifying a trial (or any result) by the settings in ``config``."""
+    return digest(config)
+
+
+def plan_trials(cfg: StudyConfig, placements: dict[str, Placement]) -> list[TrialTask]:
+    """Every (strategy, seed) trial, keyed by a hash of what can change its numbers."""
+    shared = cfg.to_dict()
+    train = cfg.train.identity()
+    out = []
+    for seed in cfg.seeds:  # seed-major order: every strategy gets seed 0 before any gets seed 1
+        for name, p in placements.items():
+            config = {
+                "model": cfg.model,
+                "data": shared["data"],
+                "train": train,
+                "eval": shared["eval"],
+                "strategy": name,
+                "definition": p.strategy.to_dict(),
+                "ranks": p.modules,
+                "seed": seed,
+            }
+            tid = trial_id(config)
+            label = f"{name}-s{seed}-{tid[:8]}"
+            adapter_dir = str(Path(cfg.out) / "adapters" / label) if cfg.train.save_adapter else None
+            checkpoint_dir = str(Path(cfg.out) / CHECKPOINTS / label) if cfg.race.at else None
+            out.append(TrialTask(tid, name, seed, p.modules, adapter_dir, config, checkpoint_dir=checkpoint_dir))
+    return out
+
+
+def segment(task: TrialTask, start: int, total: int, race) -> TrialTask:
+    """The next piece of work of a trial whose checkpoint is at ``start`` (0: none): to the next racing rung
+    (``race.at``), or to the end, evaluating at every rung (``race.record`` and ``race.at``) on the way."""
+    racing = rung_steps(race.at, total)
+    until = next((s for s in racing if s > start), total)
+    evals = tuple(s for s in rung_steps(race.rungs(), total) if start < s <= until)
+    return replace(task, start=start, until=until, evals_at=evals)

@@ -1,0 +1,84 @@
+"""What every trial of a study shares inside one process: the model, its anatomy, the data, the accuracy examples.
+
+Usage::
+
+    ws = Workspace.build(cfg)            # loads the model and the data once per process (or Ray worker)
+    ws.setup                             # train.trial.Setup: what the engines read
+    ws.placement(task)                   # a TrialTask's placement on this model
+    ws.accuracy(ws.model)                # {"accuracy", "accuracy_n"} of the base model on the fixed examples
+
+Where and how trials run is ``study.executor``'s business; what they run on is this module's.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from functools import cached_property
+
+import torch
+
+from loraplace.core.config import StudyConfig
+from loraplace.data.answers import accuracy_examples
+from loraplace.data.sources import train_eval_examples
+from loraplace.data.tokenize import TokenizedSet, encode_prompt, tokenize
+from loraplace.model.anatomy import Anatomy, analyze
+from loraplace.model.loading import load
+from loraplace.placement.resolve import Placement, resolve
+from loraplace.placement.strategy import get_strategy
+from loraplace.study.plan import TrialTask
+from loraplace.train.generate import answer_accuracy
+from loraplace.train.memory import pick_device
+from loraplace.train.trial import Setup
+
+log = logging.getLogger("loraplace")
+
+
+@dataclass
+class Workspace:
+    """What every trial of a study shares inside one process: built once, reused by each trial."""
+
+    cfg: StudyConfig
+    model: torch.nn.Module
+    tokenizer: object
+    anatomy: Anatomy
+    train_set: TokenizedSet
+    eval_set: TokenizedSet
+    eval_examples: list
+    device: str
+
+    @classmethod
+    def build(cls, cfg: StudyConfig, model_and_tokenizer=None) -> "Workspace":
+        device = pick_device(cfg.train.device)  # a device this torch lacks is a one-line error, before loading
+        if cfg.train.threads:
+            torch.set_num_threads(cfg.train.threads)
+        model, tok = model_and_tokenizer or load(cfg.model, dtype=getattr(torch, cfg.train.dtype), device=device)
+        train_ex, eval_ex = train_eval_examples(cfg.data)
+        return cls(cfg, model, tok, analyze(model), tokenize(train_ex, tok, cfg.data), tokenize(eval_ex, tok, cfg.data),
+                   eval_ex, device)
+
+    @cached_property
+    def accuracy_examples(self) -> list:
+        """The fixed examples accuracy is measured on (none unless eval.accuracy is on)."""
+        if not self.cfg.eval.accuracy:
+            return []
+        return accuracy_examples(self.eval_examples, self.cfg.eval.accuracy_limit)
+
+    def accuracy(self, model) -> dict:
+        """{"accuracy", "accuracy_n"} of ``model`` (the base or an adapted one) on ``accuracy_examples``."""
+        scored = self.accuracy_examples
+        prompts = [encode_prompt(e, self.tokenizer, self.cfg.data) for e in scored]
+        return answer_accuracy(model, self.tokenizer, prompts, [e.answer for e in scored], self.cfg.eval, self.device)
+
+    @property
+    def setup(self) -> Setup:
+        """What the engines read; its accuracy callback is None when accuracy is off or no example has an
+        answer, so both engines score the same."""
+        return Setup(self.model, self.train_set, self.eval_set, self.cfg.train, self.cfg.eval,
+                     self.tokenizer.pad_token_id, self.device, self.accuracy if self.accuracy_examples else None)
+
+    def placement(self, task: TrialTask) -> Placement:
+        """The task's placement on this model, at the ranks the driver resolved."""
+        t = self.cfg.train
+        strategy = get_strategy(task.strategy, self.cfg.define)
+        return resolve(strategy, self.anatomy, rank=t.rank, alpha=t.alpha, alpha_per_rank=t.alpha_per_rank, ranks=task.ranks)

@@ -1,0 +1,62 @@
+"""Running trials to a step on either engine, evaluating at rungs on the way: the piece of work a study hands out.
+
+Usage::
+
+    trials = [begin(setup, placement, seed, checkpoint=None)]       # step 0, or restored from a checkpoint
+    run_to(setup, trials, until=15, evals_at=(8, 15), fused=False)  # train to step 15, evaluate at 8 and 15
+    trial.evals                                                     # [(8, {...}), (15, {...})]
+
+A rung evaluation is the study's evaluation at that step (``Trial.evals``): the eval loss, and the accuracy
+too when ``rung_accuracy`` (a study deciding on accuracy). Evaluating changes nothing the trial computes next
+(no dropout, no random draws), so a trial evaluated at rungs trains exactly as one that is not.
+"""
+
+from __future__ import annotations
+
+import time
+
+from loraplace.placement.resolve import Placement
+from loraplace.train import fused as F
+from loraplace.train import sequential as S
+from loraplace.train.trial import Setup, Trial
+
+
+def begin(setup: Setup, placement: Placement, seed: int, checkpoint=None) -> Trial:
+    """A trial at step 0 (``checkpoint`` None) or where its checkpoint left it, ready for either engine."""
+    trial = Trial.restore(checkpoint, setup, placement) if checkpoint is not None else Trial.start(setup, placement, seed)
+    S.prepare(setup, trial)  # the sequential engine's frozen-prefix cache, decided on the bare base
+    return trial
+
+
+def run_to(setup: Setup, trials: list[Trial], until: int, evals_at=(), fused: bool = False, rung_accuracy: bool = False,
+           desc: str = "train") -> None:
+    """Advance ``trials`` to step ``until`` (fused: together; else one after the other), evaluating each live
+    trial at every step of ``evals_at`` it passes (recorded in ``Trial.evals``). A failed trial stops where it
+    failed (``Trial.error``)."""
+    targets = sorted({s for s in evals_at if s <= until} | {until})
+    if fused:
+        cache = "new"
+        for target in targets:
+            cache = F.advance(setup, trials, target - min(t.step for t in trials), desc, cache=cache)
+            if target in evals_at:
+                _evaluate(setup, [t for t in trials if t.step == target and t.error is None], True, rung_accuracy)
+        return
+    for trial in trials:
+        for target in targets:
+            S.advance(setup, [trial], target - trial.step, desc)
+            if trial.error is not None:
+                break
+            if target in evals_at:
+                _evaluate(setup, [trial], False, rung_accuracy)
+
+
+def _evaluate(setup: Setup, trials: list[Trial], fused: bool, accuracy: bool) -> None:
+    (F.evaluate if fused else S.evaluate)(setup, trials)
+    for t in trials:
+        ev = {k: v for k, v in t.eval.items() if k != "step"}
+        if accuracy and setup.accuracy is not None:
+            t0 = time.perf_counter()
+            with t.attached(setup) as peft_model:
+                ev.update(setup.accuracy(peft_model))
+            t.eval_time += time.perf_counter() - t0
+        t.evals.append((t.step, ev))

@@ -1,0 +1,114 @@
+"""Shared test helpers: repository paths, toy token sets, and the comparisons the engine tests share.
+
+Usage: ``from toys import GSM8K, PAD, toy_set, assert_same_adapter``
+"""
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import tiny_models
+import torch
+import transformers as T
+from safetensors.torch import load_file
+
+from loraplace.core.config import EvalSpec, TrainSpec
+from loraplace.core.metrics import IGNORE_INDEX
+from loraplace.data.batches import train_batches
+from loraplace.data.tokenize import TokenizedSet
+from loraplace.placement.resolve import resolve
+from loraplace.placement.strategy import Strategy
+from loraplace.train.schedule import total_steps
+from loraplace.train.trial import Setup
+
+REPO = Path(__file__).resolve().parents[1]  # the checkout
+GSM8K = REPO.parent / "shared" / "data" / "gsm8k"  # the shared real data, beside the checkout (may be absent)
+
+PAD = 0
+REL = 1e-4  # fp32: fused and sequential per-step and eval losses agree to this relative tolerance
+# 21 examples in batches of 4: a short last batch each epoch, at a seed-dependent step; 12 steps: two epochs
+SPEC = dict(lr=2e-2, steps=12, batch_size=4, warmup=0.2, schedule="cosine", rank=4, alpha=8, max_grad_norm=0.5)
+
+
+def toy_set(n: int, seed: int = 0, plen: tuple[int, int] = (3, 14)) -> TokenizedSet:
+    """Prompt: random tokens of random length; completion: a token fixed by the prompt, then a fixed tail."""
+    g = torch.Generator().manual_seed(seed)
+    ids, labels = [], []
+    for _ in range(n):
+        k = int(torch.randint(plen[0], plen[1], (1,), generator=g))
+        prompt = torch.randint(3, tiny_models.VOCAB, (k,), generator=g).tolist()
+        completion = [3 + prompt[0] % 4, 9, 10, 2]
+        ids.append(prompt + completion)
+        labels.append([IGNORE_INDEX] * k + completion)
+    return TokenizedSet(input_ids=ids, labels=labels)
+
+
+def setup(model, ts: TokenizedSet, spec: TrainSpec, eval_set: TokenizedSet | None = None, eval_batch: int = 8,
+          prefix_cache_bytes: int | None = None, accuracy=None) -> Setup:
+    """A Setup evaluating on the train set unless ``eval_set`` is given."""
+    return Setup(model, ts, eval_set if eval_set is not None else ts, spec, EvalSpec(batch_size=eval_batch), PAD,
+                 accuracy=accuracy, prefix_cache_bytes=prefix_cache_bytes)
+
+
+def gpt2_without_dropout():
+    """GPT-2 (Conv1D layers) with its own dropouts off: fusable (with them on it runs sequentially)."""
+    torch.manual_seed(0)
+    cfg = T.GPT2Config(n_embd=48, n_layer=2, n_head=4, n_positions=64, resid_pdrop=0.0, embd_pdrop=0.0,
+                       attn_pdrop=0.0, vocab_size=tiny_models.VOCAB, bos_token_id=1, eos_token_id=2, pad_token_id=0)
+    return T.AutoModelForCausalLM.from_config(cfg, dtype=torch.float32)
+
+
+def close(a: float, b: float, rel: float = REL) -> bool:
+    return math.isclose(a, b, rel_tol=rel, abs_tol=1e-6)
+
+
+def assert_same_adapter(seq_dir, fused_dir, rel: float = 1e-3):
+    """Same config and tensors; each tensor within ``rel`` of its largest entry. In fp32 the fused
+    matmuls round differently and AdamW's normalised steps carry that noise into the weights (a few
+    1e-4 of a tensor's scale after 12 steps at lr 2e-2); in float64 the two agree to 1e-15."""
+    assert json.loads((seq_dir / "adapter_config.json").read_text()) == json.loads((fused_dir / "adapter_config.json").read_text())
+    a, b = load_file(seq_dir / "adapter_model.safetensors"), load_file(fused_dir / "adapter_model.safetensors")
+    assert a.keys() == b.keys() and a
+    for k in a:
+        assert a[k].shape == b[k].shape and a[k].dtype == b[k].dtype
+        assert float((a[k] - b[k]).abs().max()) <= rel * float(a[k].abs().max()), k
+
+
+def deep(arch: str, **cfg) -> torch.nn.Module:
+    """A 4-block tiny model (GPT-2 without its dropouts), with ``cfg`` set on its config."""
+    config = gpt2_without_dropout().config if arch == "gpt2" else tiny_models.config(arch)
+    fields = {k: v for k, v in config.to_dict().items() if k not in ("layer_types", "n_layer")}  # per-layer lists follow
+    config = type(config)(**{**fields, "num_hidden_layers": 4, **cfg})
+    assert config.num_hidden_layers == 4
+    torch.manual_seed(0)
+    return T.AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+
+
+def upper(anat):
+    """Trials that all leave blocks 0-1 alone (the group's lowest adapted block is 2; one starts at 3)."""
+    strategies = [(Strategy("top_half", "all", "last:50%"), 0), (Strategy("attn3", "attn", "3"), 1),
+                  (Strategy("ranks", "all", "2-3", rank={"attn": 2, "mlp": 6}), 2), (Strategy("mlp_top", "mlp", "2,3"), 0)]
+    return [resolve(s, anat, rank=4, alpha=8) for s, _ in strategies], [seed for _, seed in strategies]
+
+
+def prefix_runs(model, anat) -> list[bool]:
+    """Counts training forwards that really compute block 0 (a hook on its first linear layer: a
+    bypassed block runs none of its layers)."""
+    first = next(m for m in model.get_submodule(anat.blocks_path)[0].modules() if isinstance(m, (torch.nn.Linear, T.Conv1D)))
+    runs: list[bool] = []
+    first.register_forward_hook(lambda mod, args, out: runs.append(True) if mod.training else None)
+    return runs
+
+
+def steps_with_new_examples(ts, spec, seeds) -> tuple[int, int]:
+    """(steps whose stacked batch holds an example not seen at an earlier step, the last such step)."""
+    steps = total_steps(spec, len(ts))
+    streams = [train_batches(ts, spec.batch_size, s, PAD, steps, index=True) for s in seeds]
+    seen, misses, last = set(), 0, 0
+    for step in range(1, steps + 1):
+        idx = {i for b in (next(g) for g in streams) for i in b["index"].tolist()}
+        if not idx <= seen:
+            misses, last = misses + 1, step
+        seen |= idx
+    return misses, last

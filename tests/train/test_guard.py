@@ -1,0 +1,32 @@
+"""The base-weights guard every engine and the probe run under: a run that changes the shared base stops the study."""
+
+from __future__ import annotations
+
+import pytest
+import tiny_models
+import torch
+
+from loraplace.train.guard import BaseWeightsChanged, base_unchanged
+
+
+def test_guard_passes_an_untouched_base_and_stops_a_changed_one():
+    model = tiny_models.build("llama")
+    with base_unchanged(model, "a harmless run"):
+        model(input_ids=torch.tensor([[1, 5, 7]]))
+    with pytest.raises(BaseWeightsChanged, match="base weights changed during trial x: refusing to continue"):
+        with base_unchanged(model, "trial x"):
+            with torch.no_grad():
+                model.get_input_embeddings().weight[3, 0] += 1.0
+
+
+def test_a_changed_base_wins_over_the_runs_own_error_and_is_never_a_recorded_failure():
+    from loraplace.study.executor import RECORDED
+
+    model = tiny_models.build("llama")
+    with pytest.raises(BaseWeightsChanged) as e:
+        with base_unchanged(model, "trial y"):
+            with torch.no_grad():
+                model.lm_head.weight.mul_(2)
+            raise RuntimeError("the trial failed too")
+    assert isinstance(e.value.__context__, RuntimeError)
+    assert not isinstance(e.value, RECORDED)  # the executor re-raises it instead of storing a failed trial
