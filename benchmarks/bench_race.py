@@ -29,7 +29,6 @@ from loraplace.analysis.study import analyze_store
 from loraplace.core.config import StudyConfig
 from loraplace.core.stats import retained_ratios
 from loraplace.study import race
-from loraplace.study.race import rung_steps
 from loraplace.study.run import run_study
 from loraplace.study.store import DONE, Store
 

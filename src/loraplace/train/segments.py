@@ -37,7 +37,10 @@ def run_to(setup: Setup, trials: list[Trial], until: int, evals_at=(), fused: bo
     if fused:
         cache = "new"
         for target in targets:
-            cache = F.advance(setup, trials, target - min(t.step for t in trials), desc, cache=cache)
+            live = [t for t in trials if t.error is None]
+            if not live:
+                return
+            cache = F.advance(setup, trials, target - min(t.step for t in live), desc, cache=cache)
             if target in evals_at:
                 _evaluate(setup, [t for t in trials if t.step == target and t.error is None], True, rung_accuracy)
         return
