@@ -80,7 +80,7 @@ def test_every_module_is_on_one_side_or_imports_torch():
     torch_side = {"loraplace.model.anatomy", "loraplace.model.loading", "loraplace.data.batches",
                   "loraplace.train.trial", "loraplace.train.loss", "loraplace.train.sequential", "loraplace.train.fused",
                   "loraplace.train.prefix", "loraplace.train.memory", "loraplace.train.guard", "loraplace.train.generate",
-                  "loraplace.train.segments",
+                  "loraplace.train.segments", "loraplace.study.forgetting",
                   "loraplace.study.workspace", "loraplace.study.executor", "loraplace.study.run", "loraplace.study.probe"}
     every = {m.name for m in pkgutil.walk_packages(loraplace.__path__, "loraplace.") if not m.name.endswith("__main__")}
     assert every - listed - torch_side == set(), "place the new module(s) in TORCH_FREE_MODULES or torch_side"

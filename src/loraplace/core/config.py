@@ -136,11 +136,29 @@ class EvalSpec:
     accuracy: bool = False  # generation exact match of the final answer (question/answer data)
     accuracy_limit: int = 50  # eval examples used for accuracy (generation is slow)
     max_new_tokens: int = 200
+    forgetting: bool = True  # measure what the adapter changed about the base model (study/forgetting.py)
+    forgetting_source: str = "base"  # base (text the base model samples) | a data file (loss on every token) | hub:NAME[:CONFIG]
+    forgetting_size: int = 16  # sequences of the forgetting set
+    forgetting_length: int = 64  # tokens per sequence (sampled from the base; a file's longer ones are cut)
+
+    # Measurements on the trained adapter that do not change a trial's other numbers: left out of its identity,
+    # and measured again on a trial's saved adapter when they change (study/forgetting.py).
+    SAME_NUMBERS: ClassVar[tuple[str, ...]] = ("forgetting", "forgetting_source", "forgetting_size", "forgetting_length")
+
+    def identity(self) -> dict:
+        """The evaluation settings that can change a trial's numbers (part of its trial id)."""
+        return {k: v for k, v in dataclasses.asdict(self).items() if k not in self.SAME_NUMBERS}
 
     def check(self) -> None:
         check_positive("eval.batch_size", self.batch_size)
         check_positive("eval.accuracy_limit", self.accuracy_limit)
         check_positive("eval.max_new_tokens", self.max_new_tokens)
+        check_positive("eval.forgetting_size", self.forgetting_size)
+        check_positive("eval.forgetting_length", self.forgetting_length)
+        if self.forgetting_length < 2:
+            raise ConfigError("eval.forgetting_length: must be >= 2 (the first token of a sequence is never predicted)")
+        if not str(self.forgetting_source).strip():
+            raise ConfigError("eval.forgetting_source: empty; give base, a data file, or hub:NAME")
 
 
 PROBE_CRITERIA = ("lora_drop", "grad_norm", "fisher")  # documented in study/probe.py and docs/results.md
@@ -188,9 +206,14 @@ class AnalysisSpec:
     """How the study's trials are compared (changes no trial: only the summary and the report)."""
 
     metric: str = "eval_loss"  # eval_loss | accuracy: the quality measure of retained improvement, Pareto fronts, recommendation
+    max_forgetting: float | None = None  # nats/token: strategies that forget more (mean over seeds) are not recommended
 
     def check(self) -> None:
         check_choice("analysis.metric", self.metric, METRIC_CHOICES)
+        if self.max_forgetting is not None:
+            check_finite("analysis.max_forgetting", self.max_forgetting)
+            if self.max_forgetting < 0:
+                raise ConfigError(f"analysis.max_forgetting: must be >= 0 nats/token, got {self.max_forgetting}")
 
 
 @dataclass
@@ -202,7 +225,7 @@ class RaceSpec:
     at: list[float] = field(default_factory=list)  # racing rungs, fractions of a trial's steps in (0, 1); []: no racing
     record: list[float] = field(default_factory=lambda: [0.25, 0.5])  # rungs evaluated in every study, raced or not
     confidence: float = 0.95  # one-sided level of the upper bound on retained improvement a stop needs
-    slack: float = 0.2  # catch-up allowed for, as retained improvement over a whole run: the bar is threshold - slack x (1 - fraction)
+    slack: float = 0.12  # catch-up allowed for, as retained improvement over a whole run: the bar is threshold - slack x (1 - fraction)
     keep_checkpoints: bool = False  # keep each trial's last checkpoint (checkpoints/) after it finishes or stops
 
     def check(self) -> None:

@@ -47,6 +47,11 @@ METRICS: dict[str, tuple[str, str]] = {
     "fused_trials": ("trials", "size of the fused group the trial trained in"),
     "fused_padding_frac": ("fraction", "padding share of the token slots in the group's stacked batches"),
     "group_train_time_s": ("s", "wall time of the fused group's training loop (all its trials)"),
+    # with eval.forgetting (the default): what the adapter changed about the base model (study/forgetting.py)
+    "forgetting": ("nats/token", "mean NLL of the adapted model on the forgetting set minus the base model's (on text "
+                                 "the base samples: an unbiased estimate of KL(base || adapted) per token); 0 = unchanged"),
+    "forgetting_loss": ("nats/token", "mean NLL of the adapted model on the forgetting set"),
+    "forgetting_time_s": ("s", "wall time of the forgetting pass at the trial's end"),
 }
 
 
@@ -63,6 +68,7 @@ QUALITY = {
     "eval_loss": Quality("eval loss", False, "nats/token"),
     "accuracy": Quality("accuracy", True, "fraction"),
 }
+FORGETTING = Quality("forgetting", False, "nats/token")  # not a decision metric: a second axis, and a filter
 METRIC_CHOICES = tuple(QUALITY)  # the values of analysis.metric
 
 

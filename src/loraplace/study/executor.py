@@ -257,5 +257,10 @@ class _RayWorker:
 
     def run(self, task: TrialTask):
         if self.ws is None:
+            from loraplace.study.forgetting import load
+            from loraplace.study.store import Store
+
             self.ws = Workspace.build(self.cfg)
+            with Store.open(self.cfg.out, create=False) as store:  # the driver built it before any trial started
+                self.ws.forgetting = load(self.cfg, self.ws, store)
         return run_one(self.ws, task)

@@ -121,7 +121,7 @@ def plan_trials(cfg: StudyConfig, placements: dict[str, Placement]) -> list[Tria
                 "model": cfg.model,
                 "data": shared["data"],
                 "train": train,
-                "eval": shared["eval"],
+                "eval": cfg.eval.identity(),
                 "strategy": name,
                 "definition": p.strategy.to_dict(),
                 "ranks": p.modules,

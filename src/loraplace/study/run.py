@@ -29,7 +29,7 @@ from loraplace.core.config import ConfigError, StudyConfig
 from loraplace.data.answers import STOP_RULE
 from loraplace.study import claims
 from loraplace.study.executor import run_tasks
-from loraplace.study import race
+from loraplace.study import forgetting, race
 from loraplace.study.plan import needs_probe, plan_trials, resolve_placements, segment, selected_budget, trial_id
 from loraplace.study.store import DONE, PAUSED, RUNNING, STOPPED, Store, TrialRecord
 from loraplace.study.workspace import Workspace
@@ -124,6 +124,7 @@ def run_study(cfg: StudyConfig, model_and_tokenizer=None) -> list[TrialRecord]:
     claims.requeue_failed(store, [p.trial_id for p in planned])  # a rerun tries failed trials again
     claims.reset_interrupted(store)  # only trials whose process is gone; another live process keeps its own
     zero = zero_shot(cfg, ws, store)
+    ws.forgetting = forgetting.forgetting_set(cfg, ws, store)  # once per study: every trial scores these tokens
 
     env = environment(ws.device)
     total = ws.setup.total_steps
@@ -176,6 +177,7 @@ def run_study(cfg: StudyConfig, model_and_tokenizer=None) -> list[TrialRecord]:
             claims.release(store, heartbeat.held)  # stopped early (an exception, Ctrl-C): the next run takes them
             if tracker is not None:
                 tracker.close()
+    forgetting.backfill(cfg, ws, store, ws.forgetting)  # trials finished under other forgetting settings
     if not cfg.race.keep_checkpoints:
         for p in planned:
             rec = store.get(p.trial_id)
@@ -214,7 +216,8 @@ def _record(cfg: StudyConfig, store: Store, outcome, env: dict, zero: dict) -> N
         return
     result = outcome.result
     rel = str(result.adapter_dir.relative_to(cfg.out)) if result.adapter_dir else None
-    store.mark_done(task.trial_id, result.metrics, result.curve, result.placement, env, rel, result.evals)
+    store.mark_done(task.trial_id, result.metrics, result.curve, result.placement, env, rel, result.evals,
+                    result.measured)
     m = result.metrics
     print(f"{task.desc}: eval loss {m['eval_loss']:.4f} (zero-shot {zero['eval_loss']:.4f}), "
           f"{m['trainable_params']:,} trainable, {m['train_time_s']:.0f} s", file=sys.stderr)

@@ -29,6 +29,7 @@ heartbeat_at      ISO-8601 UTC time the owner last said it is alive, or NULL
 evals_json        [[step, {"eval_loss": ..., ...}], ...]: the rung evaluations (``race.record``, ``race.at``)
 checkpoint_path   relative path of the trial's resumable checkpoint (racing, between rungs), or NULL
 step              optimizer steps the trial has done (its checkpoint's step while paused), or NULL
+measured_json     {"forgetting": key}: what the trial's study-level measurements were made on
 ================  =========================================================================
 
 Which process runs which trial (claims, heartbeats) is ``study.claims``; the CSV and JSON exports are
@@ -59,7 +60,8 @@ UNFINISHED = (PENDING, RUNNING, PAUSED)
 LOCK_WAIT_S = 30.0  # how long any one statement waits for another process's lock before failing
 # Columns added after the first release, in the order they were added: an older study.db gets them on open.
 _ADDED_COLUMNS = (("owner_pid", "INTEGER"), ("owner_host", "TEXT"), ("heartbeat_at", "TEXT"),
-                  ("evals_json", "TEXT NOT NULL DEFAULT '[]'"), ("checkpoint_path", "TEXT"), ("step", "INTEGER"))
+                  ("evals_json", "TEXT NOT NULL DEFAULT '[]'"), ("checkpoint_path", "TEXT"), ("step", "INTEGER"),
+                  ("measured_json", "TEXT NOT NULL DEFAULT '{}'"))
 
 _TRIALS = f"""
 CREATE TABLE IF NOT EXISTS trials (
@@ -82,7 +84,8 @@ CREATE TABLE IF NOT EXISTS trials (
     heartbeat_at TEXT,
     evals_json TEXT NOT NULL DEFAULT '[]',
     checkpoint_path TEXT,
-    step INTEGER
+    step INTEGER,
+    measured_json TEXT NOT NULL DEFAULT '{{}}'
 );
 """
 _SCHEMA = _TRIALS + """
@@ -129,6 +132,7 @@ class TrialRecord:
     evals: list = field(default_factory=list)  # [[step, {metric: value}], ...]: the rung evaluations
     checkpoint_path: str | None = None
     step: int | None = None
+    measured: dict = field(default_factory=dict)  # {"forgetting": key of the set it was measured on}
 
     @property
     def owner(self) -> str:
@@ -242,11 +246,13 @@ class Store:
         env: dict,
         adapter_path: str | None = None,
         evals: list | None = None,
+        measured: dict | None = None,
     ) -> None:
         """A finished trial: its metrics, curve, placement, environment, adapter and rung evaluations."""
         self._exec(
             "UPDATE trials SET status=?, error=NULL, metrics_json=?, curve_json=?, placement_json=?, env_json=?,"
-            " adapter_path=?, evals_json=?, checkpoint_path=NULL, step=?, finished_at=? WHERE trial_id=?",
+            " adapter_path=?, evals_json=?, checkpoint_path=NULL, step=?, measured_json=?, finished_at=?"
+            " WHERE trial_id=?",
             (
                 DONE,
                 json.dumps(metrics, sort_keys=True),
@@ -256,10 +262,26 @@ class Store:
                 adapter_path,
                 _evals_json(evals),
                 metrics.get("steps"),
+                json.dumps(measured or {}, sort_keys=True),
                 now(),
                 trial_id,
             ),
         )
+
+    def update_metrics(self, trial_id: str, metrics: dict, measured: dict) -> None:
+        """Add or replace some of a finished trial's metrics (a measurement made after it finished), in one
+        transaction: the rest of its row is kept."""
+        conn = self.conn
+        conn.execute("BEGIN IMMEDIATE")
+        try:
+            row = conn.execute("SELECT metrics_json, measured_json FROM trials WHERE trial_id=?", (trial_id,)).fetchone()
+            m, w = {**json.loads(row[0]), **metrics}, {**json.loads(row[1] or "{}"), **measured}
+            conn.execute("UPDATE trials SET metrics_json=?, measured_json=? WHERE trial_id=?",
+                         (json.dumps(m, sort_keys=True), json.dumps(w, sort_keys=True), trial_id))
+            conn.execute("COMMIT")
+        except BaseException:
+            conn.execute("ROLLBACK")
+            raise
 
     def mark_paused(self, trial_id: str, step: int, evals: list, checkpoint_path: str, curve: list,
                     metrics: dict, placement: dict) -> None:
@@ -355,6 +377,7 @@ def _record(row: dict) -> TrialRecord:
         evals=json.loads(row.get("evals_json") or "[]"),
         checkpoint_path=row.get("checkpoint_path"),
         step=row.get("step"),
+        measured=json.loads(row.get("measured_json") or "{}"),
     )
 
 

@@ -46,6 +46,7 @@ class Workspace:
     eval_set: TokenizedSet
     eval_examples: list
     device: str
+    forgetting: object | None = None  # study.forgetting.ForgettingSet, set by the study once it has one
 
     @classmethod
     def build(cls, cfg: StudyConfig, model_and_tokenizer=None) -> "Workspace":
@@ -75,7 +76,8 @@ class Workspace:
         """What the engines read; its accuracy callback is None when accuracy is off or no example has an
         answer, so both engines score the same."""
         return Setup(self.model, self.train_set, self.eval_set, self.cfg.train, self.cfg.eval,
-                     self.tokenizer.pad_token_id, self.device, self.accuracy if self.accuracy_examples else None)
+                     self.tokenizer.pad_token_id, self.device, self.accuracy if self.accuracy_examples else None,
+                     self.forgetting)
 
     def placement(self, task: TrialTask) -> Placement:
         """The task's placement on this model, at the ranks the driver resolved."""

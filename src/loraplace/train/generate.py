@@ -109,3 +109,32 @@ def answer_accuracy(model, tokenizer, prompts: list[list[int]], answers: list[st
     bar.close()
     model.train(was_training)
     return {"accuracy": hits / len(prompts), "accuracy_n": len(prompts)}
+
+
+@torch.inference_mode()
+def sample(model, start: list[int], n: int, length: int, seed: int, device="cpu", batch_size: int = 16) -> list[list[int]]:
+    """``n`` sequences of ``length`` tokens drawn from ``model`` at temperature 1, each beginning with ``start``:
+    ancestral sampling, no stopping (a token after an end-of-text token is still drawn from the model given
+    what came before). Draws come from a CPU generator seeded by ``seed``, so the same seed and model give the
+    same sequences on every run."""
+    was_training = model.training
+    model.eval()
+    g = torch.Generator().manual_seed(seed)
+    out: list[list[int]] = []
+    try:
+        for i in range(0, n, batch_size):
+            rows = min(batch_size, n - i)
+            ids = torch.tensor([start] * rows, device=device)
+            seqs = ids.cpu()
+            logits, cache = _forward_last(model, input_ids=ids)
+            for _ in range(length - len(start)):
+                probs = torch.softmax(logits.float(), dim=-1).cpu()
+                nxt = torch.multinomial(probs, 1, generator=g)  # (rows, 1)
+                seqs = torch.cat([seqs, nxt], dim=1)
+                if seqs.shape[1] == length:
+                    break
+                logits, cache = _forward_last(model, input_ids=nxt.to(device), cache=cache)
+            out += seqs.tolist()
+    finally:
+        model.train(was_training)
+    return out

@@ -56,6 +56,7 @@ class TrialResult:
     adapter_dir: Path | None = None
     notes: list[str] = field(default_factory=list)
     evals: list[tuple[int, dict]] = field(default_factory=list)  # (step, figures) at the rungs before the end
+    measured: dict = field(default_factory=dict)  # {"forgetting": key of the set it was measured on}
 
 
 @dataclass(frozen=True)
@@ -70,6 +71,7 @@ class Setup:
     pad_id: int
     device: str = "cpu"
     accuracy: Callable | None = None  # model -> {"accuracy", "accuracy_n"} on fixed examples; None: not measured
+    forgetting: object | None = None  # study.forgetting.ForgettingSet: measure(model) at the end; None: not measured
     prefix_cache_bytes: int | None = None  # cap on the frozen-prefix cache (None: a share of free memory; 0: none)
 
     @property
@@ -225,12 +227,14 @@ class Trial:
             raise TrialError(f"non-finite eval loss ({ev['eval_loss']})")
         ev.pop("step", None)
         saved = None
-        if setup.accuracy is not None or adapter_dir is not None:
+        if setup.accuracy is not None or setup.forgetting is not None or adapter_dir is not None:
             with self.attached(setup) as peft_model:
                 if setup.accuracy is not None:
                     t0 = time.perf_counter()
                     ev.update(setup.accuracy(peft_model))  # accuracy, accuracy_n
                     self.eval_time += time.perf_counter() - t0
+                if setup.forgetting is not None:
+                    ev.update(setup.forgetting.measure(peft_model))  # forgetting, forgetting_loss, forgetting_time_s
                 if adapter_dir is not None:
                     saved = save_adapter(peft_model, adapter_dir)
         stats = train_stats(self.curve, self.tail, self.tokens, self.slots)
@@ -240,6 +244,8 @@ class Trial:
         result = trial_result(self.placement, ev, {**stats, "prefix_cached_blocks": self.prefix_blocks}, self.curve,
                               self.train_time, self.eval_time, self.peak, saved, setup.train.dropout, **extra)
         result.evals = list(self.evals)
+        if setup.forgetting is not None:
+            result.measured = {"forgetting": setup.forgetting.key}
         return result
 
     def record(self, setup: Setup) -> PlacementRecord:

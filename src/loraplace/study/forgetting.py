@@ -1,0 +1,171 @@
+"""Forgetting: how far a trained adapter moved the model away from the base model, in nats per token.
+
+Usage::
+
+    fset = forgetting_set(cfg, ws, store)     # built (or read back) once per study, stored in meta "forgetting"
+    fset.measure(peft_model)                  # {"forgetting": nats/token, "forgetting_loss": ...}
+    backfill(cfg, ws, store, fset)            # done trials measured on another set: their saved adapters again
+
+The forgetting set is ``eval.forgetting_size`` token sequences, and forgetting is the adapted model's mean
+per-token negative log-likelihood on them minus the base model's (every token but each sequence's first):
+
+* ``eval.forgetting_source: base`` (default): the sequences are sampled from the base model itself, at
+  temperature 1, ``eval.forgetting_length`` tokens each, starting from its tokenizer's BOS token (its EOS when it
+  has none), with a fixed seed, once per study, and kept in the study database so every trial, and every resumed
+  or repeated study with the same settings, scores the same tokens. On text sampled from the base model p, the
+  mean of log p(x) - log q(x) per token is an unbiased estimate of KL(p || q) per token for the adapted model q:
+  how far the adapter moved the model from what it was, on what it writes, with no corpus needed. It weighs what
+  the base model is likely to write, not a domain chosen for its importance.
+* a data file (any supported format) or ``hub:NAME[:CONFIG]``: the first ``forgetting_size`` examples as text
+  (prompt and completion together; a conversation's turns joined), the loss on every token, cut at
+  ``forgetting_length`` tokens: the rise in loss on that text from the base model to the adapted one (the
+  definition of PEFT's method comparison), for whoever has a general or in-house corpus.
+
+A trial's forgetting is measured at its end (after racing, on the survivors only), on the adapted model; an
+adapter whose B matrices are all still zero has forgetting exactly 0. It is not part of a trial's identity:
+changing the forgetting settings re-measures the done trials from their saved adapters (``backfill``).
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass
+
+from loraplace.core.config import DataSpec, StudyConfig
+from loraplace.core.identity import digest
+from loraplace.core.metrics import IGNORE_INDEX
+from loraplace.data.sources import load_examples
+from loraplace.data.tokenize import TokenizedSet
+from loraplace.study.store import DONE, Store
+from loraplace.train.generate import sample
+from loraplace.train.loss import evaluate
+
+log = logging.getLogger("loraplace")
+
+SEED = 0  # the sampling seed of the base-model forgetting set: one fixed set per model and settings
+META = "forgetting"
+
+
+@dataclass
+class ForgettingSet:
+    """The sequences every trial of a study is scored on, and the base model's loss on them."""
+
+    key: str  # a hash of the model, the source and the sizes (the sequences follow from them)
+    source: str
+    sequences: list[list[int]]
+    base_loss: float  # nats/token
+    tokens: int  # the tokens the loss averages over
+    batch_size: int
+    pad_id: int
+    device: str
+    sample_time_s: float = 0.0
+
+    @property
+    def tokenized(self) -> TokenizedSet:
+        return TokenizedSet([list(s) for s in self.sequences], [[IGNORE_INDEX] + list(s[1:]) for s in self.sequences])
+
+    def loss(self, model) -> float:
+        return evaluate(model, self.tokenized, self.batch_size, self.pad_id, self.device)["eval_loss"]
+
+    def measure(self, model) -> dict:
+        """{"forgetting", "forgetting_loss", "forgetting_time_s"} of ``model`` (an adapted base)."""
+        t0 = time.perf_counter()
+        loss = self.loss(model)
+        return {"forgetting": loss - self.base_loss, "forgetting_loss": loss,
+                "forgetting_time_s": time.perf_counter() - t0}
+
+
+def key(cfg: StudyConfig) -> str:
+    e = cfg.eval
+    return digest({"model": cfg.model, "source": e.forgetting_source, "size": e.forgetting_size,
+                   "length": e.forgetting_length, "seed": SEED, "dtype": cfg.train.dtype})
+
+
+def forgetting_set(cfg: StudyConfig, ws, store: Store) -> ForgettingSet | None:
+    """The study's forgetting set (``ws``: a ``study.workspace.Workspace``): read back from meta ``forgetting``
+    when its key matches, else built (sampled, or read from the source) and the base model's loss measured and
+    stored. None with ``eval.forgetting: false``."""
+    e = cfg.eval
+    if not e.forgetting:
+        return None
+    stored = load(cfg, ws, store)
+    if stored is not None:
+        return stored
+    k, tok, pad = key(cfg), ws.tokenizer, _pad(ws.tokenizer)
+    t0 = time.perf_counter()
+    if e.forgetting_source == "base":
+        start = tok.bos_token_id if tok.bos_token_id is not None else tok.eos_token_id
+        log.info("forgetting: sampling %d sequences of %d tokens from the base model", e.forgetting_size,
+                 e.forgetting_length)
+        seqs = sample(ws.model, [start], e.forgetting_size, e.forgetting_length, SEED, ws.device, e.batch_size)
+    else:
+        seqs = text_sequences(e.forgetting_source, tok, e.forgetting_size, e.forgetting_length)
+    spent = time.perf_counter() - t0
+    fset = ForgettingSet(k, e.forgetting_source, seqs, 0.0, 0, e.batch_size, pad, ws.device, spent)
+    ev = evaluate(ws.model, fset.tokenized, e.batch_size, pad, ws.device)
+    fset.base_loss, fset.tokens = ev["eval_loss"], ev["eval_tokens"]
+    store.put_meta(META, {"key": k, "source": e.forgetting_source, "size": len(seqs), "length": e.forgetting_length,
+                          "sequences": seqs, "base_loss": fset.base_loss, "tokens": fset.tokens,
+                          "sample_time_s": spent, "seed": SEED})
+    log.info("forgetting: the base model's loss on the set %.4f nats/token (%d tokens, %.1f s to build)",
+             fset.base_loss, fset.tokens, spent)
+    return fset
+
+
+def load(cfg: StudyConfig, ws, store: Store) -> ForgettingSet | None:
+    """The study's stored forgetting set for these settings, or None (off, or not built yet)."""
+    stored = store.get_meta(META)
+    if not cfg.eval.forgetting or not stored or stored.get("key") != key(cfg):
+        return None
+    return ForgettingSet(stored["key"], stored["source"], stored["sequences"], stored["base_loss"], stored["tokens"],
+                         cfg.eval.batch_size, _pad(ws.tokenizer), ws.device, stored.get("sample_time_s", 0.0))
+
+
+def _pad(tokenizer) -> int:
+    return tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+
+
+def text_sequences(source: str, tokenizer, size: int, length: int) -> list[list[int]]:
+    """The first ``size`` examples of a data source as token sequences of at most ``length`` tokens, the text of
+    each example whole (prompt and completion, or a conversation's turns), tokenized as the tokenizer does by
+    default (BOS where it adds one)."""
+    examples = load_examples(DataSpec(source=source))
+    out = []
+    for ex in examples:
+        text = "\n".join(c for _, c in ex.messages) if ex.messages is not None else ex.prompt + ex.completion
+        ids = tokenizer(text)["input_ids"][:length]
+        if len(ids) >= 2:
+            out.append(list(ids))
+        if len(out) == size:
+            break
+    if not out:
+        from loraplace.data.examples import DataError
+
+        raise DataError(f"eval.forgetting_source={source}: no example has 2 tokens or more")
+    return out
+
+
+def backfill(cfg: StudyConfig, ws, store: Store, fset: ForgettingSet | None) -> int:
+    """Measure forgetting on the current set for every done trial of the study that lacks it (a trial finished
+    under other forgetting settings, or before forgetting existed), from its saved adapter. Returns how many."""
+    if fset is None:
+        return 0
+    from peft import PeftModel
+
+    n = 0
+    for t in store.current_trials():
+        if t.status != DONE or t.measured.get("forgetting") == fset.key:
+            continue
+        if not t.adapter_path or not (store.directory / t.adapter_path).is_dir():
+            continue
+        peft_model = PeftModel.from_pretrained(ws.model, store.directory / t.adapter_path)
+        try:
+            m = fset.measure(peft_model)
+        finally:
+            peft_model.unload()
+        store.update_metrics(t.trial_id, m, {"forgetting": fset.key})
+        n += 1
+    if n:
+        log.info("forgetting: measured %d finished trial(s) on the current forgetting set from their adapters", n)
+    return n
