@@ -91,7 +91,7 @@ def full(tmp_path_factory):
 @pytest.fixture(scope="module")
 def raced(full):
     tmp, _ = full
-    return run_study(_cfg(tmp, "raced", race={"at": [0.25, 0.5]}), _model())
+    return run_study(_cfg(tmp, "raced", race={"at": [0.25, 0.5], "slack": 0.2}), _model())
 
 
 def _same_numbers(a, b):
@@ -116,7 +116,7 @@ def test_a_raced_study_stops_the_clearly_worse_and_keeps_the_full_studys_numbers
     checkpoints = tmp / "raced" / "checkpoints"
     assert not checkpoints.exists() or not any(checkpoints.iterdir())  # removed as trials finished or stopped
     # rerunning finds its decisions and changes nothing
-    again = run_study(_cfg(tmp, "raced", race={"at": [0.25, 0.5]}), _model())
+    again = run_study(_cfg(tmp, "raced", race={"at": [0.25, 0.5], "slack": 0.2}), _model())
     assert [(r.status, r.finished_at) for r in again] == [(r.status, r.finished_at) for r in raced]
 
 
@@ -139,7 +139,7 @@ def test_the_report_of_a_raced_and_of_a_full_study(full, raced, capsys):
 
 def test_an_interrupted_race_resumes_from_its_checkpoints_with_the_same_decisions(full, raced, monkeypatch):
     tmp, ref = full
-    cfg = _cfg(tmp, "interrupted", race={"at": [0.25, 0.5]})
+    cfg = _cfg(tmp, "interrupted", race={"at": [0.25, 0.5], "slack": 0.2})
     real, steps = T.Trial.update, []
 
     def counting(self, *a, **k):
@@ -168,7 +168,7 @@ def test_an_interrupted_race_resumes_from_its_checkpoints_with_the_same_decision
 
 def test_a_fused_race_decides_what_a_sequential_race_does(full):
     tmp, ref = full
-    fused = run_study(_cfg(tmp, "fused", race={"at": [0.25, 0.5]}, train={"fuse": 3}), _model())
+    fused = run_study(_cfg(tmp, "fused", race={"at": [0.25, 0.5], "slack": 0.2}, train={"fuse": 3}), _model())
     assert {r.strategy for r in fused if r.status == "stopped"} == {"weak"}
     for r in fused:
         if r.status == "done":
