@@ -13,70 +13,21 @@ from PIL import Image
 from loraplace.analysis.report import write_report
 from loraplace.analysis.study import analyze_store
 from loraplace.analysis.tables import summary_table, summary_text
-from loraplace.core.config import StudyConfig
-from loraplace.placement.record import ModuleSpec, PlacementRecord
-from loraplace.study import claims
 from loraplace.study.store import Store, StoreError
+from fake_study import ACC, PLAN, T975_DF2, ZA, ZS, make_study  # noqa: F401
 
-ZS = 3.0  # zero-shot eval loss, nats/token
-T975_DF2 = 4.302652729911275  # Student t quantile 0.975, 2 degrees of freedom
-NAMES = {"attn.q": "self_attn.q_proj", "attn.v": "self_attn.v_proj", "mlp.up": "mlp.up_proj",
-         "mlp.down": "mlp.down_proj"}
-# strategy -> (roles, blocks, trainable params, eval loss per seed 0..2, train time s)
-PLAN = {
-    "all_linear": (list(NAMES), range(6), 48_000, [2.00, 2.02, 2.04], 30.0),
-    "attention_only": (["attn.q", "attn.v"], range(6), 24_000, [2.01, 2.03, 2.05], 20.0),
-    "top_half": (list(NAMES), range(3, 6), 24_000 // 2, [2.40, 2.45, 2.47], 18.0),
-}
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
-
-
-ZA = 0.20  # zero-shot accuracy on the 50 accuracy examples
-# accuracy per seed 0..2: attention_only keeps the loss but loses accuracy; top_half the reverse
-ACC = {"all_linear": [0.60, 0.62, 0.64], "attention_only": [0.30, 0.32, 0.34], "top_half": [0.62, 0.64, 0.66]}
-
-
-def make_study(path, seeds=(0, 1, 2), zero_shot=True, accuracy=False, metric=None):
-    store = Store.open(path)
-    cfg = StudyConfig(model="tiny-llama", strategies=list(PLAN), seeds=list(seeds))
-    cfg.eval.accuracy = accuracy or metric == "accuracy"
-    if metric:
-        cfg.analysis.metric = metric
-    store.put_study_config(cfg, [f"{name}-{seed}" for seed in seeds for name in PLAN] + ["top_half-9"])
-    if zero_shot:
-        zero = {"eval_loss": ZS, "perplexity": math.exp(ZS), "eval_tokens": 1000}
-        store.put_meta("zero_shot", {**zero, "accuracy": ZA, "accuracy_n": 50} if accuracy else zero)
-    for name, (roles, blocks, params, losses, time_s) in PLAN.items():
-        mods = {f"model.layers.{b}.{NAMES[r]}": ModuleSpec(8, 16.0, r, b) for b in blocks for r in roles}
-        placement = PlacementRecord(name, mods, "llama", 6, params, 1_000_000, dropout=0.05)
-        for seed in seeds:
-            tid = f"{name}-{seed}"
-            store.add_pending(tid, name, seed, {})
-            claims.claim(store, tid)
-            loss = losses[seed]
-            metrics = {"eval_loss": loss, "perplexity": math.exp(loss), "trainable_params": params,
-                       "base_params": 1_000_000, "trainable_pct": params / 1e4, "train_time_s": time_s + seed,
-                       "peak_mem_bytes": (500 + seed) * 2**20, "adapter_bytes": params * 4, "n_modules": len(mods)}
-            if zero_shot:
-                metrics["zero_shot_loss"] = ZS
-            if accuracy:
-                metrics.update(accuracy=ACC[name][seed], accuracy_n=50)
-            curve = [[s, ZS - (ZS - loss) * (1 - math.exp(-s / 5))] for s in range(1, 31)]
-            store.mark_done(tid, metrics, curve, placement, {})
-    store.add_pending("top_half-9", "top_half", 9, {})
-    store.mark_failed("top_half-9", "RuntimeError: out of memory")
-    store.close()
-    return path
 
 
 def test_report_files_and_embedded_figures(tmp_path):
     paths = write_report(make_study(tmp_path))
     assert paths["dir"] == tmp_path / "report"
-    for key in ("markdown", "html", "pareto", "curves", "placement_map", "costs"):
+    figures = ("pareto", "decision", "curves", "placement_map", "costs")
+    for key in ("markdown", "html", "tables", "methods", "methods_tex", *figures):
         assert paths[key].is_file() and paths[key].parent == tmp_path / "report", key
     page = paths["html"].read_text()
     uris = re.findall(r'src="data:image/png;base64,([A-Za-z0-9+/=]+)"', page)
-    assert len(uris) == 4
+    assert len(uris) == len(figures)
     assert all(base64.b64decode(u)[:8] == b"\x89PNG\r\n\x1a\n" for u in uris)
     assert "http://" not in page and "https://" not in page  # nothing fetched from the network
     assert "<script" not in page and "<link" not in page
@@ -90,7 +41,7 @@ def test_report_files_and_embedded_figures(tmp_path):
 
 def test_figures_are_not_blank(tmp_path):
     paths = write_report(make_study(tmp_path))
-    for key in ("pareto", "curves", "placement_map", "costs"):
+    for key in ("pareto", "decision", "curves", "placement_map", "costs"):
         im = Image.open(paths[key]).convert("RGB")
         assert im.width >= 800 and im.height >= 400, key
         colours = im.getcolors(maxcolors=1 << 20)
@@ -212,7 +163,8 @@ def test_accuracy_columns_and_the_metric_decides(tmp_path):
     assert "Use top_half" in md and "![accuracy](accuracy.png)" in md
     assert paths["accuracy"].is_file() and paths["accuracy"].parent == tmp_path / "report"
     page = paths["html"].read_text()
-    assert len(re.findall(r'src="data:image/png;base64,', page)) == 5 and "Δ accuracy vs baseline" in page
+    shown = [k for k, v in paths.items() if str(v).endswith(".png")]
+    assert len(re.findall(r'src="data:image/png;base64,', page)) == len(shown) == 6 and "Δ accuracy vs baseline" in page
     im = Image.open(paths["accuracy"]).convert("RGB")
     colours = im.getcolors(maxcolors=1 << 20)
     assert len(colours) > 20 and max(c for c, rgb in colours if rgb == (255, 255, 255)) < 0.97 * im.width * im.height

@@ -48,14 +48,18 @@ def _evidence(s: StrategyStats, verdict: str, metric: str = "eval_loss") -> str:
         parts.append(delta_text(s.paired, "loss"))
     if s.paired_accuracy is not None:
         parts.append(delta_text(s.paired_accuracy, "accuracy", "{:+.1f}", 100, " pp"))
+    if s.forgetting is not None:
+        parts.append(f"forgetting {interval_text(s.forgetting)} nats/token")
     return "; ".join(parts) + f" -> {verdict}"
 
 
 def recommend(
-    rows: list[StrategyStats], baseline: str, zero_shot: float | None, threshold: float, metric: str = "eval_loss"
+    rows: list[StrategyStats], baseline: str, zero_shot: float | None, threshold: float, metric: str = "eval_loss",
+    max_forgetting: float | None = None,
 ) -> Recommendation:
     """The cheapest strategy whose retained improvement (in ``metric``) is confidently >= threshold
-    (see module doc); zero_shot is the base model's value of ``metric``.
+    (see module doc); zero_shot is the base model's value of ``metric``; with ``max_forgetting`` (nats/token)
+    a strategy whose mean forgetting is above it is not recommended.
 
     rows must be ordered cheapest first."""
     t = pct(threshold)
@@ -92,10 +96,17 @@ def recommend(
     chosen = tentative = None
     for s in rows:
         r = s.retained
-        if s.strategy == baseline:
+        too_much = max_forgetting is not None and s.forgetting is not None and s.forgetting.mean > max_forgetting
+        if s.strategy == baseline and too_much:
+            verdict, meets = (f"the reference, left out: it forgets {s.forgetting.mean:.4f} nats/token, more than "
+                              f"analysis.max_forgetting={max_forgetting}"), False
+        elif s.strategy == baseline:
             verdict, meets = "the reference (retained 100% by definition)", True
         elif s.stopped is not None:
             verdict, meets = f"stopped by racing at step {s.stopped['step']}, so it falls short", False
+        elif too_much:
+            verdict, meets = (f"left out: it forgets {s.forgetting.mean:.4f} nats/token, more than "
+                              f"analysis.max_forgetting={max_forgetting}"), False
         elif r is None:
             why = "no accuracy" if metric == "accuracy" and s.accuracy is None else "no seed shared with the baseline"
             verdict, meets = f"no retained improvement ({why})", None
@@ -116,6 +127,10 @@ def recommend(
             chosen = s
             break
 
+    if not blockers and chosen is None:
+        return Recommendation(False, None, f"Cannot recommend: no strategy keeps at least {t} of {baseline}'s "
+                              f"improvement within analysis.max_forgetting={max_forgetting} nats/token of forgetting.",
+                              evidence)
     if not blockers:
         if chosen.strategy == baseline:
             text = (f"Use {baseline} (the baseline): no cheaper strategy keeps at least {t} of its improvement over "

@@ -12,6 +12,7 @@ hatch across figures, so the figures still read in greyscale. Fonts are >= 10 pt
 from __future__ import annotations
 
 import math
+from contextvars import ContextVar
 from pathlib import Path
 
 import matplotlib
@@ -22,6 +23,7 @@ from matplotlib.ticker import FuncFormatter, LogLocator, NullFormatter
 
 from loraplace.core.stats import pareto_front
 from loraplace.analysis.study import StrategyStats, StudyAnalysis
+from loraplace.core.config import ConfigError
 from loraplace.core.metrics import QUALITY
 from loraplace.core.roles import ROLES  # rows of the block x role map, in data-flow order
 COLOURS = ["#0072B2", "#D55E00", "#009E73", "#CC79A7", "#E69F00", "#56B4E9", "#000000", "#F0E442"]
@@ -32,6 +34,7 @@ DPI = 120
 RC = {
     "font.size": 11, "axes.titlesize": 12, "axes.labelsize": 11, "xtick.labelsize": 10,
     "ytick.labelsize": 10, "legend.fontsize": 10, "figure.titlesize": 13, "hatch.linewidth": 0.8,
+    "pdf.fonttype": 42, "svg.fonttype": "path",  # TrueType fonts embedded in PDFs (what journals ask); SVG text as paths
 }
 MIB = 2**20  # bytes per MiB
 
@@ -57,9 +60,22 @@ def _count(v: float) -> str:
     return f"{v:g}"
 
 
+FORMATS = ("png", "pdf", "svg")  # what --format may ask for; PDF and SVG are vector, their fonts embedded
+_formats: ContextVar[tuple[str, ...]] = ContextVar("formats", default=("png",))  # what draw_all writes now
+
+
 def _save(fig: Figure, path: Path) -> Path:
-    fig.savefig(path, dpi=DPI, facecolor="white")
-    return path
+    """The figure in every format ``draw_all`` asks for, beside each other (``path``'s name, each suffix); returns
+    the PNG (or the first format's) path."""
+    out = []
+    for fmt in _formats.get():
+        target = path.with_suffix(f".{fmt}")
+        fig.savefig(target, dpi=DPI, facecolor="white", format=fmt, metadata=_METADATA.get(fmt))
+        out.append(target)
+    return next((p for p in out if p.suffix == ".png"), out[0])
+
+
+_METADATA = {"pdf": {"Creator": "loraplace", "CreationDate": None}, "svg": {"Date": None}, "png": None}
 
 
 def _quality_panel(ax, a: StudyAnalysis, st: dict, xmetric: str, xlabel: str, logx: bool, quality: str) -> None:
@@ -293,16 +309,108 @@ def probe_heatmap(a: StudyAnalysis, path: Path) -> Path:
         return _save(fig, path)
 
 
-FIGURES = {"pareto": pareto, "accuracy": accuracy, "curves": curves, "placement_map": placement_map, "costs": costs}
+def forgetting(a: StudyAnalysis, path: Path) -> Path:
+    """Improvement over the base model (zero-shot minus eval loss, or accuracy gain) against forgetting, per
+    strategy, with 95% intervals across seeds, and the frontier of strategies no other beats on both (more
+    improvement and less forgetting)."""
+    acc = a.metric == "accuracy"
+    zero = a.zero_shot
+    rows = [s for s in a.strategies if s.stopped is None and s.forgetting is not None and s.metrics.get(a.metric)]
+    st = styles([s.strategy for s in a.strategies])
+    with matplotlib.rc_context(RC):
+        fig = Figure(figsize=(10, 6), layout="constrained")
+        ax = fig.subplots()
+        pts = {}
+        for s in rows:
+            q = s.metrics[a.metric]
+            gain = (q.mean - zero) * (100 if acc else 1) if acc else zero - q.mean
+            x = s.forgetting.mean
+            pts[s.strategy] = (x, gain)
+            ax.errorbar(x, gain, xerr=s.forgetting.half or None, yerr=(q.half * (100 if acc else 1)) if q.half else None,
+                        fmt=st[s.strategy]["marker"], color=st[s.strategy]["color"], ms=9, capsize=4, label=s.strategy,
+                        zorder=3)
+            if s.strategy == a.baseline:
+                ax.plot(x, gain, "o", ms=20, mfc="none", mec="black", mew=1.5, zorder=4, label="baseline (ringed)")
+        front = pareto_front({k: (x, -y) for k, (x, y) in pts.items()})
+        fr = sorted((pts[n] for n in front), key=lambda p: p[0])
+        if len(fr) >= 2:
+            ax.plot([p[0] for p in fr], [p[1] for p in fr], color="black", ls="--", lw=1.2, zorder=2,
+                    label="frontier (no other both learns more and forgets less)")
+        ax.axvline(0, color="dimgray", ls=":", lw=1.2, label="no forgetting (the base model)")
+        ax.set_xlabel("Forgetting (nats/token: adapted minus base loss on the forgetting set)")
+        ax.set_ylabel("Accuracy gain over the base model (points)" if acc else
+                      "Improvement: zero-shot minus eval loss (nats/token)")
+        ax.grid(True, alpha=0.3)
+        ax.legend(loc="best")
+        bars = ", bars = 95% t-interval" if a.min_seeds >= 2 else " (one seed: no interval bars)"
+        ax.set_title("What each strategy learns against what it forgets: mean over seeds" + bars)
+        if not rows or zero is None:
+            ax.text(0.5, 0.5, "forgetting or the zero-shot value not recorded", transform=ax.transAxes, ha="center")
+        return _save(fig, path)
 
 
-def draw_all(a: StudyAnalysis, out_dir: Path) -> dict[str, Path]:
-    """Every figure as out_dir/<name>.png; returns {name: path}. ``accuracy`` only when trials carry accuracy,
-    ``probe`` only when the study has probe scores."""
+def decision(a: StudyAnalysis, path: Path) -> Path:
+    """What the study decided on, per strategy: its paired difference from the baseline (left) and the share of
+    the baseline's improvement it keeps (right), each with its 95% interval across the paired seeds, the
+    threshold drawn in. Paired intervals are far narrower than the per-strategy ones of ``pareto``."""
+    acc = a.metric == "accuracy"
+    rows = [s for s in a.strategies if s.stopped is None and s.strategy != a.baseline]
+    st = styles([s.strategy for s in a.strategies])
+    with matplotlib.rc_context(RC):
+        fig = Figure(figsize=(13, max(4.0, 0.55 * len(rows) + 2.0)), layout="constrained")
+        left, right = fig.subplots(1, 2, sharey=True)
+        ys = list(range(len(rows)))
+        for y, s in zip(ys, rows):
+            p = s.paired_accuracy if acc else s.paired
+            if p is not None:
+                scale = 100 if acc else 1
+                err = None if p.diff.half is None else p.diff.half * scale
+                left.errorbar(p.diff.mean * scale, y, xerr=err, fmt=st[s.strategy]["marker"], color=st[s.strategy]["color"],
+                              ms=9, capsize=4)
+            if s.retained is not None:
+                err = None if s.retained.half is None else 100 * s.retained.half
+                right.errorbar(100 * s.retained.mean, y, xerr=err, fmt=st[s.strategy]["marker"],
+                               color=st[s.strategy]["color"], ms=9, capsize=4)
+        left.axvline(0, color="black", lw=1)
+        right.axvline(100 * a.threshold, color="#D55E00", ls="--", lw=1.5, label=f"threshold {100 * a.threshold:.0f}%")
+        right.axvline(100, color="dimgray", ls=":", lw=1.2, label=f"{a.baseline} (100%)")
+        left.set_yticks(ys, [s.strategy for s in rows])
+        left.invert_yaxis()
+        left.set_xlabel(("Accuracy minus the baseline's (points)" if acc else "Eval loss minus the baseline's (nats/token)")
+                        + ", paired by seed")
+        right.set_xlabel(f"Retained improvement in {QUALITY[a.metric].label} (% of {a.baseline}'s)")
+        left.set_title(f"Paired difference from {a.baseline}" + (" (right: worse)" if not acc else " (right: better)"))
+        right.set_title("Share of the baseline's improvement kept")
+        for ax in (left, right):
+            ax.grid(True, axis="x", alpha=0.3)
+        right.legend(loc="lower right")
+        n = a.min_seeds
+        fig.suptitle("What the recommendation rests on: " + (f"95% t-intervals over {n} paired seeds" if n >= 2 else
+                                                             "one seed, no intervals"))
+        if not rows:
+            left.text(0.5, 0.5, "no strategy besides the baseline", transform=left.transAxes, ha="center")
+        return _save(fig, path)
+
+
+FIGURES = {"pareto": pareto, "decision": decision, "accuracy": accuracy, "forgetting": forgetting, "curves": curves,
+           "placement_map": placement_map, "costs": costs}
+
+
+def draw_all(a: StudyAnalysis, out_dir: Path, formats: tuple[str, ...] = ("png", "pdf")) -> dict[str, Path]:
+    """Every figure as out_dir/<name>.<format> for each of ``formats`` (the same figure saved in each); returns
+    {name: the PNG path (the first format's without PNG)}. ``accuracy`` only when trials carry accuracy,
+    ``forgetting`` when they carry forgetting, ``probe`` only when the study has probe scores."""
+    bad = [f for f in formats if f not in FORMATS]
+    if bad or not formats:
+        raise ConfigError(f"--format: {', '.join(bad) or 'none'} is not a figure format; choose from {', '.join(FORMATS)}")
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    figs = {name: fn(a, out_dir / f"{name}.png") for name, fn in FIGURES.items()
-            if name != "accuracy" or a.has_accuracy}
-    if getattr(a, "probe", None) is not None:  # the study ran a probe (strategy auto)
-        figs["probe"] = probe_heatmap(a, out_dir / "probe.png")
+    token = _formats.set(tuple(formats))
+    try:
+        figs = {name: fn(a, out_dir / f"{name}.png") for name, fn in FIGURES.items()
+                if (name != "accuracy" or a.has_accuracy) and (name != "forgetting" or a.has_forgetting)}
+        if getattr(a, "probe", None) is not None:  # the study ran a probe (strategy auto)
+            figs["probe"] = probe_heatmap(a, out_dir / "probe.png")
+    finally:
+        _formats.reset(token)
     return figs

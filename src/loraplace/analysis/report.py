@@ -36,6 +36,13 @@ CAPTIONS = {
                 "zero-shot accuracy on the same examples. With one seed the bars are 95% Wilson intervals over the "
                 "examples.",
     "curves": "Training loss per optimizer step, mean over the seeds that logged each step.",
+    "decision": "What the recommendation rests on: each strategy's difference from the baseline and the share of the "
+                "baseline's improvement it keeps, both paired by seed, with 95% intervals across the seeds; dashed: the "
+                "threshold. The paired intervals are much narrower than the per-strategy intervals of the Pareto figure, "
+                "because seed-to-seed variation that every strategy shares cancels.",
+    "forgetting": "What each strategy learns (zero-shot minus eval loss, or accuracy gain) against what it forgets "
+                  "(its loss minus the base model's on the forgetting set), 95% intervals across seeds; dashed: the "
+                  "strategies no other beats on both.",
     "placement_map": "Adapted modules per transformer block and role; colour = LoRA rank, white = not adapted.",
     "costs": "Train time, peak memory (CPU: process RSS high-water mark; CUDA: max allocated) and adapter size.",
     "probe": "Probe scores per transformer block and role, mean over probe seeds; colour = the module's percentile "
@@ -58,6 +65,14 @@ def _context(a: StudyAnalysis) -> list[tuple[str, str]]:
         za = "not recorded" if a.zero_shot_accuracy is None else (
             f"{100 * a.zero_shot_accuracy:.1f}%" + (f" of {n} examples" if n else ""))
         ctx.append(("Zero-shot accuracy", za))
+    f = a.forgetting_info
+    if f:
+        on = "text sampled from the base model" if f.get("source") == "base" else str(f.get("source"))
+        ctx.append(("Forgetting set", f"{on}: {f.get('size')} sequences of up to {f.get('length')} tokens, "
+                                      f"{f.get('tokens', 0):,} scored tokens; base model loss {f.get('base_loss', 0):.4f} "
+                                      "nats/token"))
+    if a.least_forgetting:
+        ctx.append(("Forgets least", a.least_forgetting))
     return ctx + [
             (f"Pareto frontier (params, {QUALITY[a.metric].label})", ", ".join(a.pareto_params) or "—"),
             (f"Pareto frontier (train time, {QUALITY[a.metric].label})", ", ".join(a.pareto_time) or "—")]
@@ -162,23 +177,32 @@ def render_html(a: StudyAnalysis, figs: dict[str, Path]) -> str:
     return "\n".join(out) + "\n"
 
 
-def write_report(study_dir: str | Path, threshold: float | None = None, metric: str | None = None) -> dict[str, Path]:
-    """Analyse the study in study_dir and write STUDY_DIR/report/{report.md, report.html, *.png}.
+def write_report(study_dir: str | Path, threshold: float | None = None, metric: str | None = None,
+                 formats: tuple[str, ...] = ("png", "pdf")) -> dict[str, Path]:
+    """Analyse the study in study_dir and write STUDY_DIR/report/: report.md, report.html, tables.tex (booktabs),
+    methods.md and methods.tex (the methods paragraph), and every figure in each of ``formats`` (PNG always:
+    the Markdown and HTML show it).
 
     threshold: retained-improvement share for the recommendation; None = the study config's
     (default 0.95). metric: eval_loss or accuracy; None = the study's analysis.metric. Returns
-    {"dir", "markdown", "html", "pareto", ["accuracy",] "curves", "placement_map", "costs"}, plus "probe" when the study
-    has probe scores.
+    {"dir", "markdown", "html", "tables", "methods", "methods_tex", figure name: its PNG path, ...}.
     Raises store.StoreError when study_dir has no study database, config.ConfigError when
     metric=accuracy and no finished trial has an accuracy."""
+    from loraplace.analysis import figures  # matplotlib loads only when figures are drawn
+    from loraplace.analysis.latex import tables_tex
+    from loraplace.analysis.methods import methods
+
     study_dir = Path(study_dir)
     with Store.open(study_dir, create=False) as store:
         a = analyze_store(store, threshold, metric)
+        methods_md, methods_tex = methods(a, store)
     out = study_dir / REPORT_DIR
-    from loraplace.analysis import figures  # matplotlib loads only when figures are drawn
-
-    figs = figures.draw_all(a, out)
-    md, page = out / "report.md", out / "report.html"
-    md.write_text(render_markdown(a, figs), encoding="utf-8")
-    page.write_text(render_html(a, figs), encoding="utf-8")
-    return {"dir": out, "markdown": md, "html": page, **figs}
+    figs = figures.draw_all(a, out, tuple(dict.fromkeys(("png", *formats))))
+    paths = {"dir": out, "markdown": out / "report.md", "html": out / "report.html", "tables": out / "tables.tex",
+             "methods": out / "methods.md", "methods_tex": out / "methods.tex"}
+    paths["markdown"].write_text(render_markdown(a, figs), encoding="utf-8")
+    paths["html"].write_text(render_html(a, figs), encoding="utf-8")
+    paths["tables"].write_text(tables_tex(a), encoding="utf-8")
+    paths["methods"].write_text(methods_md, encoding="utf-8")
+    paths["methods_tex"].write_text(methods_tex, encoding="utf-8")
+    return {**paths, **figs}

@@ -17,9 +17,10 @@ Pareto fronts are over (trainable_params, quality) and (train_time_s, quality), 
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 from loraplace.analysis.decision import Recommendation, recommend
+from loraplace.analysis.text import delta_text, interval_text, pct
 from loraplace.core.stats import (Interval, Paired, mean_curve, paired_comparison, pareto_front,
                                       retained_improvement, t_interval, wilson_interval)
 from loraplace.analysis.verdict import ProbeVerdict, probe_verdict
@@ -42,6 +43,7 @@ class StrategyStats:
     retained: Interval | None = None  # in the analysis metric; None without zero-shot value, baseline or common seeds
     paired_accuracy: Paired | None = None  # accuracy, strategy minus baseline; None as for paired or without accuracy
     stopped: dict | None = None  # stopped by racing: {"step", "reason"}; its metrics are then those at that rung
+    paired_forgetting: Paired | None = None  # forgetting, strategy minus baseline, paired by seed
 
     @property
     def eval_loss(self) -> Interval:
@@ -50,6 +52,10 @@ class StrategyStats:
     @property
     def accuracy(self) -> Interval | None:
         return self.metrics.get("accuracy")
+
+    @property
+    def forgetting(self) -> Interval | None:
+        return self.metrics.get("forgetting")
 
     def wilson(self) -> tuple[float, float] | None:
         """95% Wilson interval of the accuracy from accuracy_n examples; only with one seed (else None)."""
@@ -88,9 +94,16 @@ class StudyAnalysis:
     zero_shot_accuracy: float | None = None  # the base model's accuracy on the trials' accuracy examples
     zero_shot_accuracy_n: int | None = None  # how many examples that accuracy is over
 
+    forgetting_info: dict | None = None  # meta "forgetting" less its sequences: source, base_loss, tokens, key
+    least_forgetting: str | None = None  # the sentence naming the placement that forgets least among those that keep
+
     @property
     def has_accuracy(self) -> bool:
         return any(s.accuracy is not None for s in self.strategies)
+
+    @property
+    def has_forgetting(self) -> bool:
+        return any(s.forgetting is not None for s in self.strategies if s.stopped is None)
 
     @property
     def zero_shot(self) -> float | None:
@@ -117,6 +130,7 @@ def analyze(
     order: list[str] | None = None,
     metric: str = "eval_loss",
     zero_shot_accuracy: float | None = None,
+    max_forgetting: float | None = None,
 ) -> StudyAnalysis:
     """Statistics, fronts and recommendation for a study's trials.
 
@@ -152,6 +166,8 @@ def analyze(
     losses = {s: {seed: float(t.metrics["eval_loss"]) for seed, t in ts.items()} for s, ts in by_strategy.items()}
     accs = {s: {seed: float(t.metrics["accuracy"]) for seed, t in ts.items() if "accuracy" in t.metrics}
             for s, ts in by_strategy.items()}
+    forgets = {s: {seed: float(t.metrics["forgetting"]) for seed, t in ts.items() if "forgetting" in t.metrics}
+               for s, ts in by_strategy.items()}
     base_losses, base_accs = losses.get(baseline, {}), accs.get(baseline, {})
     quality = accs if metric == "accuracy" else losses
     base_quality = quality.get(baseline, {})
@@ -177,6 +193,8 @@ def analyze(
             st.paired_accuracy = paired_comparison(accs[name], base_accs)
         if zero_quality is not None and base_quality and quality[name]:
             st.retained = retained_improvement(quality[name], base_quality, zero_quality, QUALITY[metric].higher_is_better)
+        if name != baseline and forgets.get(baseline) and forgets.get(name):
+            st.paired_forgetting = paired_comparison(forgets[name], forgets[baseline])
         rows.append(st)
     single = sorted(s.strategy for s in rows if len(s.seeds) == 1)
     if single:
@@ -192,9 +210,31 @@ def analyze(
     finished = [s for s in rows if s.stopped is None]  # a stopped strategy's numbers are a rung's, not final
     front_p = pareto_front({s.strategy: (s.mean("trainable_params"), sign * s.mean(metric)) for s in finished})
     front_t = pareto_front({s.strategy: (s.mean("train_time_s"), sign * s.mean(metric)) for s in finished})
-    rec = recommend(rows, baseline, zero_quality, threshold, metric)
-    return StudyAnalysis(baseline, threshold, zero_shot_loss, rows, front_p, front_t, rec, failed, unfinished, notes,
-                         metric=metric, zero_shot_accuracy=zero_shot_accuracy)
+    rec = recommend(rows, baseline, zero_quality, threshold, metric, max_forgetting)
+    a = StudyAnalysis(baseline, threshold, zero_shot_loss, rows, front_p, front_t, rec, failed, unfinished, notes,
+                      metric=metric, zero_shot_accuracy=zero_shot_accuracy)
+    a.least_forgetting = least_forgetting(a)
+    return a
+
+
+def least_forgetting(a: StudyAnalysis) -> str | None:
+    """The sentence naming the placement that forgets least among those that keep the threshold's share of the
+    baseline's improvement (its whole retained-improvement interval at or above it; the baseline keeps all of it)."""
+    keep = [s for s in a.strategies if s.stopped is None and s.forgetting is not None
+            and (s.strategy == a.baseline or (s.retained is not None and s.retained.lo is not None
+                                              and s.retained.lo >= a.threshold))]
+    if not keep:
+        return None
+    best = min(keep, key=lambda s: s.forgetting.mean)
+    others = [s for s in keep if s is not best]
+    text = (f"Of the strategies that keep at least {pct(a.threshold)} of {a.baseline}'s improvement "
+            f"({', '.join(s.strategy for s in keep)}), {best.strategy} forgets least: {interval_text(best.forgetting)} "
+            "nats/token")
+    if best.strategy != a.baseline and best.paired_forgetting is not None:
+        text += f" ({delta_text(best.paired_forgetting, 'forgetting')})"
+    if not others:
+        text += "; it is the only one"
+    return text + "."
 
 
 def _stopped(trials: list[TrialRecord], finished: set[str]) -> list[StrategyStats]:
@@ -236,9 +276,16 @@ def analyze_store(store, threshold: float | None = None, metric: str | None = No
         stale = (f"The stored zero-shot accuracy is over {zero.get('accuracy_n')} examples but the trials' over "
                  f"{', '.join(map(str, sorted(ns)))}; it is not used (rerun `loraplace study` to measure it again).")
         zero_acc = None
+    forgetting = store.get_meta("forgetting")
+    if forgetting:  # forgetting measured on another set (other settings) is not comparable: left out
+        trials = [t if t.measured.get("forgetting") == forgetting["key"] else
+                  replace(t, metrics={k: v for k, v in t.metrics.items() if not k.startswith("forgetting")})
+                  for t in trials]
     a = analyze(trials, cfg.baseline, zero.get("eval_loss"), cfg.threshold if threshold is None else float(threshold),
                 order=cfg.strategies, metric=cfg.analysis.metric if metric is None else metric,
-                zero_shot_accuracy=zero_acc)
+                zero_shot_accuracy=zero_acc, max_forgetting=cfg.analysis.max_forgetting)
+    if forgetting:
+        a.forgetting_info = {k: v for k, v in forgetting.items() if k != "sequences"}
     a.config = cfg
     a.zero_shot_accuracy_n = zero.get("accuracy_n") if zero_acc is not None else None
     if stale:

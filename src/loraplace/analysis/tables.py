@@ -43,6 +43,8 @@ def results_table(a: StudyAnalysis) -> tuple[list[str], list[list[str]]]:
     headers = ["Strategy", "Seeds", "Trainable params (% of base)", "Eval loss (nats/tok)", "Perplexity",
                "Δ loss vs baseline"]
     headers += ["Accuracy", "Δ accuracy vs baseline"] if acc else []
+    forgets = a.has_forgetting
+    headers += ["Forgetting (nats/tok)", "Δ forgetting vs baseline"] if forgets else []
     headers += [f"Retained improvement ({QUALITY[a.metric].label})", "Train time (s)", "Peak memory (MiB)"]
     rows = []
     for s in a.strategies:
@@ -56,6 +58,7 @@ def results_table(a: StudyAnalysis) -> tuple[list[str], list[list[str]]]:
                        f" ({s.mean('trainable_pct'):.3f}%)" if "trainable_pct" in s.metrics else ""),
                    f"stopped at step {s.stopped['step']} ({rung} there)", NONE, NONE]
             row += [NONE, NONE] if acc else []
+            row += [NONE, NONE] if forgets else []
             row += ["stopped", interval_cell(s.metrics.get("train_time_s"), "{:.1f}"),
                     interval_cell(s.metrics.get("peak_mem_bytes"), "{:.0f}", MIB)]
             rows.append(row)
@@ -72,6 +75,8 @@ def results_table(a: StudyAnalysis) -> tuple[list[str], list[list[str]]]:
         if acc:
             row += [accuracy_cell(s.accuracy, s.wilson()),
                     "(baseline)" if baseline else paired_cell(s.paired_accuracy, "{:+.1f}", 100, " pp")]
+        if forgets:
+            row += [interval_cell(s.forgetting, "{:.4f}"), "(baseline)" if baseline else paired_cell(s.paired_forgetting)]
         row += [
             retained_cell(s.retained, baseline),
             interval_cell(s.metrics.get("train_time_s"), "{:.1f}"),
@@ -99,6 +104,13 @@ def table_notes(a: StudyAnalysis) -> list[str]:
                      "points, paired by seed, strategy minus baseline (positive = better). With one seed, [lo, hi] "
                      "is the 95% Wilson interval over the examples: how far the number could move on other "
                      "examples of the task.")
+    if a.has_forgetting:
+        info = a.forgetting_info or {}
+        on = ("text sampled from the base model (an estimate of KL(base || adapted) per token)"
+              if info.get("source", "base") == "base" else f"{info.get('source')} (the rise in loss on that text)")
+        notes.append(f"Forgetting: the adapted model's mean loss per token minus the base model's, on {on}"
+                     + (f", {info['tokens']:,} tokens, the same for every trial" if info.get("tokens") else "")
+                     + "; 0 = unchanged. Δ forgetting: paired by seed, strategy minus baseline (positive = forgets more).")
     if a.zero_shot is None:
         what = "accuracy" if a.metric == "accuracy" else "loss"
         notes.append(f"No zero-shot {what} was recorded, so retained improvement is not available.")
@@ -117,6 +129,8 @@ def summary_text(a: StudyAnalysis) -> str:
               "Pareto frontier" + ("; accuracy [lo, hi]: 95% Wilson interval (one seed)" if a.has_accuracy else ""))
     parts = [summary_table(a), legend, "", f"Decided on: {metric_text(a)}",
              "Recommendation: " + a.recommendation.text]
+    if a.least_forgetting:
+        parts.append("Forgetting: " + a.least_forgetting)
     if a.verdict is not None:
         parts.append("Probe verdict: " + a.verdict.text)
     if a.racing is not None:

@@ -225,15 +225,16 @@ def cmd_status(args) -> int:
     rows, gone = [], 0
     for t in trials:
         m = t.metrics
-        rows.append([t.strategy, str(t.seed), t.status, f"{m['eval_loss']:.4f}" if "eval_loss" in m else "",
+        rows.append([t.strategy, str(t.seed), t.status, "" if t.step is None else str(t.step),
+                     f"{m['eval_loss']:.4f}" if "eval_loss" in m else "",
                      f"{m['train_time_s']:.0f} s" if "train_time_s" in m else "", t.trial_id, _holder(t),
                      (t.error or "")[:70]])
         gone += claim_is_dead(t)
     if not rows:
         print(f"{args.study_dir}: no trials yet")
         return 0
-    print(text_table(["strategy", "seed", "status", "eval loss", "train time", "trial", "held by", "error"], rows,
-                     {1, 3, 4}))
+    print(text_table(["strategy", "seed", "status", "step", "eval loss", "train time", "trial", "held by", "error"], rows,
+                     {1, 3, 4, 5}))
     counts = {s: sum(t.status == s for t in trials) for s in (DONE, STOPPED, FAILED, RUNNING, PAUSED, PENDING)}
     assert set(counts) == set(STATUSES)
     print("\n" + ", ".join(f"{n} {s}" for s, n in counts.items() if n))
@@ -258,7 +259,8 @@ def _holder(t) -> str:
 def cmd_report(args) -> int:
     from loraplace.analysis.report import write_report
 
-    paths = write_report(args.study_dir, threshold=args.threshold, metric=args.metric)
+    formats = tuple(f.strip().lower() for f in args.format.split(",") if f.strip())
+    paths = write_report(args.study_dir, threshold=args.threshold, metric=args.metric, formats=formats)
     from loraplace.study.tracking import log_report  # imports MLflow only if the study is tracked
 
     log_report(args.study_dir, paths)

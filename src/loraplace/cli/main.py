@@ -56,12 +56,14 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--json", action="store_true", help="all trials as JSON")
     s.set_defaults(func=C.cmd_status)
 
-    s = sub.add_parser("report", help="write report.md, report.html and figures for a study")
+    s = sub.add_parser("report", help="write report.md, report.html, tables.tex, methods and figures for a study")
     s.add_argument("study_dir")
     s.add_argument("--threshold", type=float, default=None, help="retained improvement needed for a recommendation (default: the study's, 0.95)")
     s.add_argument("--metric", choices=list(METRIC_CHOICES), default=None,
                    help="quality measure of retained improvement, frontier and recommendation (default: the study's "
                         "analysis.metric, eval_loss)")
+    s.add_argument("--format", default="png,pdf", help="figure formats, comma-separated: png, pdf, svg (default: png,pdf; "
+                                                       "PNG is always written, the report pages show it)")
     s.set_defaults(func=C.cmd_report)
 
     s = sub.add_parser("export", help="print a strategy's placement as a config for another tool")

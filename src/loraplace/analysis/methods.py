@@ -1,0 +1,100 @@
+"""A methods paragraph written from the study's database: model, data, placements, training, evaluation, statistics.
+
+Usage::
+
+    md, tex = methods(a, store)      # a: analysis.study.StudyAnalysis of the open ``store``
+
+Every number is read from the store (the stored config, the ``anatomy``, ``data``, ``zero_shot`` and
+``forgetting`` meta, the trials' placements and environment) or from the analysis built from it, so the
+paragraph, the tables and the report cannot disagree. The Markdown and the LaTeX say the same.
+"""
+
+from __future__ import annotations
+
+from loraplace.analysis.latex import escape
+from loraplace.analysis.study import StudyAnalysis
+from loraplace.placement.resolve import BUDGET_TOLERANCE
+from loraplace.study.store import DONE
+
+
+def _ranks(s) -> str:
+    if s.placement is None or not s.placement.modules:
+        return "?"
+    ranks = sorted({m.rank for m in s.placement.modules.values()})
+    return f"rank {ranks[0]}" if len(ranks) == 1 else f"ranks {ranks[0]}-{ranks[-1]}"
+
+
+def sentences(a: StudyAnalysis, store) -> list[str]:
+    """The paragraph as plain sentences (Markdown inline code marks names)."""
+    cfg = a.config
+    anat, data = store.get_meta("anatomy") or {}, store.get_meta("data") or {}
+    zero, forget = store.get_meta("zero_shot") or {}, store.get_meta("forgetting")
+    done = [t for t in store.current_trials() if t.status == DONE]
+    env = done[0].env if done else {}
+    t, e = cfg.train, cfg.eval
+    out = []
+    size = f"{anat['base_params']:,} parameters, {anat['n_blocks']} transformer blocks" if anat else "its parameters"
+    out.append(f"We fine-tuned `{cfg.model}` ({anat.get('model_type', '?')}, {size}) with LoRA adapters placed by "
+               f"{len(a.strategies)} strategies and compared them under identical data, steps and hyperparameters.")
+    if cfg.data.eval_source:
+        split = (f"evaluated on the fixed file `{cfg.data.eval_source}` ({data.get('eval_examples', '?')} examples"
+                 + (f", its first {cfg.data.eval_limit}" if cfg.data.eval_limit else "") + ")")
+    else:
+        split = (f"evaluated on {data.get('eval_examples', '?')} examples held out from it by a split seeded with "
+                 f"{cfg.data.split_seed}")
+    out.append(f"Training data: `{cfg.data.source}`, {data.get('train_examples', '?')} examples "
+               f"(at most {cfg.data.max_length} tokens each), {split}; {data.get('eval_tokens', '?'):,} evaluation "
+               "target tokens." if isinstance(data.get("eval_tokens"), int) else
+               f"Training data: `{cfg.data.source}`, {split}.")
+    placed = "; ".join(f"`{s.strategy}` ({s.mean('trainable_params'):,.0f} trainable parameters, "
+                       f"{len(s.placement.modules) if s.placement else '?'} modules, {_ranks(s)})"
+                       for s in a.strategies)
+    budget = (f" Every strategy's ranks were scaled by one factor to match the budget `{cfg.budget}` within "
+              f"{100 * BUDGET_TOLERANCE:.0f}%." if cfg.budget else "")
+    out.append(f"Placements: {placed}.{budget}")
+    length = f"{t.epochs:g} epochs" if t.epochs is not None else f"{t.steps} optimizer steps"
+    warm = f"{t.warmup:g} of the steps" if t.warmup < 1 else f"{t.warmup:g} steps"
+    out.append(f"Each trial trained for {length} of {t.batch_size} examples with AdamW (peak learning rate {t.lr:g}, "
+               f"{t.schedule} decay after a linear warm-up over {warm}, weight decay {t.weight_decay:g}, gradient "
+               f"clipping at {t.max_grad_norm:g}), LoRA alpha {t.alpha:g} (scale alpha/r), LoRA dropout "
+               f"{t.dropout:g}, in {t.dtype} on {env.get('gpu') or env.get('device', '?')}; the loss was the token-"
+               "weighted next-token cross-entropy on completion tokens only.")
+    out.append(f"Every strategy ran with {len(cfg.seeds)} seed{'s' if len(cfg.seeds) != 1 else ''} "
+               f"({', '.join(map(str, cfg.seeds))}); a seed fixes the data order and the adapter initialisation.")
+    ev = [f"the token-weighted evaluation loss (the base model's: {zero['eval_loss']:.4f} nats/token)"
+          if "eval_loss" in zero else "the token-weighted evaluation loss"]
+    if e.accuracy and "accuracy" in zero:
+        ev.append(f"exact-match accuracy of greedy generations on {zero.get('accuracy_n', '?')} examples (the base "
+                  f"model's: {100 * zero['accuracy']:.1f}%)")
+    if forget:
+        on = ("text sampled from the base model (an estimate of KL(base || adapted) per token)"
+              if forget["source"] == "base" else f"`{forget['source']}`")
+        ev.append(f"forgetting, the adapted model's loss minus the base model's on {forget['tokens']:,} tokens of {on}")
+    out.append("We measured " + ", ".join(ev) + ".")
+    out.append(f"Intervals are two-sided 95% Student-t intervals across seeds; differences from the baseline "
+               f"`{a.baseline}` are paired by seed (paired t-test). Retained improvement is the share of the "
+               f"baseline's improvement over the base model in {a.metric.replace('_', ' ')}, per seed; the recommended "
+               f"strategy is the cheapest whose whole interval of it is at least {100 * a.threshold:.0f}%.")
+    if cfg.race.at:
+        out.append(f"Trials raced: at {', '.join(f'{100 * f:.0f}%' for f in cfg.race.at)} of the steps, strategies whose "
+                   f"upper {100 * cfg.race.confidence:.0f}% bound of retained improvement was below the threshold less "
+                   f"{cfg.race.slack:g} x the remaining share of the steps were stopped.")
+    sw = ", ".join(f"{k} {env[k]}" for k in ("loraplace", "torch", "transformers", "peft") if k in env)
+    if sw:
+        out.append(f"Software: {sw}; Python {env.get('python', '?')} on {env.get('platform', '?')} "
+                   f"({env.get('torch_threads', '?')} torch threads).")
+    return out
+
+
+def methods(a: StudyAnalysis, store) -> tuple[str, str]:
+    """(Markdown, LaTeX) of the methods paragraph."""
+    text = sentences(a, store)
+    md = "# Methods\n\n" + " ".join(text) + "\n"
+    tex = " ".join(_tex(s) for s in text)
+    return md, "% Written by loraplace report from the study's database.\n" + tex + "\n"
+
+
+def _tex(sentence: str) -> str:
+    """Markdown inline code as \\texttt, the rest escaped."""
+    parts = sentence.split("`")
+    return "".join(f"\\texttt{{{escape(p)}}}" if i % 2 else escape(p) for i, p in enumerate(parts))
