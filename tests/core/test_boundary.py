@@ -23,7 +23,7 @@ TORCH_FREE_MODULES = (
     "loraplace.data", "loraplace.data.examples", "loraplace.data.sources", "loraplace.data.builtin",
     "loraplace.data.tokenize", "loraplace.data.answers",
     "loraplace.train", "loraplace.train.schedule",
-    "loraplace.study", "loraplace.study.plan", "loraplace.study.store", "loraplace.study.claims",
+    "loraplace.study", "loraplace.study.plan", "loraplace.study.store", "loraplace.study.schema", "loraplace.study.claims",
     "loraplace.study.results", "loraplace.study.probe_scores", "loraplace.study.tracking", "loraplace.study.race",
 )
 BLOCKED = ("torch", "transformers", "peft", "accelerate")

@@ -1,9 +1,9 @@
-"""PNG figures of a study analysis, drawn headless (matplotlib Agg, no pyplot, no display).
+"""The figures of a study analysis (PNG, and PDF/SVG on request), drawn headless (matplotlib Agg, no pyplot).
 
 Usage::
 
     from loraplace.analysis.figures import draw_all
-    paths = draw_all(analysis, out_dir)    # {"pareto": Path, ["accuracy": ...,] "curves": ..., "placement_map": ..., "costs": ...}
+    paths = draw_all(analysis, out_dir, ("png", "pdf"))    # {"pareto": Path, "decision": ..., "curves": ..., ...}
 
 Every strategy keeps one colour (Okabe-Ito, colour-blind safe), one marker, one line style and one
 hatch across figures, so the figures still read in greyscale. Fonts are >= 10 pt.
@@ -12,7 +12,6 @@ hatch across figures, so the figures still read in greyscale. Fonts are >= 10 pt
 from __future__ import annotations
 
 import math
-from contextvars import ContextVar
 from pathlib import Path
 
 import matplotlib
@@ -21,62 +20,12 @@ from matplotlib.colors import Normalize
 from matplotlib.figure import Figure
 from matplotlib.ticker import FuncFormatter, LogLocator, NullFormatter
 
-from loraplace.core.stats import pareto_front
-from loraplace.analysis.study import StrategyStats, StudyAnalysis
-from loraplace.core.config import ConfigError
+from loraplace.analysis.decision_figures import decision, forgetting
+from loraplace.analysis.study import StudyAnalysis
+from loraplace.analysis.style import MIB, RC, count, half_width, save, saving_as, styles
 from loraplace.core.metrics import QUALITY
 from loraplace.core.roles import ROLES  # rows of the block x role map, in data-flow order
-COLOURS = ["#0072B2", "#D55E00", "#009E73", "#CC79A7", "#E69F00", "#56B4E9", "#000000", "#F0E442"]
-MARKERS = ["o", "s", "^", "D", "v", "P", "X", "*"]
-LINESTYLES = ["-", "--", "-.", ":", (0, (5, 1, 1, 1, 1, 1)), (0, (1, 1)), (0, (8, 2)), (0, (3, 1, 1, 1))]
-HATCHES = ["", "//", "\\\\", "xx", "..", "++", "oo", "--"]
-DPI = 120
-RC = {
-    "font.size": 11, "axes.titlesize": 12, "axes.labelsize": 11, "xtick.labelsize": 10,
-    "ytick.labelsize": 10, "legend.fontsize": 10, "figure.titlesize": 13, "hatch.linewidth": 0.8,
-    "pdf.fonttype": 42, "svg.fonttype": "path",  # TrueType fonts embedded in PDFs (what journals ask); SVG text as paths
-}
-MIB = 2**20  # bytes per MiB
-
-
-def styles(names: list[str]) -> dict[str, dict]:
-    """Per-strategy colour, marker, line style and hatch, in the given order."""
-    return {
-        n: {"color": COLOURS[i % 8], "marker": MARKERS[i % 8], "ls": LINESTYLES[i % 8], "hatch": HATCHES[i % 8]}
-        for i, n in enumerate(names)
-    }
-
-
-def _err(s: StrategyStats, metric: str, scale: float = 1.0) -> float:
-    iv = s.metrics.get(metric)
-    return 0.0 if iv is None or iv.half is None else iv.half / scale
-
-
-def _count(v: float) -> str:
-    """1500000 -> '1.5M', 400000 -> '400k'."""
-    for unit, div in (("G", 1e9), ("M", 1e6), ("k", 1e3)):
-        if abs(v) >= div:
-            return f"{v / div:g}{unit}"
-    return f"{v:g}"
-
-
-FORMATS = ("png", "pdf", "svg")  # what --format may ask for; PDF and SVG are vector, their fonts embedded
-_formats: ContextVar[tuple[str, ...]] = ContextVar("formats", default=("png",))  # what draw_all writes now
-
-
-def _save(fig: Figure, path: Path) -> Path:
-    """The figure in every format ``draw_all`` asks for, beside each other (``path``'s name, each suffix); returns
-    the PNG (or the first format's) path."""
-    out = []
-    for fmt in _formats.get():
-        target = path.with_suffix(f".{fmt}")
-        fig.savefig(target, dpi=DPI, facecolor="white", format=fmt, metadata=_METADATA.get(fmt))
-        out.append(target)
-    return next((p for p in out if p.suffix == ".png"), out[0])
-
-
-_METADATA = {"pdf": {"Creator": "loraplace", "CreationDate": None}, "svg": {"Date": None}, "png": None}
-
+from loraplace.core.stats import pareto_front
 
 def _quality_panel(ax, a: StudyAnalysis, st: dict, xmetric: str, xlabel: str, logx: bool, quality: str) -> None:
     """One quality-vs-cost panel: means, interval bars, the Pareto frontier of this pair, references.
@@ -98,7 +47,7 @@ def _quality_panel(ax, a: StudyAnalysis, st: dict, xmetric: str, xlabel: str, lo
         if yerr is None and acc and s.wilson() is not None:
             lo, hi = s.wilson()
             yerr = [[y - lo * scale], [hi * scale - y]]  # asymmetric
-        xerr = None if logx else (_err(s, xmetric) or None)
+        xerr = None if logx else (half_width(s, xmetric) or None)
         stopped = s.stopped is not None
         label = s.strategy + (f" (stopped at step {s.stopped['step']}: its value there)" if stopped else "")
         ax.errorbar(x, y, yerr=yerr, xerr=xerr, fmt=st[s.strategy]["marker"], color=st[s.strategy]["color"],
@@ -120,7 +69,7 @@ def _quality_panel(ax, a: StudyAnalysis, st: dict, xmetric: str, xlabel: str, lo
     if logx and pts:
         ax.set_xscale("log")
         ax.xaxis.set_major_locator(LogLocator(subs=(1.0, 2.0, 5.0)))
-        ax.xaxis.set_major_formatter(FuncFormatter(lambda v, _: _count(v)))
+        ax.xaxis.set_major_formatter(FuncFormatter(lambda v, _: count(v)))
         ax.xaxis.set_minor_formatter(NullFormatter())
     ax.set_xlabel(xlabel)
     ax.set_ylabel("Accuracy (% of examples)" if acc else "Eval loss (nats/token)")
@@ -149,7 +98,7 @@ def _quality_figure(a: StudyAnalysis, path: Path, quality: str, title: str) -> P
         else:
             bars = " (one seed: no interval bars)"
         fig.suptitle(title + ": mean over seeds" + bars)
-        return _save(fig, path)
+        return save(fig, path)
 
 
 def pareto(a: StudyAnalysis, path: Path) -> Path:
@@ -194,7 +143,7 @@ def curves(a: StudyAnalysis, path: Path) -> Path:
             ax.legend(loc="upper right")
         else:
             ax.text(0.5, 0.5, "no training curves recorded", transform=ax.transAxes, ha="center")
-        return _save(fig, path)
+        return save(fig, path)
 
 
 def placement_map(a: StudyAnalysis, path: Path) -> Path:
@@ -210,7 +159,7 @@ def placement_map(a: StudyAnalysis, path: Path) -> Path:
         fig = Figure(figsize=(12, height), layout="constrained")
         if not rows:
             fig.text(0.5, 0.5, "no placements recorded", ha="center")
-            return _save(fig, path)
+            return save(fig, path)
         axes = fig.subplots(len(rows), 1, squeeze=False, sharex=True)[:, 0]
         cmap = matplotlib.colormaps["viridis_r"].with_extremes(bad="white")  # NaN = not adapted
         norm = Normalize(vmin=0, vmax=max_rank)
@@ -235,7 +184,7 @@ def placement_map(a: StudyAnalysis, path: Path) -> Path:
         fig.colorbar(mesh, ax=list(axes), label="LoRA rank (white = not adapted)", location="right",
                      fraction=0.025, aspect=25, shrink=min(1.0, 0.4 + 0.6 / len(rows)))
         fig.suptitle("What each strategy adapts")
-        return _save(fig, path)
+        return save(fig, path)
 
 
 def costs(a: StudyAnalysis, path: Path) -> Path:
@@ -253,7 +202,7 @@ def costs(a: StudyAnalysis, path: Path) -> Path:
                 ax.text(0.5, 0.5, f"{metric} not recorded", transform=ax.transAxes, ha="center")
             for s in have:
                 i = names.index(s.strategy)
-                err = _err(s, metric, scale) or None
+                err = half_width(s, metric, scale) or None
                 ax.bar(i, s.mean(metric) / scale, yerr=err, capsize=5, color=st[s.strategy]["color"],
                        hatch=st[s.strategy]["hatch"], edgecolor="black", linewidth=0.8)
             ax.set_xticks(range(len(names)), names, rotation=30, ha="right")
@@ -261,7 +210,7 @@ def costs(a: StudyAnalysis, path: Path) -> Path:
             ax.set_title(label.split(" (")[0])
             ax.grid(True, axis="y", alpha=0.3)
         fig.suptitle("Cost per strategy: mean over seeds" + (", whiskers = 95% t-interval" if a.min_seeds >= 2 else ""))
-        return _save(fig, path)
+        return save(fig, path)
 
 
 def probe_heatmap(a: StudyAnalysis, path: Path) -> Path:
@@ -306,90 +255,7 @@ def probe_heatmap(a: StudyAnalysis, path: Path) -> Path:
         axes[-1].set_xlabel("Transformer block (0 = nearest the embeddings)")
         fig.colorbar(mesh, ax=list(axes), label="percentile rank of the score (1 = highest)", location="right", fraction=0.025, aspect=25)
         fig.suptitle(f"Probe scores per module, mean over probe seeds {', '.join(map(str, probe.seeds))}")
-        return _save(fig, path)
-
-
-def forgetting(a: StudyAnalysis, path: Path) -> Path:
-    """Improvement over the base model (zero-shot minus eval loss, or accuracy gain) against forgetting, per
-    strategy, with 95% intervals across seeds, and the frontier of strategies no other beats on both (more
-    improvement and less forgetting)."""
-    acc = a.metric == "accuracy"
-    zero = a.zero_shot
-    rows = [s for s in a.strategies if s.stopped is None and s.forgetting is not None and s.metrics.get(a.metric)]
-    st = styles([s.strategy for s in a.strategies])
-    with matplotlib.rc_context(RC):
-        fig = Figure(figsize=(10, 6), layout="constrained")
-        ax = fig.subplots()
-        pts = {}
-        for s in rows:
-            q = s.metrics[a.metric]
-            gain = (q.mean - zero) * (100 if acc else 1) if acc else zero - q.mean
-            x = s.forgetting.mean
-            pts[s.strategy] = (x, gain)
-            ax.errorbar(x, gain, xerr=s.forgetting.half or None, yerr=(q.half * (100 if acc else 1)) if q.half else None,
-                        fmt=st[s.strategy]["marker"], color=st[s.strategy]["color"], ms=9, capsize=4, label=s.strategy,
-                        zorder=3)
-            if s.strategy == a.baseline:
-                ax.plot(x, gain, "o", ms=20, mfc="none", mec="black", mew=1.5, zorder=4, label="baseline (ringed)")
-        front = pareto_front({k: (x, -y) for k, (x, y) in pts.items()})
-        fr = sorted((pts[n] for n in front), key=lambda p: p[0])
-        if len(fr) >= 2:
-            ax.plot([p[0] for p in fr], [p[1] for p in fr], color="black", ls="--", lw=1.2, zorder=2,
-                    label="frontier (no other both learns more and forgets less)")
-        ax.axvline(0, color="dimgray", ls=":", lw=1.2, label="no forgetting (the base model)")
-        ax.set_xlabel("Forgetting (nats/token: adapted minus base loss on the forgetting set)")
-        ax.set_ylabel("Accuracy gain over the base model (points)" if acc else
-                      "Improvement: zero-shot minus eval loss (nats/token)")
-        ax.grid(True, alpha=0.3)
-        ax.legend(loc="best")
-        bars = ", bars = 95% t-interval" if a.min_seeds >= 2 else " (one seed: no interval bars)"
-        ax.set_title("What each strategy learns against what it forgets: mean over seeds" + bars)
-        if not rows or zero is None:
-            ax.text(0.5, 0.5, "forgetting or the zero-shot value not recorded", transform=ax.transAxes, ha="center")
-        return _save(fig, path)
-
-
-def decision(a: StudyAnalysis, path: Path) -> Path:
-    """What the study decided on, per strategy: its paired difference from the baseline (left) and the share of
-    the baseline's improvement it keeps (right), each with its 95% interval across the paired seeds, the
-    threshold drawn in. Paired intervals are far narrower than the per-strategy ones of ``pareto``."""
-    acc = a.metric == "accuracy"
-    rows = [s for s in a.strategies if s.stopped is None and s.strategy != a.baseline]
-    st = styles([s.strategy for s in a.strategies])
-    with matplotlib.rc_context(RC):
-        fig = Figure(figsize=(13, max(4.0, 0.55 * len(rows) + 2.0)), layout="constrained")
-        left, right = fig.subplots(1, 2, sharey=True)
-        ys = list(range(len(rows)))
-        for y, s in zip(ys, rows):
-            p = s.paired_accuracy if acc else s.paired
-            if p is not None:
-                scale = 100 if acc else 1
-                err = None if p.diff.half is None else p.diff.half * scale
-                left.errorbar(p.diff.mean * scale, y, xerr=err, fmt=st[s.strategy]["marker"], color=st[s.strategy]["color"],
-                              ms=9, capsize=4)
-            if s.retained is not None:
-                err = None if s.retained.half is None else 100 * s.retained.half
-                right.errorbar(100 * s.retained.mean, y, xerr=err, fmt=st[s.strategy]["marker"],
-                               color=st[s.strategy]["color"], ms=9, capsize=4)
-        left.axvline(0, color="black", lw=1)
-        right.axvline(100 * a.threshold, color="#D55E00", ls="--", lw=1.5, label=f"threshold {100 * a.threshold:.0f}%")
-        right.axvline(100, color="dimgray", ls=":", lw=1.2, label=f"{a.baseline} (100%)")
-        left.set_yticks(ys, [s.strategy for s in rows])
-        left.invert_yaxis()
-        left.set_xlabel(("Accuracy minus the baseline's (points)" if acc else "Eval loss minus the baseline's (nats/token)")
-                        + ", paired by seed")
-        right.set_xlabel(f"Retained improvement in {QUALITY[a.metric].label} (% of {a.baseline}'s)")
-        left.set_title(f"Paired difference from {a.baseline}" + (" (right: worse)" if not acc else " (right: better)"))
-        right.set_title("Share of the baseline's improvement kept")
-        for ax in (left, right):
-            ax.grid(True, axis="x", alpha=0.3)
-        right.legend(loc="lower right")
-        n = a.min_seeds
-        fig.suptitle("What the recommendation rests on: " + (f"95% t-intervals over {n} paired seeds" if n >= 2 else
-                                                             "one seed, no intervals"))
-        if not rows:
-            left.text(0.5, 0.5, "no strategy besides the baseline", transform=left.transAxes, ha="center")
-        return _save(fig, path)
+        return save(fig, path)
 
 
 FIGURES = {"pareto": pareto, "decision": decision, "accuracy": accuracy, "forgetting": forgetting, "curves": curves,
@@ -400,17 +266,11 @@ def draw_all(a: StudyAnalysis, out_dir: Path, formats: tuple[str, ...] = ("png",
     """Every figure as out_dir/<name>.<format> for each of ``formats`` (the same figure saved in each); returns
     {name: the PNG path (the first format's without PNG)}. ``accuracy`` only when trials carry accuracy,
     ``forgetting`` when they carry forgetting, ``probe`` only when the study has probe scores."""
-    bad = [f for f in formats if f not in FORMATS]
-    if bad or not formats:
-        raise ConfigError(f"--format: {', '.join(bad) or 'none'} is not a figure format; choose from {', '.join(FORMATS)}")
     out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    token = _formats.set(tuple(formats))
-    try:
+    with saving_as(formats):
+        out_dir.mkdir(parents=True, exist_ok=True)
         figs = {name: fn(a, out_dir / f"{name}.png") for name, fn in FIGURES.items()
                 if (name != "accuracy" or a.has_accuracy) and (name != "forgetting" or a.has_forgetting)}
         if getattr(a, "probe", None) is not None:  # the study ran a probe (strategy auto)
             figs["probe"] = probe_heatmap(a, out_dir / "probe.png")
-    finally:
-        _formats.reset(token)
     return figs
