@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import shutil
 import time
 from pathlib import Path
 
@@ -99,10 +100,17 @@ def main() -> None:
     p.add_argument("--out", default="studies/bench-race", help="parent directory of the two studies")
     p.add_argument("--race", default="0.25,0.5", help="race.at of the raced study")
     p.add_argument("--json", default=None, help="write the results here")
+    p.add_argument("--reuse-full", action="store_true",
+                   help="keep OUT/NAME-full as it is (a finished full study: racing settings change no trial of it) and "
+                        "race into a fresh OUT/NAME-raced; the full study's wall_s is then null")
     p.add_argument("overrides", nargs="*", help="key=value overrides for both studies")
     args = p.parse_args()
     full_out, raced_out = f"{args.out}/{args.name}-full", f"{args.out}/{args.name}-raced"
-    _, full_wall = _run(args.config, [*args.overrides, f"out={full_out}"])
+    if args.reuse_full:
+        shutil.rmtree(raced_out, ignore_errors=True)
+        full_wall = None
+    else:
+        _, full_wall = _run(args.config, [*args.overrides, f"out={full_out}"])
     _, raced_wall = _run(args.config, [*args.overrides, f"out={raced_out}", f"race.at=[{args.race}]"])
     full, raced = _summary(full_out), _summary(raced_out)
     same = all(raced["final_eval_loss"][k] == v for k, v in full["final_eval_loss"].items() if k in raced["final_eval_loss"])

@@ -78,7 +78,7 @@ def sentences(a: StudyAnalysis, store) -> list[str]:
     if cfg.race.at:
         out.append(f"Trials raced: at {', '.join(f'{100 * f:.0f}%' for f in cfg.race.at)} of the steps, strategies whose "
                    f"upper {100 * cfg.race.confidence:.0f}% bound of retained improvement was below the threshold less "
-                   f"{cfg.race.slack:g} x the remaining share of the steps were stopped.")
+                   f"{cfg.race.slack:g} x the square of the remaining share of the steps were stopped.")
     sw = ", ".join(f"{k} {env[k]}" for k in ("loraplace", "torch", "transformers", "peft") if k in env)
     if sw:
         out.append(f"Software: {sw}; Python {env.get('python', '?')} on {env.get('platform', '?')} "

@@ -225,7 +225,7 @@ class RaceSpec:
     at: list[float] = field(default_factory=list)  # racing rungs, fractions of a trial's steps in (0, 1); []: no racing
     record: list[float] = field(default_factory=lambda: [0.25, 0.5])  # rungs evaluated in every study, raced or not
     confidence: float = 0.95  # one-sided level of the upper bound on retained improvement a stop needs
-    slack: float = 0.12  # catch-up allowed for, as retained improvement over a whole run: the bar is threshold - slack x (1 - fraction)
+    slack: float = 0.3  # catch-up allowed for (retained improvement): the bar is threshold - slack x (1 - fraction)^2
     keep_checkpoints: bool = False  # keep each trial's last checkpoint (checkpoints/) after it finishes or stops
 
     def check(self) -> None:

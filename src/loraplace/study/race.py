@@ -10,10 +10,12 @@ The study's answer is the cheapest strategy whose retained improvement over the 
 (``core.stats.retained_ratios``: (zero-shot - metric) / (zero-shot - baseline's metric), paired by
 seed) clears ``threshold`` with its whole interval. A strategy is stopped at a rung only when, at that rung,
 the one-sided upper ``race.confidence`` bound of its retained improvement across seeds (Student t over the
-paired seeds) is below ``threshold - race.slack * (1 - fraction)``: it is then far below what a
-recommendation needs, with room left for the catch-up that training's remaining share could bring (a
-strategy that learns more slowly at first, e.g. a low-rank or top-block one, gains on the baseline later:
-``race.slack`` is the largest such gain allowed for, over the whole run, BENCHMARKS.md measures it). Never
+paired seeds) is below ``threshold - allowance(race.slack, fraction)``, the allowance being
+``race.slack * (1 - fraction)**2``: the bound is then far below what a recommendation needs, with room left for
+the catch-up that training's remaining share could bring (a strategy that learns more slowly at first, e.g. a
+low-rank or top-block one, gains on the baseline later). The allowance falls with the square of the remaining
+share because the measured catch-up does (BENCHMARKS.md#racing: up to 16 points from a quarter of the steps,
+6 from half, as the curves flatten under the decaying learning rate). Never
 stopped: the baseline; a strategy with fewer than 2 seeds paired with the baseline (one seed's noise is not
 evidence); any strategy while the baseline has not improved on the base model in every seed at the rung
 (retained improvement is then undefined). The learning-rate schedule is the whole run's, so a survivor's
@@ -59,12 +61,18 @@ class Decision:
                    dict(d.get("kept", {})), dict(d.get("retained", {})))
 
 
+def allowance(slack: float, fraction: float) -> float:
+    """The catch-up allowed for at a rung ``fraction`` of the way through training, as retained improvement
+    (a share of the baseline's): ``slack`` scaled by the square of the remaining share of the steps."""
+    return slack * (1.0 - fraction) ** 2
+
+
 def decide(values: dict[str, dict[int, float]], baseline: str, zero_shot: float | None, threshold: float, spec,
            fraction: float, step: int, metric: str = "eval_loss") -> Decision:
     """The decision at one rung. ``values``: strategy -> {seed: the rung's value of ``metric``} for the strategies
     still racing (the baseline among them); ``spec``: the study's ``RaceSpec``; ``zero_shot``: the base model's
     value of ``metric``."""
-    bar = threshold - spec.slack * (1.0 - fraction)
+    bar = threshold - allowance(spec.slack, fraction)
     d = Decision(step, fraction, bar)
     label = QUALITY[metric].label
     base = values.get(baseline, {})
