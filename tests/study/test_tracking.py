@@ -79,6 +79,15 @@ def test_trials_are_mlflow_runs_that_match_the_store(model_dir, tmp_path, capsys
     run_study(cfg)
     assert sorted(_trial_runs(client, out)[1]) == sorted(runs)
 
+    # other forgetting settings measure the finished trials again from their adapters: their runs follow the store
+    again = run_study(_cfg(model_dir, out, eval={"forgetting_size": 3, "forgetting_length": 8}))
+    now = _trial_runs(client, out)[1]
+    assert sorted(now) == sorted(runs)  # the same runs, updated, not new ones
+    for rec, old in zip(again, records):
+        assert rec.metrics["forgetting"] != old.metrics["forgetting"]
+        assert now[rec.trial_id].data.metrics["forgetting"] == pytest.approx(rec.metrics["forgetting"])
+        assert now[rec.trial_id].data.tags["loraplace.forgetting_set"] == rec.measured["forgetting"]
+
     # the report's figures land on the study's parent run
     assert main(["report", str(out)]) == 0
     capsys.readouterr()

@@ -146,14 +146,14 @@ def text_sequences(source: str, tokenizer, size: int, length: int) -> list[list[
     return out
 
 
-def backfill(cfg: StudyConfig, ws, store: Store, fset: ForgettingSet | None) -> int:
+def backfill(cfg: StudyConfig, ws, store: Store, fset: ForgettingSet | None) -> list[str]:
     """Measure forgetting on the current set for every done trial of the study that lacks it (a trial finished
-    under other forgetting settings, or before forgetting existed), from its saved adapter. Returns how many."""
+    under other forgetting settings, or before forgetting existed), from its saved adapter. Returns their ids."""
     if fset is None:
-        return 0
+        return []
     from peft import PeftModel
 
-    n = 0
+    ids = []
     for t in store.current_trials():
         if t.status != DONE or t.measured.get("forgetting") == fset.key:
             continue
@@ -165,7 +165,7 @@ def backfill(cfg: StudyConfig, ws, store: Store, fset: ForgettingSet | None) -> 
         finally:
             peft_model.unload()
         store.update_metrics(t.trial_id, m, {"forgetting": fset.key})
-        n += 1
-    if n:
-        log.info("forgetting: measured %d finished trial(s) on the current forgetting set from their adapters", n)
-    return n
+        ids.append(t.trial_id)
+    if ids:
+        log.info("forgetting: measured %d finished trial(s) on the current forgetting set from their adapters", len(ids))
+    return ids

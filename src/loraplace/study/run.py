@@ -173,11 +173,13 @@ def run_study(cfg: StudyConfig, model_and_tokenizer=None) -> list[TrialRecord]:
                     rec = store.get(p.trial_id)
                     if rec.status == STOPPED:
                         tracker.log_trial(rec)
+            for tid in forgetting.backfill(cfg, ws, store, ws.forgetting):  # finished under other settings
+                if tracker is not None:
+                    tracker.remeasured(store.get(tid))
         finally:
             claims.release(store, heartbeat.held)  # stopped early (an exception, Ctrl-C): the next run takes them
             if tracker is not None:
                 tracker.close()
-    forgetting.backfill(cfg, ws, store, ws.forgetting)  # trials finished under other forgetting settings
     if not cfg.race.keep_checkpoints:
         for p in planned:
             rec = store.get(p.trial_id)

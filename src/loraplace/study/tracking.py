@@ -167,6 +167,24 @@ class MlflowTracker:
             self.client.log_artifact(rid, str(self.study_dir / rec.adapter_path / "adapter_config.json"), "adapter")
         self.client.set_terminated(rid, status={DONE: "FINISHED", STOPPED: "KILLED"}.get(rec.status, "FAILED"))
 
+    def remeasured(self, rec: TrialRecord) -> None:
+        """A logged trial's forgetting was measured again (other ``eval.forgetting*`` settings, from its saved
+        adapter): its run gets the new values as the metrics' latest, the earlier ones stay in their history."""
+        from mlflow.entities import Metric
+
+        try:
+            runs = self.client.search_runs(
+                [self.experiment_id], filter_string=f"tags.`{TRIAL_TAG}` = '{rec.trial_id}' and tags.`loraplace.status` = "
+                                                    f"'{rec.status}'", max_results=1)
+            if not runs:
+                return self.log_trial(rec)
+            rid, now = runs[0].info.run_id, int(time.time() * 1000)
+            metrics = [Metric(k, v, now, 0) for k, v in numeric(rec.metrics).items() if k.startswith("forgetting")]
+            self.client.log_batch(rid, metrics=metrics)
+            self.client.set_tag(rid, "loraplace.forgetting_set", rec.measured.get("forgetting", ""))
+        except Exception as e:  # never fail a study over its mirror
+            log.warning("tracking: could not update trial %s in MLflow at %s: %s", rec.trial_id, self.uri, first_line(e))
+
     def close(self) -> None:
         """The study's run in this process is over: the parent run shows as finished."""
         try:
@@ -210,6 +228,10 @@ class WandbTracker:
             run.finish(exit_code=0 if rec.status == DONE else 1)
         except Exception as e:
             log.warning("tracking: could not log trial %s to W&B: %s", rec.trial_id, first_line(e))
+
+    def remeasured(self, rec: TrialRecord) -> None:
+        log.warning("tracking: trial %s's forgetting was measured again; its finished W&B run keeps the first value "
+                    "(the study's database and report have the new one)", rec.trial_id)
 
     def close(self) -> None:
         pass
