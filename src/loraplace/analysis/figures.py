@@ -176,7 +176,8 @@ def placement_map(a: StudyAnalysis, path: Path) -> Path:
             n_mod = len(s.placement.modules)
             params = s.mean("trainable_params")
             ptxt = f", {params:,.0f} params" if not math.isnan(params) else ""
-            ax.set_title(f"{s.strategy}: {n_mod} modules{ptxt}", loc="left")
+            vtxt = f", {s.placement.variant}" if s.placement is not None and s.placement.variant != "lora" else ""
+            ax.set_title(f"{s.strategy}: {n_mod} modules{ptxt}{vtxt}", loc="left")
             ax.set_ylabel("Role")
         step = max(1, n_blocks // 15)
         axes[-1].set_xticks([b + 0.5 for b in range(0, n_blocks, step)], [str(b) for b in range(0, n_blocks, step)])

@@ -21,7 +21,9 @@ def _ranks(s) -> str:
     if s.placement is None or not s.placement.modules:
         return "?"
     ranks = sorted({m.rank for m in s.placement.modules.values()})
-    return f"rank {ranks[0]}" if len(ranks) == 1 else f"ranks {ranks[0]}-{ranks[-1]}"
+    text = f"rank {ranks[0]}" if len(ranks) == 1 else f"ranks {ranks[0]}-{ranks[-1]}"
+    variant = {"dora": "DoRA", "rslora": "rsLoRA (scale alpha/sqrt(r))"}.get(s.placement.variant)
+    return f"{text}, {variant}" if variant else text
 
 
 def sentences(a: StudyAnalysis, store) -> list[str]:

@@ -19,6 +19,8 @@ in one line, what the tool cannot express:
   same module short names; otherwise full module names (axolotl hands ``lora_target_modules`` to
   PEFT's ``target_modules``, which accepts full names). One ``lora_r``/``lora_alpha``: ranks must be uniform.
 * llamafactory: ``lora_target`` short names applied to every block, uniform rank.
+* The variant: ``use_dora`` / ``use_rslora`` (peft, LLaMA-Factory), ``peft_use_dora`` / ``peft_use_rslora``
+  (axolotl), ``use_dora`` (torchtune, which has no rsLoRA switch).
 * torchtune: ``lora_attn_modules`` / ``apply_lora_to_mlp`` mapped from roles (Llama-family roles
   only, all blocks, uniform rank; the MLP's three projections together or not at all, and at least
   one attention projection, since its builders reject an empty ``lora_attn_modules``).
@@ -61,6 +63,15 @@ def export(placement: PlacementRecord, fmt: str) -> str:
 # -- helpers ---------------------------------------------------------------------------------------
 def _short(name: str) -> str:
     return name.rsplit(".", 1)[-1]
+
+
+def _variant(placement: PlacementRecord, keys: dict[str, str], tool: str) -> dict:
+    """The tool's switch for the placement's variant ({} for plain LoRA); ExportError where it has none."""
+    if placement.variant == "lora":
+        return {}
+    if placement.variant not in keys:
+        raise ExportError(f"{tool} has no switch for {placement.variant} (export to peft, which has use_dora/use_rslora)")
+    return {keys[placement.variant]: True}
 
 
 def _dropout(placement: PlacementRecord, key: str) -> dict:
@@ -148,7 +159,8 @@ def _axolotl(placement: PlacementRecord) -> str:
     r, alpha = _uniform(placement, "axolotl")
     sets = _block_sets(placement, "short")
     blocks = sorted(sets)
-    config = {"adapter": "lora", "lora_r": r, "lora_alpha": alpha, **_dropout(placement, "lora_dropout")}
+    config = {"adapter": "lora", "lora_r": r, "lora_alpha": alpha, **_dropout(placement, "lora_dropout"),
+              **_variant(placement, {"dora": "peft_use_dora", "rslora": "peft_use_rslora"}, "axolotl")}
     if all(s == sets[blocks[0]] for s in sets.values()):
         shorts, blocks, all_blocks = _blocks_shape(placement, "short", "axolotl", need_all_blocks=False)
         config["lora_target_modules"] = shorts
@@ -163,7 +175,8 @@ def _llamafactory(placement: PlacementRecord) -> str:
     r, alpha = _uniform(placement, "LLaMA-Factory")
     shorts, _, _ = _blocks_shape(placement, "short", "LLaMA-Factory lora_target", need_all_blocks=True)
     config = {"finetuning_type": "lora", "lora_target": ",".join(shorts), "lora_rank": r,
-              "lora_alpha": alpha, **_dropout(placement, "lora_dropout")}
+              "lora_alpha": alpha, **_dropout(placement, "lora_dropout"),
+              **_variant(placement, {"dora": "use_dora", "rslora": "use_rslora"}, "LLaMA-Factory")}
     return _header(placement, "LLaMA-Factory") + _yaml(config)
 
 
@@ -188,6 +201,7 @@ def _torchtune(placement: PlacementRecord) -> str:
     r, alpha = _uniform(placement, "torchtune")
     model = {"lora_attn_modules": attn,
              "apply_lora_to_mlp": bool(mlp), "apply_lora_to_output": False,
-             "lora_rank": r, "lora_alpha": alpha, **_dropout(placement, "lora_dropout")}
+             "lora_rank": r, "lora_alpha": alpha, **_dropout(placement, "lora_dropout"),
+             **_variant(placement, {"dora": "use_dora"}, "torchtune")}
     note = "# merge into the recipe's model: section (keep its _component_ builder)\n"
     return _header(placement, "torchtune") + note + _yaml({"model": model})

@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 
 from loraplace.core.identity import plain
 from loraplace.core.roles import role_rank
-from loraplace.placement.strategy import PlacementError
+from loraplace.placement.strategy import VARIANTS, PlacementError
 
 
 @dataclass(frozen=True)
@@ -39,11 +39,12 @@ class PlacementRecord:
     modules: dict[str, ModuleSpec]  # full module name -> spec, sorted by name
     model_type: str = ""
     n_blocks: int | None = None
-    trainable_params: int | None = None  # sum of r * (in + out)
+    trainable_params: int | None = None  # sum of r * (in + out), plus out per module under DoRA
     base_params: int | None = None  # base model, adapters excluded, tied weights once
     definition: dict = field(default_factory=dict)  # the strategy as defined (roles, blocks, rank, description)
     dropout: float | None = None  # LoRA dropout used in training
     fan_in_fan_out: bool = False  # GPT-2 style Conv1D layers store weights as (in, out)
+    variant: str = "lora"  # lora | dora | rslora (placement.strategy.VARIANTS): how each adapter learns
 
     @property
     def rank(self) -> int:
@@ -71,6 +72,7 @@ class PlacementRecord:
             "base_params": self.base_params,
             "dropout": self.dropout,
             "fan_in_fan_out": self.fan_in_fan_out,
+            "variant": self.variant,
         }
 
     @classmethod
@@ -88,6 +90,7 @@ class PlacementRecord:
             n_blocks=data.get("n_blocks"), trainable_params=data.get("trainable_params"),
             base_params=data.get("base_params"), definition=dict(data.get("definition") or {}),
             dropout=None if dropout is None else float(dropout), fan_in_fan_out=bool(data.get("fan_in_fan_out", False)),
+            variant=str(data.get("variant") or "lora"),
         )
 
     def lora_kwargs(self) -> dict:
@@ -107,6 +110,9 @@ class PlacementRecord:
             kw["lora_dropout"] = self.dropout
         if self.fan_in_fan_out:
             kw["fan_in_fan_out"] = True
+        if self.variant not in VARIANTS:
+            raise PlacementError(f"stored placement of {self.strategy!r} has an unknown variant {self.variant!r}")
+        kw.update(VARIANTS[self.variant])
         return kw
 
     def lora_config(self):

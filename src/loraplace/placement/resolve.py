@@ -7,7 +7,8 @@ Usage::
     p.trainable_params, p.record(dropout=0.0)
 
 A module's LoRA adapter trains ``lora_params(layer, r)`` = r x (in + out) parameters (A is r x in, B is
-out x r; no bias), its rank at most min(in, out): the one formula every count here uses.
+out x r; no bias), its rank at most min(in, out), plus ``out`` for DoRA's magnitude vector
+(``variant_params``): the one formula every count here uses.
 """
 
 from __future__ import annotations
@@ -37,6 +38,11 @@ def lora_params(layer: Layer, rank: int) -> int:
     return min(rank, max_rank(layer)) * (layer.in_features + layer.out_features)
 
 
+def variant_params(layer: Layer, variant: str) -> int:
+    """Parameters a variant trains on a module beside A and B: DoRA's magnitude vector (out_features)."""
+    return layer.out_features if variant == "dora" else 0
+
+
 @dataclass(frozen=True)
 class Placement:
     strategy: Strategy
@@ -50,8 +56,10 @@ class Placement:
 
     @property
     def trainable_params(self) -> int:
-        """sum of r * (in + out): LoRA's A is (r, in), B is (out, r); no bias is trained."""
-        return sum(lora_params(self.anatomy.layer(n), r) for n, r in self.modules.items())
+        """sum of r * (in + out): LoRA's A is (r, in), B is (out, r); no bias is trained; DoRA adds out per module."""
+        v = self.strategy.variant
+        return sum(lora_params(self.anatomy.layer(n), r) + variant_params(self.anatomy.layer(n), v)
+                   for n, r in self.modules.items())
 
     @property
     def trainable_pct(self) -> float:
@@ -75,6 +83,7 @@ class Placement:
             definition=self.strategy.to_dict(),
             dropout=dropout,
             fan_in_fan_out={layer(n).kind for n in self.modules} == {"Conv1D"},
+            variant=self.strategy.variant,
         )
 
     def to_dict(self, dropout: float | None = None) -> dict:
@@ -142,7 +151,8 @@ def match_budget(
     base = resolve(strategy, anat, rank=rank, alpha=alpha, alpha_per_rank=alpha_per_rank)
     width = {n: lora_params(anat.layer(n), 1) for n in base.modules}  # parameters per unit of rank
     limit = {n: max_rank(anat.layer(n)) for n in base.modules}
-    lo, hi = sum(width.values()), sum(width[n] * limit[n] for n in base.modules)
+    fixed = sum(variant_params(anat.layer(n), strategy.variant) for n in base.modules)  # DoRA's, whatever the rank
+    lo, hi = fixed + sum(width.values()), fixed + sum(width[n] * limit[n] for n in base.modules)
     if not lo * (1 - BUDGET_TOLERANCE) <= target <= hi * (1 + BUDGET_TOLERANCE):
         raise PlacementError(
             f"budget {target:,} is unreachable for strategy {strategy.name!r}: its trainable count ranges from "
@@ -152,7 +162,7 @@ def match_budget(
         return {n: min(limit[n], max(1, round(r * f))) for n, r in base.modules.items()}
 
     def count(ranks: dict[str, int]) -> int:
-        return sum(ranks[n] * width[n] for n in ranks)
+        return fixed + sum(ranks[n] * width[n] for n in ranks)
 
     lo_f, hi_f = 0.0, max(limit.values()) / min(base.modules.values())
     for _ in range(60):  # bisection on the common factor; capped ranks make the count piecewise

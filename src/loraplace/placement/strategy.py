@@ -23,6 +23,11 @@ BLOCKS_HELP = (
 )
 
 
+# How each placed adapter learns (PEFT's own implementations; ``variant`` of a strategy). DoRA also trains a
+# magnitude vector of out_features per module (counted in the budget); rsLoRA scales by alpha/sqrt(r), not alpha/r.
+VARIANTS = {"lora": {}, "dora": {"use_dora": True}, "rslora": {"use_rslora": True}}
+
+
 class PlacementError(LoraplaceError, ValueError):
     """A strategy cannot be resolved on this model; the message names the bad value and what is valid."""
 
@@ -34,22 +39,32 @@ class Strategy:
     blocks: str = "all"  # see BLOCKS_HELP
     rank: int | dict | None = None  # None: the study's default rank; dict: per role or role group
     description: str = ""
+    variant: str = "lora"  # one of VARIANTS: plain LoRA, DoRA or rsLoRA on the same modules
+
+    def __post_init__(self):
+        if self.variant not in VARIANTS:
+            raise PlacementError(f"strategy {self.name!r}: variant {self.variant!r} is not one of {', '.join(VARIANTS)}")
 
     @classmethod
     def from_dict(cls, name: str, data: dict) -> "Strategy":
-        unknown = sorted(set(data) - {"roles", "blocks", "rank", "description"})
+        keys = ("roles", "blocks", "rank", "description", "variant")
+        unknown = sorted(set(data) - set(keys))
         if unknown:
-            raise PlacementError(f"strategy {name!r}: unknown key {unknown[0]!r}; valid: roles, blocks, rank, description")
+            raise PlacementError(f"strategy {name!r}: unknown key {unknown[0]!r}; valid: {', '.join(keys)}")
         blocks = data.get("blocks", "all")
         if isinstance(blocks, (list, tuple)):
             blocks = ",".join(str(b) for b in blocks)
         roles = data.get("roles", "all")
         if isinstance(roles, (list, tuple)):
             roles = "+".join(roles)
-        return cls(name, roles=str(roles), blocks=str(blocks), rank=data.get("rank"), description=data.get("description", ""))
+        return cls(name, roles=str(roles), blocks=str(blocks), rank=data.get("rank"), description=data.get("description", ""),
+                   variant=str(data.get("variant", "lora")))
 
     def to_dict(self) -> dict:
-        return {"roles": self.roles, "blocks": self.blocks, "rank": self.rank, "description": self.description}
+        """The definition as data (part of a trial's identity: ``variant`` only when not plain LoRA, so the ids
+        of plain-LoRA trials are those of studies from before variants)."""
+        d = {"roles": self.roles, "blocks": self.blocks, "rank": self.rank, "description": self.description}
+        return d if self.variant == "lora" else {**d, "variant": self.variant}
 
 
 BUILTIN: dict[str, Strategy] = {

@@ -74,13 +74,17 @@ def run_tasks(
         if tasks:
             yield from _run_ray(cfg, tasks, on_start)
         return
-    size = _group_size(ws, tasks) if len(tasks) > 1 else 1
+    alone = [t for t in tasks if _variant(ws, t) in fused.UNFUSABLE_VARIANTS]
+    together = [t for t in tasks if t not in alone]
+    size = _group_size(ws, together) if len(together) > 1 else 1
     if size > 1:  # train.fuse: groups of trials in one pass over the base, same results (train.fused)
-        for group in plan_groups(tasks, size):
+        for v in sorted({_variant(ws, t) for t in alone}):
+            log.info("train.fuse: the %s trials run one after the other: %s", v, fused.UNFUSABLE_VARIANTS[v])
+        for group in plan_groups(together, size):
             group = [task for task in group if on_start(task.trial_id) is not False]  # skip others' claims
             if group:
                 yield from run_group(ws, group)
-        return
+        tasks = alone
     for task in tasks:
         if on_start(task.trial_id) is False:
             continue
@@ -94,6 +98,13 @@ def plan_groups(tasks: list[TrialTask], size: int) -> list[list[TrialTask]]:
     for t in tasks:
         pieces.setdefault((t.start, t.until), []).append(t)
     return [g for key in sorted(pieces, key=lambda k: (k[0], k[1] or 0)) for g in fused.plan_groups(pieces[key], size)]
+
+
+def _variant(ws: Workspace, task: TrialTask) -> str:
+    try:
+        return ws.placement(task).strategy.variant
+    except RECORDED:  # it fails on its own when run
+        return "lora"
 
 
 def _group_size(ws: Workspace, tasks: list[TrialTask]) -> int:

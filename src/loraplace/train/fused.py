@@ -59,6 +59,11 @@ AUTO_MEMORY_SHARE = 0.8  # of free CUDA memory that auto-sized groups may fill (
 
 
 # -- how many trials a group holds ------------------------------------------------------------
+# Variants whose adapter is not plain LoRA's scale x B A x (which the fused forward adds): their trials run on the
+# sequential engine, through PEFT. rsLoRA fuses: it only changes the scale, which a trial reads from PEFT.
+UNFUSABLE_VARIANTS = {"dora": "DoRA rescales each weight by its magnitude vector, which the fused forward does not"}
+
+
 def fusable(model: torch.nn.Module, spec: TrainSpec) -> str | None:
     """None when fusing gives the sequential numbers for this model and settings, else why not."""
     why = base_randomness(model)
