@@ -68,7 +68,6 @@ QUALITY = {
     "eval_loss": Quality("eval loss", False, "nats/token"),
     "accuracy": Quality("accuracy", True, "fraction"),
 }
-FORGETTING = Quality("forgetting", False, "nats/token")  # not a decision metric: a second axis, and a filter
 METRIC_CHOICES = tuple(QUALITY)  # the values of analysis.metric
 
 

@@ -102,6 +102,11 @@ def encode_prompt(example: Example, tokenizer, spec: DataSpec) -> list[int]:
     return [t for ids in _encode([p for p, _ in pieces[:start]], tokenizer) for t in ids]
 
 
+def pad_id(tokenizer) -> int:
+    """The id batches are padded with: the tokenizer's pad token, else its EOS (labels mask the padding anyway)."""
+    return tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+
+
 def _bos(tokenizer) -> list[int]:
     """[BOS] if the tokenizer adds it by default (plain template), else []."""
     bos_id, probe = tokenizer.bos_token_id, tokenizer("a")["input_ids"]

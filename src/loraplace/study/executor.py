@@ -74,11 +74,12 @@ def run_tasks(
         if tasks:
             yield from _run_ray(cfg, tasks, on_start)
         return
-    alone = [t for t in tasks if _variant(ws, t) in fused.UNFUSABLE_VARIANTS]
+    variant = {t.trial_id: _variant(ws, t) for t in tasks}
+    alone = [t for t in tasks if variant[t.trial_id] in fused.UNFUSABLE_VARIANTS]
     together = [t for t in tasks if t not in alone]
     size = _group_size(ws, together) if len(together) > 1 else 1
     if size > 1:  # train.fuse: groups of trials in one pass over the base, same results (train.fused)
-        for v in sorted({_variant(ws, t) for t in alone}):
+        for v in sorted({variant[t.trial_id] for t in alone}):
             log.info("train.fuse: the %s trials run one after the other: %s", v, fused.UNFUSABLE_VARIANTS[v])
         for group in plan_groups(together, size):
             group = [task for task in group if on_start(task.trial_id) is not False]  # skip others' claims

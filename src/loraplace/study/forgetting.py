@@ -36,7 +36,7 @@ from loraplace.core.config import DataSpec, StudyConfig
 from loraplace.core.identity import digest
 from loraplace.core.metrics import IGNORE_INDEX
 from loraplace.data.sources import load_examples
-from loraplace.data.tokenize import TokenizedSet
+from loraplace.data.tokenize import TokenizedSet, pad_id
 from loraplace.study.store import DONE, Store
 from loraplace.train.generate import sample
 from loraplace.train.loss import evaluate
@@ -65,8 +65,12 @@ class ForgettingSet:
     def tokenized(self) -> TokenizedSet:
         return TokenizedSet([list(s) for s in self.sequences], [[IGNORE_INDEX] + list(s[1:]) for s in self.sequences])
 
+    def score(self, model) -> dict:
+        """``train.loss.evaluate`` of ``model`` on the set: {"eval_loss" (nats/token), "eval_tokens", ...}."""
+        return evaluate(model, self.tokenized, self.batch_size, self.pad_id, self.device)
+
     def loss(self, model) -> float:
-        return evaluate(model, self.tokenized, self.batch_size, self.pad_id, self.device)["eval_loss"]
+        return self.score(model)["eval_loss"]
 
     def measure(self, model) -> dict:
         """{"forgetting", "forgetting_loss", "forgetting_time_s"} of ``model`` (an adapted base)."""
@@ -92,7 +96,7 @@ def forgetting_set(cfg: StudyConfig, ws, store: Store) -> ForgettingSet | None:
     stored = load(cfg, ws, store)
     if stored is not None:
         return stored
-    k, tok, pad = key(cfg), ws.tokenizer, _pad(ws.tokenizer)
+    k, tok, pad = key(cfg), ws.tokenizer, pad_id(ws.tokenizer)
     t0 = time.perf_counter()
     if e.forgetting_source == "base":
         start = tok.bos_token_id if tok.bos_token_id is not None else tok.eos_token_id
@@ -103,7 +107,7 @@ def forgetting_set(cfg: StudyConfig, ws, store: Store) -> ForgettingSet | None:
         seqs = text_sequences(e.forgetting_source, tok, e.forgetting_size, e.forgetting_length)
     spent = time.perf_counter() - t0
     fset = ForgettingSet(k, e.forgetting_source, seqs, 0.0, 0, e.batch_size, pad, ws.device, spent)
-    ev = evaluate(ws.model, fset.tokenized, e.batch_size, pad, ws.device)
+    ev = fset.score(ws.model)
     fset.base_loss, fset.tokens = ev["eval_loss"], ev["eval_tokens"]
     store.put_meta(META, {"key": k, "source": e.forgetting_source, "size": len(seqs), "length": e.forgetting_length,
                           "sequences": seqs, "base_loss": fset.base_loss, "tokens": fset.tokens,
@@ -119,11 +123,7 @@ def load(cfg: StudyConfig, ws, store: Store) -> ForgettingSet | None:
     if not cfg.eval.forgetting or not stored or stored.get("key") != key(cfg):
         return None
     return ForgettingSet(stored["key"], stored["source"], stored["sequences"], stored["base_loss"], stored["tokens"],
-                         cfg.eval.batch_size, _pad(ws.tokenizer), ws.device, stored.get("sample_time_s", 0.0))
-
-
-def _pad(tokenizer) -> int:
-    return tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+                         cfg.eval.batch_size, pad_id(ws.tokenizer), ws.device, stored.get("sample_time_s", 0.0))
 
 
 def text_sequences(source: str, tokenizer, size: int, length: int) -> list[list[int]]:

@@ -15,6 +15,7 @@ from tqdm.auto import tqdm
 
 from loraplace.core.config import EvalSpec
 from loraplace.data.answers import answer_matches, final_line_stop
+from loraplace.data.tokenize import pad_id
 
 
 def eos_ids(model, tokenizer) -> set[int]:
@@ -94,7 +95,7 @@ def answer_accuracy(model, tokenizer, prompts: list[list[int]], answers: list[st
     was_training = model.training
     model.eval()
     hits = 0
-    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    pad = pad_id(tokenizer)
     stop_ids = eos_ids(model, tokenizer)
     stops = [final_line_stop(tokenizer, a) for a in answers]
     order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))
