@@ -93,7 +93,7 @@ def decision(a: StudyAnalysis, path: Path) -> Path:
         right.set_title("Share of the baseline's improvement kept")
         for ax in (left, right):
             ax.grid(True, axis="x", alpha=0.3)
-        right.legend(loc="lower right")
+        right.legend(loc="best")  # "lower right" hid the last strategy's point
         n = a.min_seeds
         fig.suptitle("What the recommendation rests on: " + (f"95% t-intervals over {n} paired seeds" if n >= 2 else
                                                              "one seed, no intervals"))
