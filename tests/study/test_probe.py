@@ -165,6 +165,60 @@ def test_auto_meets_the_budget_and_takes_the_top_scored_modules_that_fit(ws, bud
     assert set(two.modules) == set(sorted(qo, key=qo.get)[-2:])
 
 
+def test_auto_rank_spreads_the_budget_over_every_module_in_proportion_to_its_score(ws):
+    anat = ws.anatomy
+    target = resolve(get_strategy("all_linear"), anat, rank=4).trainable_params // 2
+    scores = {n: 0.5 + s for n, s in _random_scores(anat, seed=3).items()}  # 0.5-1.5: ranks from ~1x to ~3x
+    p = auto_placement(anat, scores, target, rank=4, alpha=8, allocate="rank")
+    assert set(p.modules) == {l.name for l in anat.layers}  # every module
+    assert abs(p.trainable_params - target) <= BUDGET_TOLERANCE * target
+    assert len(set(p.modules.values())) > 2  # not uniform
+    # ranks are the scores times one factor, rounded (and nudged by at most one rank to meet the budget)
+    f = sum(p.modules.values()) / sum(scores.values())
+    assert all(abs(r - f * scores[n]) <= 1.5 for n, r in p.modules.items()), (f, p.modules)
+    assert p.strategy.name == "auto" and "proportional" in p.strategy.description
+    # the placement the executor rebuilds from the ranks is the same
+    again = resolve(p.strategy, anat, rank=4, alpha=8, ranks=p.modules)
+    assert again.modules == p.modules and again.trainable_params == p.trainable_params
+    # a module the probe scored 0 still trains at rank 1; no score above 0 is an error
+    zero = dict(scores, **{next(iter(scores)): 0.0})
+    assert auto_placement(anat, zero, target, rank=4, alpha=8, allocate="rank").modules[next(iter(scores))] == 1
+    with pytest.raises(PlacementError, match="one above 0"):
+        auto_placement(anat, dict.fromkeys(scores, 0.0), target, rank=4, alpha=8, allocate="rank")
+    with pytest.raises(PlacementError, match="unreachable"):
+        auto_placement(anat, scores, 10, rank=4, alpha=8, allocate="rank")
+
+
+def test_auto_strategies_named_by_allocation_and_score_share_one_study(ws, tmp_path):
+    anat = ws.anatomy
+    names = ["auto", "auto:rank", "auto:subset:grad_norm", "auto:rank:grad_norm", "all_linear"]
+    cfg = _cfg(tmp_path, strategies=names, auto={"budget": "same:attention_only"})
+    scores = {"lora_drop": _random_scores(anat, 1), "grad_norm": _random_scores(anat, 2)}
+    placements = resolve_placements(cfg, anat, scores)
+    target = resolve(get_strategy("attention_only"), anat, rank=4).trainable_params
+    for name in names[:4]:
+        assert abs(placements[name].trainable_params - target) <= BUDGET_TOLERANCE * target, name
+    assert placements["auto"].modules == auto_placement(anat, scores["lora_drop"], target, rank=4).modules
+    assert placements["auto:subset:grad_norm"].modules == auto_placement(anat, scores["grad_norm"], target, rank=4).modules
+    for name, crit in (("auto:rank", "lora_drop"), ("auto:rank:grad_norm", "grad_norm")):
+        assert placements[name].modules == auto_placement(anat, scores[crit], target, rank=4, allocate="rank").modules
+    assert placements["auto:rank"].modules != placements["auto:rank:grad_norm"].modules
+    # auto.allocate=rank makes plain auto spread ranks; an explicit :subset still overrides it
+    ranked = _cfg(tmp_path, strategies=["auto", "auto:subset"], auto={"budget": "same:attention_only", "allocate": "rank"})
+    both = resolve_placements(ranked, anat, scores)
+    assert both["auto"].modules == placements["auto:rank"].modules
+    assert both["auto:subset"].modules == placements["auto"].modules
+    # a missing criterion is named
+    with pytest.raises(PlacementError, match="grad_norm"):
+        resolve_placements(cfg, anat, {"lora_drop": scores["lora_drop"]})
+    for bad, says in (("auto:magic", "not a probe score"), ("auto:rank:subset", "expected auto:ALLOCATE"),
+                      ("auto:rank:fisher:x", "expected auto:ALLOCATE")):
+        with pytest.raises(ConfigError, match=says):
+            _cfg(tmp_path, strategies=[bad])
+    with pytest.raises(ConfigError, match="auto.allocate"):
+        _cfg(tmp_path, auto={"allocate": "spread"})
+
+
 def test_random_draws_differ_are_deterministic_and_meet_the_budget(ws):
     anat = ws.anatomy
     target = resolve(get_strategy("attention_only"), anat, rank=4).trainable_params
@@ -180,7 +234,7 @@ def test_resolve_placements_with_auto_random_and_same_auto(ws, tmp_path):
     anat = ws.anatomy
     cfg = _cfg(tmp_path, strategies=["auto", "random:0", "random:1", "all_linear", "mlp_only"],
                budget="same:auto", auto={"budget": "same:attention_only"})
-    placements = resolve_placements(cfg, anat, _random_scores(anat))
+    placements = resolve_placements(cfg, anat, {"lora_drop": _random_scores(anat)})
     assert list(placements) == cfg.strategies
     target = resolve(get_strategy("attention_only"), anat, rank=4).trainable_params
     auto = placements["auto"].trainable_params
@@ -273,7 +327,7 @@ def test_cli_probe_plan_study_report_with_auto(capsys, tmp_path):
     assert main(["plan", "--strategies", "auto,random:0", *common, "auto.budget=same:attention_only"]) == 0
     text = capsys.readouterr().out
     assert "auto chose" in text and "filled to same:attention_only" in text
-    argv = ["study", *common, "strategies=[auto,random:0,random:1,random:2,all_linear]", "seeds=[0,1]",
+    argv = ["study", *common, "strategies=[auto,auto:rank,random:0,random:1,random:2,all_linear]", "seeds=[0,1]",
             "train.steps=2", "budget=same:auto", "auto.budget=same:attention_only"]
     assert main(argv) == 0
     text = capsys.readouterr().out
@@ -287,7 +341,7 @@ def test_cli_probe_plan_study_report_with_auto(capsys, tmp_path):
     assert "random draws" in md and "Spearman rho" in md
     with Store.open(out, create=False) as store:
         trials = [t for t in store.trials() if t.status == "done"]
-        assert {t.strategy for t in trials} == {"auto", "random:0", "random:1", "random:2", "all_linear"}
+        assert {t.strategy for t in trials} == {"auto", "auto:rank", "random:0", "random:1", "random:2", "all_linear"}
         auto = next(t for t in trials if t.strategy == "auto")
         probe = PS.load(store)
         cfg = store.study_config()
@@ -299,3 +353,16 @@ def test_cli_probe_plan_study_report_with_auto(capsys, tmp_path):
     expected = auto_placement(anat, probe.mean(cfg.auto.score), selected_budget(cfg, anat), rank=4, alpha=cfg.train.alpha)
     assert auto.placement["strategy"] == "auto"
     assert {n: m["rank"] for n, m in auto.placement["modules"].items()} == expected.modules
+    # auto:rank trained every module at the ranks allocate=rank gives, and its PEFT export rebuilds exactly those
+    spread = auto_placement(anat, probe.mean(cfg.auto.score), selected_budget(cfg, anat), rank=4, allocate="rank")
+    ranked = next(t for t in trials if t.strategy == "auto:rank")
+    assert {n: m["rank"] for n, m in ranked.placement["modules"].items()} == spread.modules
+    assert main(["export", str(out), "--strategy", "auto:rank", "--format", "peft"]) == 0
+    import json
+
+    from peft import LoraConfig, get_peft_model
+
+    exported = json.loads(capsys.readouterr().out)
+    exported.pop("peft_type")
+    rebuilt = lora_layers(get_peft_model(tiny_models.build("llama"), LoraConfig(**exported)))
+    assert {n: layer.r["default"] for n, layer in rebuilt.items()} == spread.modules

@@ -26,6 +26,7 @@ from loraplace.core.stats import (Interval, Paired, mean_curve, paired_compariso
 from loraplace.analysis.verdict import ProbeVerdict, probe_verdict
 from loraplace.core.config import ConfigError, StudyConfig
 from loraplace.core.metrics import METRIC_CHOICES, QUALITY, numeric
+from loraplace.core.names import AUTO, is_auto
 from loraplace.placement.record import PlacementRecord
 from loraplace.study.probe_scores import load as load_probe
 from loraplace.study.store import DONE, FAILED, STOPPED, UNFINISHED, TrialRecord
@@ -295,6 +296,8 @@ def analyze_store(store, threshold: float | None = None, metric: str | None = No
     from loraplace.study.race import decisions
 
     a.racing = racing(a, trials, decisions(store))
+    autos = sorted((n for n in cfg.strategies if is_auto(n)), key=lambda n: n != AUTO)  # auto itself first
+    name = autos[0] if autos else AUTO
     a.verdict = probe_verdict(trials, a.zero_shot, reference="all_linear" if a.get("all_linear") else cfg.baseline,
-                              probe=a.probe, criterion=cfg.auto.score, metric=a.metric)
+                              probe=a.probe, criterion=cfg.auto.settings(name)[1], metric=a.metric, name=name)
     return a

@@ -44,14 +44,15 @@ def _per_seed(trials: list[TrialRecord], name: str, metric: str) -> dict[int, fl
 
 
 def probe_verdict(trials: list[TrialRecord], zero_shot: float | None, reference: str = "all_linear", probe=None,
-                  criterion: str = "lora_drop", metric: str = "eval_loss") -> ProbeVerdict | None:
-    """The verdict on ``auto`` (None when the study has no done auto trial), on ``metric`` (eval_loss: lower is
+                  criterion: str = "lora_drop", metric: str = "eval_loss", name: str = AUTO) -> ProbeVerdict | None:
+    """The verdict on ``auto`` (or the auto strategy ``name``, e.g. auto:rank; None when the study has no done
+    trial of it), on ``metric`` (eval_loss: lower is
     better; accuracy: higher is better; ``zero_shot`` is the base model's value of it). Random draws are averaged
     per seed (seeds where every draw finished); intervals as everywhere (95% t across seeds)."""
     higher = QUALITY[metric].higher_is_better
     label = "accuracy" if higher else "loss"
 
-    auto = _per_seed(trials, AUTO, metric)
+    auto = _per_seed(trials, name, metric)
     if not auto:
         return None
     randoms = sorted({t.strategy for t in trials if is_random(t.strategy) and _per_seed(trials, t.strategy, metric)})
@@ -64,32 +65,32 @@ def probe_verdict(trials: list[TrialRecord], zero_shot: float | None, reference:
     ret_r = retained_improvement(rand_mean, ref, zero_shot, higher) if zero_shot is not None and ref and rand_mean else None
     evidence = []
     if vs is None:
-        text = ("No verdict on auto against random placement: the study has no finished random:K draw at auto's "
-                "budget for a seed auto ran (add random:0, random:1, random:2 to the strategies).")
+        text = (f"No verdict on {name} against random placement: the study has no finished random:K draw at auto's "
+                f"budget for a seed {name} ran (add random:0, random:1, random:2 to the strategies).")
     else:
         d = vs.diff
         n_draws = f"{len(randoms)} random draw{'s' if len(randoms) != 1 else ''}"
-        ci = f"Δ {label} (auto − mean of {n_draws}) {d.mean:+.4f}"
+        ci = f"Δ {label} ({name} − mean of {n_draws}) {d.mean:+.4f}"
         if d.lo is None:
-            text = (f"Undecided: auto vs {n_draws} at equal budget has one paired seed ({ci}, no interval); run at "
+            text = (f"Undecided: {name} vs {n_draws} at equal budget has one paired seed ({ci}, no interval); run at "
                     "least 3 seeds.")
         else:
             ci += f" [95% CI {d.lo:+.4f}, {d.hi:+.4f}] over {d.n} seeds"
             if (d.lo > 0) if higher else (d.hi < 0):
-                text = f"auto beats random placement at equal budget: {ci}."
+                text = f"{name} beats random placement at equal budget: {ci}."
             elif (d.hi < 0) if higher else (d.lo > 0):
-                text = f"auto does worse than random placement at equal budget: {ci}."
+                text = f"{name} does worse than random placement at equal budget: {ci}."
             else:
-                text = f"auto does not beat random placement at equal budget: the interval includes 0 ({ci})."
+                text = f"{name} does not beat random placement at equal budget: the interval includes 0 ({ci})."
         evidence.append(ci)
     if ret_a is not None:
-        line = f"auto retains {retained_text(ret_a)} of {reference}'s improvement over the base model"
+        line = f"{name} retains {retained_text(ret_a)} of {reference}'s improvement over the base model"
         if ret_r is not None:
             line += f"; the random draws (mean per seed) retain {retained_text(ret_r)}"
         text += " " + line + "."
         evidence.append(line)
     elif ref:
-        evidence.append(f"retained improvement of auto not available (no zero-shot {label} or {reference} did not "
+        evidence.append(f"retained improvement of {name} not available (no zero-shot {label} or {reference} did not "
                         "improve on it in every seed)")
     probe_time = share = None
     if probe is not None:

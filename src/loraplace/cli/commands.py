@@ -29,12 +29,12 @@ def cmd_inspect(args) -> int:
 def cmd_plan(args) -> int:
     from loraplace.cli.render import _fixed_table, _rank_text, _table, auto_why, placement_map
     from loraplace.core.config import StudyConfig
-    from loraplace.core.names import AUTO, is_selected
+    from loraplace.core.names import AUTO, is_auto, is_selected
     from loraplace.model.anatomy import analyze
     from loraplace.model.estimate import estimate
     from loraplace.model.loading import skeleton
     from loraplace.placement.resolve import BUDGET_TOLERANCE, parse_budget
-    from loraplace.study.plan import SAME_AUTO, needs_probe, resolve_placements, selected_budget
+    from loraplace.study.plan import SAME_AUTO, auto_scores, needs_probe, resolve_placements, selected_budget
 
     cfg = StudyConfig.load(args.config, overrides=args.overrides)
     if args.strategies:
@@ -45,7 +45,7 @@ def cmd_plan(args) -> int:
     anat = analyze(skeleton(args.model or cfg.model))  # config only: no weights, no tokenizer
     skipped = _drop_unplaceable(cfg, anat) if anat.fixed else {}
     probe = _stored_probe(cfg) if needs_probe(cfg) else None
-    placements = resolve_placements(cfg, anat, probe.mean(cfg.auto.score) if probe else None)
+    placements = resolve_placements(cfg, anat, auto_scores(cfg, probe) if probe else None)
     t = cfg.train
     ests = {name: estimate(p, t.batch_size, cfg.data.max_length, t.dtype, t.gradient_checkpointing)
             for name, p in placements.items()}
@@ -96,8 +96,8 @@ def cmd_plan(args) -> int:
     for name, p in placements.items():
         print(f"\n{name}: {p.strategy.description or p.strategy.to_dict()}")
         print(placement_map(p, anat))
-        if name == AUTO and probe is not None:
-            print(auto_why(p, probe, cfg.auto.score))
+        if is_auto(name) and probe is not None:
+            print(auto_why(p, probe, cfg.auto.settings(name)[1]))
     return 0
 
 

@@ -88,12 +88,21 @@ def placement_map(placement, anat) -> str:
 
 
 def auto_why(placement, probe, criterion: str, top: int = 5) -> str:
-    """Why auto chose what it chose: the score cut-off, the best chosen and the best left-out modules."""
+    """Why auto chose what it chose: the score cut-off, the best chosen and the best left-out modules (a subset);
+    the highest and lowest ranks with their scores (ranks over every module)."""
     mean = probe.mean(criterion)
     order = sorted(mean, key=lambda n: (-mean[n], n))
+    name = placement.strategy.name
+    if len(placement.modules) == len(order) and len(set(placement.modules.values())) > 1:  # allocate=rank
+        ranks = placement.modules
+        lines = [f"{name} spread ranks {min(ranks.values())}-{max(ranks.values())} over all {len(order)} modules in "
+                 f"proportion to {criterion} (mean over probe seeds {', '.join(map(str, probe.seeds))})"]
+        lines += [f"  rank {ranks[n]:4d}  {mean[n]:10.4g}  {n}" for n in order[:top]]
+        lines += ["  ..."] + [f"  rank {ranks[n]:4d}  {mean[n]:10.4g}  {n}" for n in order[-top:]]
+        return "\n".join(lines)
     chosen = [n for n in order if n in placement.modules]
     left = [n for n in order if n not in placement.modules]
-    lines = [f"auto chose {len(chosen)} of {len(order)} modules by {criterion} (mean over probe seeds "
+    lines = [f"{name} chose {len(chosen)} of {len(order)} modules by {criterion} (mean over probe seeds "
              f"{', '.join(map(str, probe.seeds))}); lowest chosen score {mean[chosen[-1]]:.4g}"
              + (f", highest left out {mean[left[0]]:.4g}" if left else "")
              + (" (a higher-scored module is left out when it does not fit the rest of the budget)"

@@ -21,7 +21,7 @@ from typing import ClassVar
 import yaml
 
 from loraplace.core.metrics import DTYPE_BYTES, METRIC_CHOICES
-from loraplace.core.names import is_selected
+from loraplace.core.names import ALLOCATIONS, AUTO_PREFIX, auto_parts, is_selected
 from loraplace.core.typed import (ConfigError, apply_override, build, check_choice, check_finite,  # noqa: F401
                                   check_positive)
 
@@ -189,16 +189,35 @@ class ProbeSpec:
 
 @dataclass
 class AutoSpec:
-    """Strategy ``auto``: the modules the probe scores highest, at train.rank, until the budget is met."""
+    """Strategy ``auto``: the modules the probe scores highest, at train.rank, until the budget is met
+    (``allocate: subset``), or every module with ranks proportional to the scores (``allocate: rank``)."""
 
     score: str = "lora_drop"  # lora_drop | grad_norm | fisher (the probe's criteria)
     budget: str | None = None  # "same:STRATEGY" or a count; None: the study's budget
+    allocate: str = "subset"  # subset | rank; auto:rank, auto:subset:grad_norm, ... override it per strategy
 
     def check(self) -> None:
         check_choice("auto.score", self.score, PROBE_CRITERIA)
+        check_choice("auto.allocate", self.allocate, ALLOCATIONS)
+
+    def settings(self, name: str = "auto") -> tuple[str, str]:
+        """(allocation, score) of auto strategy ``name``: what its name says (auto:rank:grad_norm), else these."""
+        allocate, score = auto_parts(name)
+        return allocate or self.allocate, score or self.score
         if self.budget is not None and str(self.budget).startswith("same:") and is_selected(str(self.budget)[5:]):
             raise ConfigError(f"auto.budget: {self.budget!r} refers to itself; use same:STRATEGY of a fixed strategy "
                               "or a count")
+
+
+def check_auto_name(name: str) -> None:
+    """auto:ALLOCATE, auto:SCORE or auto:ALLOCATE:SCORE with known parts, else a one-line ConfigError."""
+    form = f"auto:ALLOCATE, auto:SCORE or auto:ALLOCATE:SCORE (ALLOCATE: {', '.join(ALLOCATIONS)}; SCORE: {', '.join(PROBE_CRITERIA)})"
+    try:
+        _, score = auto_parts(name)
+    except ValueError:
+        raise ConfigError(f"strategy {name!r}: expected {form}") from None
+    if score is not None and score not in PROBE_CRITERIA:
+        raise ConfigError(f"strategy {name!r}: {score!r} is not a probe score; expected {form}")
 
 
 @dataclass
@@ -308,6 +327,9 @@ class StudyConfig:
             raise ConfigError(f"threshold: must be in (0, 1.5], got {self.threshold}")
         self.probe.check()
         self.auto.check()
+        for name in self.strategies:
+            if name.startswith(AUTO_PREFIX):
+                check_auto_name(name)
         reserved = [n for n in self.define if is_selected(n)]
         if reserved:
             raise ConfigError(f"define.{reserved[0]}: auto and random:K are built from the probe and the budget; "

@@ -1,17 +1,44 @@
-"""Strategy names that are chosen per study rather than defined: ``auto`` and ``random:K``.
+"""Strategy names that are chosen per study rather than defined: ``auto`` (and ``auto:...``) and ``random:K``.
 
 Usage::
 
     is_selected("random:2"), random_draw("random:2")   # True, 2
+    auto_parts("auto:rank:grad_norm")                   # ("rank", "grad_norm"); ("subset"|None, None) etc.
 
-``auto`` takes the modules the probe scores highest and ``random:K`` a seeded random module set, both
-filled to a budget; the rule for which names these are lives here only.
+``auto`` places by the probe's scores: ``auto.allocate=subset`` takes the modules it scores highest at the
+default rank, ``rank`` spreads the budget over every module with ranks proportional to the scores;
+``auto:ALLOCATE``, ``auto:SCORE`` and ``auto:ALLOCATE:SCORE`` override ``auto.allocate``/``auto.score`` for that
+strategy, so one study can compare them. ``random:K`` is a seeded random module set. All are filled to a
+budget; the rule for which names these are lives here only.
 """
 
 from __future__ import annotations
 
 AUTO = "auto"
+AUTO_PREFIX = "auto:"
 RANDOM_PREFIX = "random:"
+ALLOCATIONS = ("subset", "rank")  # auto.allocate: a module subset at the default rank | ranks over every module
+
+
+def is_auto(name: str) -> bool:
+    """``auto``, ``auto:ALLOCATE``, ``auto:SCORE`` or ``auto:ALLOCATE:SCORE`` (the score is checked by the config)."""
+    return name == AUTO or (name.startswith(AUTO_PREFIX) and 1 <= len(name.split(":")) - 1 <= 2
+                            and all(name.split(":")[1:]))
+
+
+def auto_parts(name: str) -> tuple[str | None, str | None]:
+    """(allocation, score) named by an auto strategy; None where the name leaves it to ``auto.allocate``/``auto.score``."""
+    if not is_auto(name):
+        raise ValueError(f"{name!r} is not auto or auto:...")
+    allocate = score = None
+    for part in name.split(":")[1:]:
+        if part in ALLOCATIONS and allocate is None:
+            allocate = part
+        elif score is None and part not in ALLOCATIONS:
+            score = part
+        else:
+            raise ValueError(f"strategy {name!r}: expected auto:ALLOCATE:SCORE with ALLOCATE one of {', '.join(ALLOCATIONS)}")
+    return allocate, score
 
 
 def is_random(name: str) -> bool:
@@ -20,8 +47,8 @@ def is_random(name: str) -> bool:
 
 
 def is_selected(name: str) -> bool:
-    """``auto`` and ``random:K``: module sets chosen per model and budget, not by roles x blocks."""
-    return name == AUTO or is_random(name)
+    """``auto`` (``auto:...``) and ``random:K``: module sets chosen per model and budget, not by roles x blocks."""
+    return is_auto(name) or is_random(name)
 
 
 def random_draw(name: str) -> int:

@@ -139,33 +139,32 @@ def parse_budget(budget: str | int | float, anat: Anatomy, rank: int, defined: d
     return int(value)
 
 
-def match_budget(
-    strategy: Strategy, anat: Anatomy, target: int, rank: int = 16, alpha: float = 32, alpha_per_rank: bool = False
-) -> Placement:
-    """Scale the strategy's ranks so its trainable count lands within ``BUDGET_TOLERANCE`` (5%) of ``target``.
+def scale_ranks(weights: dict[str, float], anat: Anatomy, target: int, fixed: int = 0, what: str = "") -> dict[str, int]:
+    """Integer ranks proportional to ``weights`` (module -> weight >= 0), each in 1..min(in, out), whose count
+    (plus ``fixed`` parameters) lands within ``BUDGET_TOLERANCE`` of ``target``.
 
-    Ranks keep the strategy's per-role proportions and are scaled by one factor (found by
-    bisection; no rank exceeds min(in, out)); when integer rounding misses the tolerance, single
-    modules (in name order) get one rank more or less until it is met.
-    """
-    base = resolve(strategy, anat, rank=rank, alpha=alpha, alpha_per_rank=alpha_per_rank)
-    width = {n: lora_params(anat.layer(n), 1) for n in base.modules}  # parameters per unit of rank
-    limit = {n: max_rank(anat.layer(n)) for n in base.modules}
-    fixed = sum(variant_params(anat.layer(n), strategy.variant) for n in base.modules)  # DoRA's, whatever the rank
-    lo, hi = fixed + sum(width.values()), fixed + sum(width[n] * limit[n] for n in base.modules)
+    One common factor, found by bisection (capped ranks make the count piecewise); when integer rounding misses,
+    single modules (in name order) get one rank more or less until the count is within half the tolerance."""
+    width = {n: lora_params(anat.layer(n), 1) for n in weights}  # parameters per unit of rank
+    limit = {n: max_rank(anat.layer(n)) for n in weights}
+    lo, hi = fixed + sum(width.values()), fixed + sum(width[n] * limit[n] for n in weights)
     if not lo * (1 - BUDGET_TOLERANCE) <= target <= hi * (1 + BUDGET_TOLERANCE):
         raise PlacementError(
-            f"budget {target:,} is unreachable for strategy {strategy.name!r}: its trainable count ranges from "
+            f"budget {target:,} is unreachable for {what or 'these modules'}: its trainable count ranges from "
             f"{lo:,} (rank 1) to {hi:,} (full rank) on this model"
         )
+    positive = [w for w in weights.values() if w > 0]
+    if not positive or not all(math.isfinite(w) and w >= 0 for w in weights.values()):
+        raise PlacementError(f"{what or 'rank weights'}: weights must be finite and >= 0, with one above 0")
+
     def scaled(f: float) -> dict[str, int]:
-        return {n: min(limit[n], max(1, round(r * f))) for n, r in base.modules.items()}
+        return {n: min(limit[n], max(1, round(w * f))) for n, w in weights.items()}
 
     def count(ranks: dict[str, int]) -> int:
         return fixed + sum(ranks[n] * width[n] for n in ranks)
 
-    lo_f, hi_f = 0.0, max(limit.values()) / min(base.modules.values())
-    for _ in range(60):  # bisection on the common factor; capped ranks make the count piecewise
+    lo_f, hi_f = 0.0, max(limit.values()) / min(positive)
+    for _ in range(60):  # bisection on the common factor
         mid = (lo_f + hi_f) / 2
         lo_f, hi_f = (mid, hi_f) if count(scaled(mid)) < target else (lo_f, mid)
     ranks = min((scaled(lo_f), scaled(hi_f)), key=lambda rk: abs(count(rk) - target))
@@ -179,6 +178,20 @@ def match_budget(
                 ranks[n] += step
                 total += step * width[n]
                 improved = True
+    return ranks
+
+
+def match_budget(
+    strategy: Strategy, anat: Anatomy, target: int, rank: int = 16, alpha: float = 32, alpha_per_rank: bool = False
+) -> Placement:
+    """Scale the strategy's ranks so its trainable count lands within ``BUDGET_TOLERANCE`` (5%) of ``target``.
+
+    Ranks keep the strategy's per-role proportions and are scaled by one factor (``scale_ranks``; no rank
+    exceeds min(in, out)).
+    """
+    base = resolve(strategy, anat, rank=rank, alpha=alpha, alpha_per_rank=alpha_per_rank)
+    fixed = sum(variant_params(anat.layer(n), strategy.variant) for n in base.modules)  # DoRA's, whatever the rank
+    ranks = scale_ranks(base.modules, anat, target, fixed, what=f"strategy {strategy.name!r}")
     placement = resolve(strategy, anat, rank=rank, alpha=alpha, alpha_per_rank=alpha_per_rank, ranks=ranks)
     if abs(placement.trainable_params - target) > BUDGET_TOLERANCE * target:
         raise PlacementError(

@@ -1,12 +1,15 @@
-"""Module sets chosen per study, filled to a budget: ``auto`` (by probe scores) and ``random:K`` (seeded).
+"""Placements chosen per study, filled to a budget: ``auto`` (by probe scores) and ``random:K`` (seeded).
 
 Usage::
 
     p = auto_placement(anat, scores, target=2_442_240, rank=16)     # scores: module -> probe score
+    p = auto_placement(anat, scores, target=2_442_240, rank=16, allocate="rank")
     p = random_placement(anat, draw=0, target=2_442_240, rank=16)
 
-Both take modules in their order (by score, or shuffled) while each brings the count closer to the target
-without passing it by more than the budget tolerance; a module too large for what is left is skipped.
+Subsets (``auto``'s default ``allocate="subset"``, and ``random:K``) take modules in their order (by score, or
+shuffled) while each brings the count closer to the target without passing it by more than the budget
+tolerance; a module too large for what is left is skipped. ``allocate="rank"`` adapts every module, with
+ranks proportional to the scores (``resolve.scale_ranks``).
 """
 
 from __future__ import annotations
@@ -14,9 +17,9 @@ from __future__ import annotations
 import random
 from typing import TYPE_CHECKING
 
-from loraplace.core.names import RANDOM_PREFIX
+from loraplace.core.names import AUTO, RANDOM_PREFIX
 from loraplace.core.roles import ROLES
-from loraplace.placement.resolve import BUDGET_TOLERANCE, Placement, lora_params, max_rank, resolve
+from loraplace.placement.resolve import BUDGET_TOLERANCE, Placement, lora_params, max_rank, resolve, scale_ranks
 from loraplace.placement.strategy import PlacementError, selected_strategy
 
 if TYPE_CHECKING:
@@ -50,17 +53,23 @@ def _candidates(anat: Anatomy) -> list[str]:
 
 
 def auto_placement(anat: Anatomy, scores: dict[str, float], target: int, rank: int = 16, alpha: float = 32,
-                   alpha_per_rank: bool = False) -> Placement:
-    """Strategy ``auto``: the highest-scored modules (ties by name) filled to ``target`` (see ``fill_budget``)."""
+                   alpha_per_rank: bool = False, allocate: str = "subset", name: str = AUTO,
+                   score: str | None = None) -> Placement:
+    """Strategy ``auto`` (named ``name``; ``score`` names the criterion of ``scores`` for its description).
+    ``allocate="subset"``: the highest-scored modules (ties by name) at ``rank``, filled to ``target`` (see
+    ``fill_budget``). ``"rank"``: every module, ranks proportional to its score, scaled to ``target``."""
     cands = _candidates(anat)
     missing = [n for n in cands if n not in scores]
     if missing:
         raise PlacementError(f"probe scores miss {len(missing)} module(s) of this model (e.g. {missing[0]}); "
                              "the probe was run on another model")
-    order = sorted(cands, key=lambda n: (-scores[n], n))
-    ranks = fill_budget(order, anat, target, rank)
-    return resolve(selected_strategy("auto"), anat, rank=rank, alpha=alpha, alpha_per_rank=alpha_per_rank,
-                   ranks=ranks)
+    if allocate == "rank":
+        ranks = scale_ranks({n: max(0.0, float(scores[n])) for n in cands}, anat, target,
+                            what=f"strategy {name!r} (ranks proportional to probe scores)")
+    else:
+        ranks = fill_budget(sorted(cands, key=lambda n: (-scores[n], n)), anat, target, rank)
+    return resolve(selected_strategy(name, allocate, score), anat, rank=rank, alpha=alpha,
+                   alpha_per_rank=alpha_per_rank, ranks=ranks)
 
 
 def random_order(anat: Anatomy, draw: int) -> list[str]:

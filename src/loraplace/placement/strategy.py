@@ -13,7 +13,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from loraplace.core.errors import LoraplaceError
-from loraplace.core.names import AUTO, is_selected, random_draw
+from loraplace.core.names import AUTO, is_auto, is_selected, random_draw
 from loraplace.core.roles import ROLE_GROUPS, ROLES
 
 
@@ -96,12 +96,20 @@ def get_strategy(name: str, defined: dict[str, dict] | None = None) -> Strategy:
 
 # -- selected strategies: module sets chosen from probe scores (auto) or at random (random:K) ------
 AUTO_DESCRIPTION = "the modules the probe scores highest (auto.score), at the default rank, filled to the budget"
+AUTO_RANK_DESCRIPTION = "every module, ranks proportional to the probe's scores (auto.score), filled to the budget"
 
 
-def selected_strategy(name: str) -> Strategy:
-    """The Strategy of ``auto`` or ``random:K``: roles and blocks all; the module set comes from ``select``."""
-    if name == AUTO:
-        return Strategy(AUTO, description=AUTO_DESCRIPTION)
+def selected_strategy(name: str, allocate: str = "subset", score: str | None = None) -> Strategy:
+    """The Strategy of ``auto`` (``auto:...``, placed by ``allocate`` on ``score``) or ``random:K``: roles and
+    blocks all; the module set and ranks come from ``select``."""
+    if is_auto(name):
+        if allocate == "rank":
+            text = AUTO_RANK_DESCRIPTION
+        else:  # auto's description as it was before allocations: the ids of its stored trials stay
+            text = AUTO_DESCRIPTION
+        if score is not None and name != AUTO:
+            text = text.replace("(auto.score)", f"({score})")
+        return Strategy(name, description=text)
     k = random_draw(name)
     return Strategy(name, description=f"random module set, draw {k} (seeded by {k}), at the default rank, filled "
                                       "to the budget")

@@ -19,10 +19,10 @@ from typing import TYPE_CHECKING
 
 from loraplace.core.config import StudyConfig
 from loraplace.core.identity import digest
-from loraplace.core.names import AUTO, is_random, is_selected, random_draw
+from loraplace.core.names import AUTO, is_auto, is_random, is_selected, random_draw
 from loraplace.placement.resolve import Placement, match_budget, parse_budget, resolve
 from loraplace.placement.select import auto_placement, random_placement
-from loraplace.placement.strategy import PlacementError, get_strategy
+from loraplace.placement.strategy import PlacementError, Strategy, get_strategy, selected_strategy
 from loraplace.study.race import rung_steps
 
 if TYPE_CHECKING:  # torch-free: the anatomy is only read
@@ -49,11 +49,13 @@ class TrialTask:
     evals_at: tuple[int, ...] = ()  # rung steps to evaluate at on the way (``until`` among them when it is a rung)
 
 
-def resolve_placements(cfg: StudyConfig, anat: Anatomy, scores: dict[str, float] | None = None) -> dict[str, Placement]:
+def resolve_placements(cfg: StudyConfig, anat: Anatomy,
+                       scores: dict[str, dict[str, float]] | None = None) -> dict[str, Placement]:
     """Every strategy of the study resolved (and budget-matched when cfg.budget is set).
 
-    ``scores`` (full module name -> the probe's ``cfg.auto.score``, mean over probe seeds) places ``auto``;
-    ``auto`` and ``random:K`` fill ``selected_budget``, and ``budget: same:auto`` matches the others to auto."""
+    ``scores`` (probe criterion -> full module name -> score, mean over probe seeds; ``auto_scores``) places
+    ``auto`` and ``auto:...``; they and ``random:K`` fill ``selected_budget``, and ``budget: same:auto``
+    matches the others to auto."""
     t = cfg.train
     kw = dict(rank=t.rank, alpha=t.alpha, alpha_per_rank=t.alpha_per_rank)
     if any(is_selected(n) for n in cfg.strategies) or cfg.budget == SAME_AUTO:
@@ -65,9 +67,20 @@ def resolve_placements(cfg: StudyConfig, anat: Anatomy, scores: dict[str, float]
     return {name: match_budget(s, anat, target, **kw) for name, s in strategies.items()}
 
 
+def study_strategy(cfg: StudyConfig, name: str) -> Strategy:
+    """Strategy ``name`` as this study defines it (``define``; auto's allocation and score from ``auto``)."""
+    return selected_strategy(name, *cfg.auto.settings(name)) if is_auto(name) else get_strategy(name, cfg.define)
+
+
 def needs_probe(cfg: StudyConfig) -> bool:
     """Whether resolving the study's placements needs probe scores (strategy auto, or budget same:auto)."""
-    return AUTO in cfg.strategies or cfg.budget == SAME_AUTO
+    return any(is_auto(n) for n in cfg.strategies) or cfg.budget == SAME_AUTO
+
+
+def auto_scores(cfg: StudyConfig, probe) -> dict[str, dict[str, float]]:
+    """The probe's mean scores for every criterion the study's auto strategies use (``resolve_placements``)."""
+    names = [n for n in cfg.strategies if is_auto(n)] + ([AUTO] if cfg.budget == SAME_AUTO else [])
+    return {c: probe.mean(c) for c in dict.fromkeys(cfg.auto.settings(n)[1] for n in names)}
 
 
 def selected_budget(cfg: StudyConfig, anat: Anatomy) -> int:
@@ -84,11 +97,15 @@ def selected_budget(cfg: StudyConfig, anat: Anatomy) -> int:
 def _with_selected(cfg: StudyConfig, anat: Anatomy, scores: dict[str, float] | None, kw: dict) -> dict[str, Placement]:
     target = selected_budget(cfg, anat)
     out: dict[str, Placement] = {}
-    if needs_probe(cfg):
-        if not scores:
-            raise PlacementError("strategy auto needs probe scores: run `loraplace probe` with the study's config "
-                                 "(`loraplace study` runs it itself)")
-        out[AUTO] = auto_placement(anat, scores, target, **kw)
+    autos = [n for n in cfg.strategies if is_auto(n)]
+    if cfg.budget == SAME_AUTO and AUTO not in autos:
+        autos.append(AUTO)  # the count the fixed strategies are matched to
+    for name in autos:
+        allocate, score = cfg.auto.settings(name)
+        if not scores or score not in scores:
+            raise PlacementError(f"strategy {name} needs probe scores ({score}): run `loraplace probe` with the "
+                                 "study's config (`loraplace study` runs it itself)")
+        out[name] = auto_placement(anat, scores[score], target, allocate=allocate, name=name, score=score, **kw)
     for name in cfg.strategies:
         if is_random(name):
             out[name] = random_placement(anat, random_draw(name), target, **kw)

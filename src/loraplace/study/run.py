@@ -30,7 +30,7 @@ from loraplace.data.answers import STOP_RULE
 from loraplace.study import claims
 from loraplace.study.executor import run_tasks
 from loraplace.study import forgetting, race
-from loraplace.study.plan import needs_probe, plan_trials, resolve_placements, segment, selected_budget, trial_id
+from loraplace.study.plan import auto_scores, needs_probe, plan_trials, resolve_placements, segment, selected_budget, trial_id
 from loraplace.study.store import DONE, PAUSED, RUNNING, STOPPED, Store, TrialRecord
 from loraplace.study.workspace import Workspace
 from loraplace.train.loss import evaluate
@@ -109,7 +109,7 @@ def run_study(cfg: StudyConfig, model_and_tokenizer=None) -> list[TrialRecord]:
         from loraplace.study.probe import ensure_probe
 
         selected_budget(cfg, anat)  # a missing budget fails before minutes of probing
-        scores = ensure_probe(cfg, ws, store).mean(cfg.auto.score)
+        scores = auto_scores(cfg, ensure_probe(cfg, ws, store))
     placements = resolve_placements(cfg, anat, scores)  # every strategy error surfaces before any training
     planned = plan_trials(cfg, placements)
     store.put_study_config(cfg, [p.trial_id for p in planned])

@@ -25,8 +25,7 @@ from loraplace.data.tokenize import TokenizedSet, encode_prompt, tokenize
 from loraplace.model.anatomy import Anatomy, analyze
 from loraplace.model.loading import load
 from loraplace.placement.resolve import Placement, resolve
-from loraplace.placement.strategy import get_strategy
-from loraplace.study.plan import TrialTask
+from loraplace.study.plan import TrialTask, study_strategy
 from loraplace.train.generate import answer_accuracy
 from loraplace.train.memory import pick_device
 from loraplace.train.trial import Setup
@@ -82,5 +81,4 @@ class Workspace:
     def placement(self, task: TrialTask) -> Placement:
         """The task's placement on this model, at the ranks the driver resolved."""
         t = self.cfg.train
-        strategy = get_strategy(task.strategy, self.cfg.define)
-        return resolve(strategy, self.anatomy, rank=t.rank, alpha=t.alpha, alpha_per_rank=t.alpha_per_rank, ranks=task.ranks)
+        return resolve(study_strategy(self.cfg, task.strategy), self.anatomy, rank=t.rank, alpha=t.alpha, alpha_per_rank=t.alpha_per_rank, ranks=task.ranks)
