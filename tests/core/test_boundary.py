@@ -17,7 +17,7 @@ import loraplace
 TORCH_FREE_PACKAGES = ("loraplace.core", "loraplace.analysis", "loraplace.cli")
 # Torch-free modules of the packages that also hold torch code.
 TORCH_FREE_MODULES = (
-    "loraplace", "loraplace.model", "loraplace.model.estimate",
+    "loraplace", "loraplace.model", "loraplace.model.estimate", "loraplace.model.conditioning",
     "loraplace.placement", "loraplace.placement.strategy", "loraplace.placement.resolve",
     "loraplace.placement.select", "loraplace.placement.record", "loraplace.placement.export", "loraplace.placement.peft",
     "loraplace.data", "loraplace.data.examples", "loraplace.data.sources", "loraplace.data.builtin",

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 from loraplace.analysis.latex import escape
 from loraplace.analysis.study import StudyAnalysis
+from loraplace.core.names import is_auto
 from loraplace.placement.resolve import BUDGET_TOLERANCE
 from loraplace.study.store import DONE
 
@@ -24,6 +25,24 @@ def _ranks(s) -> str:
     text = f"rank {ranks[0]}" if len(ranks) == 1 else f"ranks {ranks[0]}-{ranks[-1]}"
     variant = {"dora": "DoRA", "rslora": "rsLoRA (scale alpha/sqrt(r))"}.get(s.placement.variant)
     return f"{text}, {variant}" if variant else text
+
+
+def _chosen(a: StudyAnalysis, store) -> list[str]:
+    """How the data-driven placements were chosen, and what choosing them cost."""
+    names = {s.strategy for s in a.strategies}
+    out = []
+    kappa = store.get_meta("kappa")
+    if "kappa" in names and kappa:
+        out.append(f"`kappa` adapted the {a.config.kappa.top_p:g} share of modules whose base weights have the lowest "
+                   f"condition number (PEFT's `find_kappa_target_modules`; the SVDs of {len(kappa['order'])} weight "
+                   f"matrices took {kappa['time_s']:.1f} s, once per study).")
+    autos = sorted(n for n in names if is_auto(n))
+    if autos and a.probe is not None:
+        how = "; ".join(f"`{n}` {'spread ranks over every module in proportion to' if a.config.auto.settings(n)[0] == 'rank' else 'took the modules with the highest'} "
+                        f"{a.config.auto.settings(n)[1].replace('_', ' ')} score" for n in autos)
+        out.append(f"A probe (rank {a.config.probe.rank}, {a.config.probe.steps} steps, seeds "
+                   f"{', '.join(map(str, a.probe.seeds))}; {a.probe.time_s:.0f} s) scored every module: {how}.")
+    return out
 
 
 def sentences(a: StudyAnalysis, store) -> list[str]:
@@ -54,6 +73,7 @@ def sentences(a: StudyAnalysis, store) -> list[str]:
     budget = (f" Every strategy's ranks were scaled by one factor to match the budget `{cfg.budget}` within "
               f"{100 * BUDGET_TOLERANCE:.0f}%." if cfg.budget else "")
     out.append(f"Placements: {placed}.{budget}")
+    out += _chosen(a, store)
     length = f"{t.epochs:g} epochs" if t.epochs is not None else f"{t.steps} optimizer steps"
     warm = f"{t.warmup:g} of the steps" if t.warmup < 1 else f"{t.warmup:g} steps"
     out.append(f"Each trial trained for {length} of {t.batch_size} examples with AdamW (peak learning rate {t.lr:g}, "

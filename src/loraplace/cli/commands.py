@@ -29,7 +29,7 @@ def cmd_inspect(args) -> int:
 def cmd_plan(args) -> int:
     from loraplace.cli.render import _fixed_table, _rank_text, _table, auto_why, placement_map
     from loraplace.core.config import StudyConfig
-    from loraplace.core.names import AUTO, is_auto, is_selected
+    from loraplace.core.names import AUTO, KAPPA, is_auto, is_selected
     from loraplace.model.anatomy import analyze
     from loraplace.model.estimate import estimate
     from loraplace.model.loading import skeleton
@@ -45,7 +45,8 @@ def cmd_plan(args) -> int:
     anat = analyze(skeleton(args.model or cfg.model))  # config only: no weights, no tokenizer
     skipped = _drop_unplaceable(cfg, anat) if anat.fixed else {}
     probe = _stored_probe(cfg) if needs_probe(cfg) else None
-    placements = resolve_placements(cfg, anat, auto_scores(cfg, probe) if probe else None)
+    kappa = _kappa_order(cfg, args.model or cfg.model) if KAPPA in cfg.strategies else None
+    placements = resolve_placements(cfg, anat, auto_scores(cfg, probe) if probe else None, kappa)
     t = cfg.train
     ests = {name: estimate(p, t.batch_size, cfg.data.max_length, t.dtype, t.gradient_checkpointing)
             for name, p in placements.items()}
@@ -99,6 +100,26 @@ def cmd_plan(args) -> int:
         if is_auto(name) and probe is not None:
             print(auto_why(p, probe, cfg.auto.settings(name)[1]))
     return 0
+
+
+def _kappa_order(cfg, model: str) -> list[str]:
+    """Strategy kappa's order: from the study directory when a study stored it, else from the model's weights."""
+    from loraplace.study.store import DB_NAME, Store
+
+    if os.path.exists(os.path.join(cfg.out, DB_NAME)):
+        with Store.open(cfg.out, create=False) as store:
+            meta = store.get_meta("kappa")
+        if meta:
+            return list(meta["order"])
+    from loraplace.model.anatomy import analyze
+    from loraplace.model.conditioning import kappa_order
+    from loraplace.model.loading import load
+
+    log.info("kappa: loading %s's weights for their condition numbers (a study stores them)", model)
+    weights, _ = load(model)
+    order, seconds = kappa_order(weights, analyze(weights))
+    log.info("kappa: %d condition numbers in %.1f s", len(order), seconds)
+    return order
 
 
 def _stored_probe(cfg):

@@ -221,6 +221,18 @@ def check_auto_name(name: str) -> None:
 
 
 @dataclass
+class KappaSpec:
+    """Strategy ``kappa`` (PEFT's KappaTune): the modules whose weights have the lowest condition number."""
+
+    top_p: float = 0.2  # share of the adaptable modules it adapts (PEFT's default); ranks: train.rank, or the budget's
+
+    def check(self) -> None:
+        check_finite("kappa.top_p", self.top_p)
+        if not 0 < self.top_p <= 1:
+            raise ConfigError(f"kappa.top_p: must be a share in (0, 1], got {self.top_p}")
+
+
+@dataclass
 class AnalysisSpec:
     """How the study's trials are compared (changes no trial: only the summary and the report)."""
 
@@ -291,6 +303,7 @@ class StudyConfig:
     gpus_per_trial: float = 0  # executor=ray: GPUs per trial (set 1 with train.device=cuda)
     probe: ProbeSpec = field(default_factory=ProbeSpec)  # the probe behind strategy auto
     auto: AutoSpec = field(default_factory=AutoSpec)  # strategy auto: which probe score, which budget
+    kappa: KappaSpec = field(default_factory=KappaSpec)  # strategy kappa: the share of modules it adapts
     analysis: AnalysisSpec = field(default_factory=AnalysisSpec)
     race: RaceSpec = field(default_factory=RaceSpec)  # racing: stop strategies early that cannot become the answer
     max_retries: int = 1  # executor=ray: reruns of a trial whose worker died, before it is recorded as failed
@@ -327,12 +340,13 @@ class StudyConfig:
             raise ConfigError(f"threshold: must be in (0, 1.5], got {self.threshold}")
         self.probe.check()
         self.auto.check()
+        self.kappa.check()
         for name in self.strategies:
             if name.startswith(AUTO_PREFIX):
                 check_auto_name(name)
         reserved = [n for n in self.define if is_selected(n)]
         if reserved:
-            raise ConfigError(f"define.{reserved[0]}: auto and random:K are built from the probe and the budget; "
+            raise ConfigError(f"define.{reserved[0]}: auto, kappa and random:K are chosen per model and budget; "
                               "choose another name")
 
     # -- serialization -------------------------------------------------------------------------

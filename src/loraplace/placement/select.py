@@ -17,7 +17,7 @@ from __future__ import annotations
 import random
 from typing import TYPE_CHECKING
 
-from loraplace.core.names import AUTO, RANDOM_PREFIX
+from loraplace.core.names import AUTO, KAPPA, RANDOM_PREFIX
 from loraplace.core.roles import ROLES
 from loraplace.placement.resolve import BUDGET_TOLERANCE, Placement, lora_params, max_rank, resolve, scale_ranks
 from loraplace.placement.strategy import PlacementError, selected_strategy
@@ -47,7 +47,7 @@ def fill_budget(order: list[str], anat: Anatomy, target: int, rank: int) -> dict
     return chosen
 
 
-def _candidates(anat: Anatomy) -> list[str]:
+def candidates(anat: Anatomy) -> list[str]:
     """Every module a strategy with roles all and blocks all adapts, by name."""
     return sorted(l.name for l in anat.layers if l.role in ROLES and l.block >= 0)
 
@@ -58,7 +58,7 @@ def auto_placement(anat: Anatomy, scores: dict[str, float], target: int, rank: i
     """Strategy ``auto`` (named ``name``; ``score`` names the criterion of ``scores`` for its description).
     ``allocate="subset"``: the highest-scored modules (ties by name) at ``rank``, filled to ``target`` (see
     ``fill_budget``). ``"rank"``: every module, ranks proportional to its score, scaled to ``target``."""
-    cands = _candidates(anat)
+    cands = candidates(anat)
     missing = [n for n in cands if n not in scores]
     if missing:
         raise PlacementError(f"probe scores miss {len(missing)} module(s) of this model (e.g. {missing[0]}); "
@@ -72,9 +72,26 @@ def auto_placement(anat: Anatomy, scores: dict[str, float], target: int, rank: i
                    alpha_per_rank=alpha_per_rank, ranks=ranks)
 
 
+def kappa_placement(anat: Anatomy, order: list[str], top_p: float, target: int | None, rank: int = 16,
+                    alpha: float = 32, alpha_per_rank: bool = False) -> Placement:
+    """Strategy ``kappa``: the first ``top_p`` share of ``order`` (adaptable modules by increasing condition
+    number, ``model.conditioning.kappa_order``), counted as PEFT counts it (int(n x top_p), at least one), at
+    ``rank``; with a ``target`` count their uniform rank is scaled to it (``scale_ranks``)."""
+    missing = sorted(set(candidates(anat)) - set(order))
+    if missing:
+        raise PlacementError(f"kappa's condition numbers miss {len(missing)} module(s) of this model (e.g. {missing[0]}); "
+                             "they were computed on another model")
+    chosen = order[:max(1, int(len(order) * top_p))]
+    what = f"strategy 'kappa' ({len(chosen)} modules, kappa.top_p={top_p})"
+    ranks = ({n: min(rank, max_rank(anat.layer(n))) for n in chosen} if target is None
+             else scale_ranks(dict.fromkeys(chosen, 1.0), anat, target, what=what))
+    return resolve(selected_strategy(KAPPA, top_p=top_p), anat, rank=rank, alpha=alpha, alpha_per_rank=alpha_per_rank,
+                   ranks=ranks)
+
+
 def random_order(anat: Anatomy, draw: int) -> list[str]:
     """The candidate modules in a random order seeded by ``draw`` (the same on every run and machine)."""
-    order = _candidates(anat)
+    order = candidates(anat)
     random.Random(f"loraplace-random-{draw}").shuffle(order)
     return order
 

@@ -19,9 +19,9 @@ from typing import TYPE_CHECKING
 
 from loraplace.core.config import StudyConfig
 from loraplace.core.identity import digest
-from loraplace.core.names import AUTO, is_auto, is_random, is_selected, random_draw
+from loraplace.core.names import AUTO, KAPPA, is_auto, is_random, is_selected, random_draw
 from loraplace.placement.resolve import Placement, match_budget, parse_budget, resolve
-from loraplace.placement.select import auto_placement, random_placement
+from loraplace.placement.select import auto_placement, kappa_placement, random_placement
 from loraplace.placement.strategy import PlacementError, Strategy, get_strategy, selected_strategy
 from loraplace.study.race import rung_steps
 
@@ -49,17 +49,18 @@ class TrialTask:
     evals_at: tuple[int, ...] = ()  # rung steps to evaluate at on the way (``until`` among them when it is a rung)
 
 
-def resolve_placements(cfg: StudyConfig, anat: Anatomy,
-                       scores: dict[str, dict[str, float]] | None = None) -> dict[str, Placement]:
+def resolve_placements(cfg: StudyConfig, anat: Anatomy, scores: dict[str, dict[str, float]] | None = None,
+                       kappa: list[str] | None = None) -> dict[str, Placement]:
     """Every strategy of the study resolved (and budget-matched when cfg.budget is set).
 
     ``scores`` (probe criterion -> full module name -> score, mean over probe seeds; ``auto_scores``) places
     ``auto`` and ``auto:...``; they and ``random:K`` fill ``selected_budget``, and ``budget: same:auto``
-    matches the others to auto."""
+    matches the others to auto. ``kappa`` (modules by increasing weight condition number,
+    ``model.conditioning.kappa_order``) places ``kappa``, at train.rank or matched to the study's budget."""
     t = cfg.train
     kw = dict(rank=t.rank, alpha=t.alpha, alpha_per_rank=t.alpha_per_rank)
     if any(is_selected(n) for n in cfg.strategies) or cfg.budget == SAME_AUTO:
-        return _with_selected(cfg, anat, scores, kw)
+        return _with_selected(cfg, anat, scores, kappa, kw)
     strategies = {name: get_strategy(name, cfg.define) for name in cfg.strategies}
     if cfg.budget is None:
         return {name: resolve(s, anat, **kw) for name, s in strategies.items()}
@@ -69,6 +70,8 @@ def resolve_placements(cfg: StudyConfig, anat: Anatomy,
 
 def study_strategy(cfg: StudyConfig, name: str) -> Strategy:
     """Strategy ``name`` as this study defines it (``define``; auto's allocation and score from ``auto``)."""
+    if name == KAPPA:
+        return selected_strategy(name, top_p=cfg.kappa.top_p)
     return selected_strategy(name, *cfg.auto.settings(name)) if is_auto(name) else get_strategy(name, cfg.define)
 
 
@@ -94,12 +97,14 @@ def selected_budget(cfg: StudyConfig, anat: Anatomy) -> int:
     return parse_budget(spec, anat, cfg.train.rank, cfg.define)
 
 
-def _with_selected(cfg: StudyConfig, anat: Anatomy, scores: dict[str, float] | None, kw: dict) -> dict[str, Placement]:
-    target = selected_budget(cfg, anat)
+def _with_selected(cfg: StudyConfig, anat: Anatomy, scores: dict[str, dict[str, float]] | None,
+                   kappa: list[str] | None, kw: dict) -> dict[str, Placement]:
     out: dict[str, Placement] = {}
     autos = [n for n in cfg.strategies if is_auto(n)]
     if cfg.budget == SAME_AUTO and AUTO not in autos:
         autos.append(AUTO)  # the count the fixed strategies are matched to
+    if autos or any(is_random(n) for n in cfg.strategies):
+        target = selected_budget(cfg, anat)
     for name in autos:
         allocate, score = cfg.auto.settings(name)
         if not scores or score not in scores:
@@ -115,6 +120,11 @@ def _with_selected(cfg: StudyConfig, anat: Anatomy, scores: dict[str, float] | N
         fixed_target = parse_budget(cfg.budget, anat, cfg.train.rank, cfg.define)
     else:
         fixed_target = None
+    if KAPPA in cfg.strategies:
+        if kappa is None:
+            raise PlacementError("strategy kappa needs the base weights' condition numbers: `loraplace study` "
+                                 "computes them (seconds); `loraplace plan` reads them from the study or the weights")
+        out[KAPPA] = kappa_placement(anat, kappa, cfg.kappa.top_p, fixed_target, **kw)
     for name in cfg.strategies:
         if name not in out:
             s = get_strategy(name, cfg.define)

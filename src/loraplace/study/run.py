@@ -26,6 +26,7 @@ import torch
 
 from loraplace import __version__
 from loraplace.core.config import ConfigError, StudyConfig
+from loraplace.core.names import KAPPA
 from loraplace.data.answers import STOP_RULE
 from loraplace.study import claims
 from loraplace.study.executor import run_tasks
@@ -90,6 +91,23 @@ def zero_shot(cfg: StudyConfig, ws: Workspace, store: Store) -> dict:
     return zero
 
 
+def kappa_order_of(cfg: StudyConfig, ws: Workspace, store: Store) -> list[str]:
+    """The adaptable modules by increasing weight condition number (PEFT's KappaTune), computed once per model and
+    kept in meta ``kappa`` with the seconds the SVDs took (the method's own cost)."""
+    import peft
+
+    from loraplace.model.conditioning import kappa_order
+
+    key = trial_id({"model": cfg.model, "kappa": "find_kappa_target_modules", "peft": peft.__version__})
+    meta = store.get_meta("kappa")
+    if not meta or meta.get("key") != key:
+        order, seconds = kappa_order(ws.model, ws.anatomy)
+        meta = {"key": key, "order": order, "time_s": seconds}
+        store.put_meta("kappa", meta)
+        log.info("kappa: condition numbers of %d modules (PEFT's find_kappa_target_modules) in %.1f s", len(order), seconds)
+    return list(meta["order"])
+
+
 def run_study(cfg: StudyConfig, model_and_tokenizer=None) -> list[TrialRecord]:
     """Run every unfinished trial of the study; returns all trial records of the study."""
     if cfg.baseline not in cfg.strategies:  # deltas and retained improvement would have no reference
@@ -110,7 +128,8 @@ def run_study(cfg: StudyConfig, model_and_tokenizer=None) -> list[TrialRecord]:
 
         selected_budget(cfg, anat)  # a missing budget fails before minutes of probing
         scores = auto_scores(cfg, ensure_probe(cfg, ws, store))
-    placements = resolve_placements(cfg, anat, scores)  # every strategy error surfaces before any training
+    kappa = kappa_order_of(cfg, ws, store) if KAPPA in cfg.strategies else None
+    placements = resolve_placements(cfg, anat, scores, kappa)  # every strategy error surfaces before any training
     planned = plan_trials(cfg, placements)
     store.put_study_config(cfg, [p.trial_id for p in planned])
     store.write_file("config.yaml", cfg.to_yaml())  # rerun with: loraplace study OUT/config.yaml
