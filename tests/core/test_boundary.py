@@ -81,7 +81,8 @@ def test_every_module_is_on_one_side_or_imports_torch():
                   "loraplace.train.trial", "loraplace.train.loss", "loraplace.train.sequential", "loraplace.train.fused",
                   "loraplace.train.prefix", "loraplace.train.memory", "loraplace.train.guard", "loraplace.train.generate",
                   "loraplace.train.segments", "loraplace.study.forgetting",
-                  "loraplace.study.workspace", "loraplace.study.executor", "loraplace.study.run", "loraplace.study.probe"}
+                  "loraplace.study.workspace", "loraplace.study.executor", "loraplace.study.run", "loraplace.study.probe",
+                      "loraplace.study.eva"}
     every = {m.name for m in pkgutil.walk_packages(loraplace.__path__, "loraplace.") if not m.name.endswith("__main__")}
     assert every - listed - torch_side == set(), "place the new module(s) in TORCH_FREE_MODULES or torch_side"
     assert not listed & torch_side

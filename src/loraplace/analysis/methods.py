@@ -36,6 +36,14 @@ def _chosen(a: StudyAnalysis, store) -> list[str]:
         out.append(f"`kappa` adapted the {a.config.kappa.top_p:g} share of modules whose base weights have the lowest "
                    f"condition number (PEFT's `find_kappa_target_modules`; the SVDs of {len(kappa['order'])} weight "
                    f"matrices took {kappa['time_s']:.1f} s, once per study).")
+    eva = store.get_meta("eva")
+    if "eva" in names and eva:
+        ranks, base = list(eva["ranks"].values()), eva["base"]
+        out.append(f"`eva` took its ranks and initial A matrices from PEFT's EVA: an incremental SVD of every module's "
+                   f"inputs on the training examples (completion tokens), a rank sum of {sum(base.values())} over "
+                   f"{len(base)} modules redistributed by explained variance (at most {a.config.eva.rho:g} times a "
+                   f"module's even share; {len(ranks)} modules kept, ranks {min(ranks)}-{max(ranks)}, alpha scaled with "
+                   f"the rank), B at zero; EVA took {eva['time_s']:.1f} s, once per study.")
     autos = sorted(n for n in names if is_auto(n))
     if autos and a.probe is not None:
         how = "; ".join(f"`{n}` {'spread ranks over every module in proportion to' if a.config.auto.settings(n)[0] == 'rank' else 'took the modules with the highest'} "

@@ -29,7 +29,7 @@ def cmd_inspect(args) -> int:
 def cmd_plan(args) -> int:
     from loraplace.cli.render import _fixed_table, _rank_text, _table, auto_why, placement_map
     from loraplace.core.config import StudyConfig
-    from loraplace.core.names import AUTO, KAPPA, is_auto, is_selected
+    from loraplace.core.names import AUTO, EVA, KAPPA, is_auto, is_selected
     from loraplace.model.anatomy import analyze
     from loraplace.model.estimate import estimate
     from loraplace.model.loading import skeleton
@@ -46,7 +46,11 @@ def cmd_plan(args) -> int:
     skipped = _drop_unplaceable(cfg, anat) if anat.fixed else {}
     probe = _stored_probe(cfg) if needs_probe(cfg) else None
     kappa = _kappa_order(cfg, args.model or cfg.model) if KAPPA in cfg.strategies else None
-    placements = resolve_placements(cfg, anat, auto_scores(cfg, probe) if probe else None, kappa)
+    eva = _stored_eva(cfg) if EVA in cfg.strategies else None
+    if EVA in cfg.strategies and eva is None:
+        skipped[EVA] = "resolved from the train data's activations when the study runs (PEFT's EVA); plan shows it then"
+        cfg.strategies = [s for s in cfg.strategies if s != EVA]
+    placements = resolve_placements(cfg, anat, auto_scores(cfg, probe) if probe else None, kappa, eva)
     t = cfg.train
     ests = {name: estimate(p, t.batch_size, cfg.data.max_length, t.dtype, t.gradient_checkpointing)
             for name, p in placements.items()}
@@ -100,6 +104,22 @@ def cmd_plan(args) -> int:
         if is_auto(name) and probe is not None:
             print(auto_why(p, probe, cfg.auto.settings(name)[1]))
     return 0
+
+
+def _stored_eva(cfg):
+    """EVA's ranks and alphas as the study in cfg.out stored them (None when it has none); no tensors are read."""
+    from types import SimpleNamespace
+
+    from loraplace.study.store import DB_NAME, Store
+
+    if not os.path.exists(os.path.join(cfg.out, DB_NAME)):
+        return None
+    with Store.open(cfg.out, create=False) as store:
+        meta = store.get_meta("eva")
+    if not meta:
+        return None
+    ranks = {n: int(r) for n, r in meta["ranks"].items()}
+    return SimpleNamespace(ranks=ranks, alphas={n: cfg.train.alpha * r / meta["base"][n] for n, r in ranks.items()})
 
 
 def _kappa_order(cfg, model: str) -> list[str]:
@@ -299,5 +319,14 @@ def cmd_export(args) -> int:
 
     with Store.open(args.study_dir, create=False) as store:
         placement = placement_for(store.current_trials(), args.strategy)
+        eva = store.get_meta("eva") if placement.init == "eva" else None
     print(export(placement, args.format))
+    if eva:  # the config rebuilds the modules and ranks; EVA's A matrices come from the data
+        base = sorted(set(eva["base"].values()))
+        print(f"note: {args.strategy}'s A matrices started from PEFT's EVA on the study's train data (rank sum "
+              f"{sum(eva['base'].values())}: rank {'-'.join(map(str, base))} on each of {len(eva['base'])} modules before "
+              f"redistribution, eva.rho as in the study's config.yaml). To reproduce: LoraConfig(r=..., target_modules="
+              "<every linear of every block>, init_lora_weights='eva', eva_config=EvaConfig(rho=...)) then "
+              "peft.initialize_lora_eva_weights(model, dataloader); the study's trained adapters (adapters/) hold the "
+              "result", file=sys.stderr)
     return 0

@@ -233,6 +233,22 @@ class KappaSpec:
 
 
 @dataclass
+class EvaSpec:
+    """Strategy ``eva`` (PEFT's EVA, study/eva.py): ranks and A matrices from an SVD of each module's inputs."""
+
+    rho: float = 2.0  # a module gets at most rho x r0 ranks (PEFT's default; 1: no redistribution)
+    tau: float = 0.99  # the SVD stops when consecutive right-singular vectors agree to this cosine (PEFT's default)
+
+    def check(self) -> None:
+        check_finite("eva.rho", self.rho)
+        check_finite("eva.tau", self.tau)
+        if self.rho < 1:
+            raise ConfigError(f"eva.rho: must be >= 1 (the largest rank is rho x r0), got {self.rho}")
+        if not 0 < self.tau <= 1:
+            raise ConfigError(f"eva.tau: must be in (0, 1], got {self.tau}")
+
+
+@dataclass
 class AnalysisSpec:
     """How the study's trials are compared (changes no trial: only the summary and the report)."""
 
@@ -304,6 +320,7 @@ class StudyConfig:
     probe: ProbeSpec = field(default_factory=ProbeSpec)  # the probe behind strategy auto
     auto: AutoSpec = field(default_factory=AutoSpec)  # strategy auto: which probe score, which budget
     kappa: KappaSpec = field(default_factory=KappaSpec)  # strategy kappa: the share of modules it adapts
+    eva: EvaSpec = field(default_factory=EvaSpec)  # strategy eva: PEFT's EVA redistribution and SVD settings
     analysis: AnalysisSpec = field(default_factory=AnalysisSpec)
     race: RaceSpec = field(default_factory=RaceSpec)  # racing: stop strategies early that cannot become the answer
     max_retries: int = 1  # executor=ray: reruns of a trial whose worker died, before it is recorded as failed
@@ -341,12 +358,13 @@ class StudyConfig:
         self.probe.check()
         self.auto.check()
         self.kappa.check()
+        self.eva.check()
         for name in self.strategies:
             if name.startswith(AUTO_PREFIX):
                 check_auto_name(name)
         reserved = [n for n in self.define if is_selected(n)]
         if reserved:
-            raise ConfigError(f"define.{reserved[0]}: auto, kappa and random:K are chosen per model and budget; "
+            raise ConfigError(f"define.{reserved[0]}: auto, kappa, eva and random:K are chosen per model and budget; "
                               "choose another name")
 
     # -- serialization -------------------------------------------------------------------------

@@ -9,7 +9,8 @@ Usage::
 default rank, ``rank`` spreads the budget over every module with ranks proportional to the scores;
 ``auto:ALLOCATE``, ``auto:SCORE`` and ``auto:ALLOCATE:SCORE`` override ``auto.allocate``/``auto.score`` for that
 strategy, so one study can compare them. ``random:K`` is a seeded random module set. All are filled to a
-budget. ``kappa`` takes the modules whose weights have the lowest condition number (PEFT's KappaTune). The
+budget. ``kappa`` takes the modules whose weights have the lowest condition number (PEFT's KappaTune), ``eva`` the
+ranks PEFT's EVA gives from the activations of the train data. The
 rule for which names these are lives here only.
 """
 
@@ -17,6 +18,7 @@ from __future__ import annotations
 
 AUTO = "auto"
 KAPPA = "kappa"  # the modules of lowest weight condition number (PEFT's KappaTune), a share kappa.top_p
+EVA = "eva"  # ranks and A matrices from an SVD of every module's inputs (PEFT's EVA)
 AUTO_PREFIX = "auto:"
 RANDOM_PREFIX = "random:"
 ALLOCATIONS = ("subset", "rank")  # auto.allocate: a module subset at the default rank | ranks over every module
@@ -49,9 +51,9 @@ def is_random(name: str) -> bool:
 
 
 def is_selected(name: str) -> bool:
-    """``auto`` (``auto:...``), ``kappa`` and ``random:K``: module sets chosen per model (its weights, the probe's
-    scores, a seeded draw) and budget, not by roles x blocks."""
-    return is_auto(name) or is_random(name) or name == KAPPA
+    """``auto`` (``auto:...``), ``kappa``, ``eva`` and ``random:K``: module sets chosen per model (its weights,
+    activations, the probe's scores, a seeded draw) and budget, not by roles x blocks."""
+    return is_auto(name) or is_random(name) or name in (KAPPA, EVA)
 
 
 def random_draw(name: str) -> int:

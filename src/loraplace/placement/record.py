@@ -45,6 +45,7 @@ class PlacementRecord:
     dropout: float | None = None  # LoRA dropout used in training
     fan_in_fan_out: bool = False  # GPT-2 style Conv1D layers store weights as (in, out)
     variant: str = "lora"  # lora | dora | rslora (placement.strategy.VARIANTS): how each adapter learns
+    init: str = "default"  # how A started: PEFT's default (seeded random), or "eva" (PEFT's EVA, study.eva)
 
     @property
     def rank(self) -> int:
@@ -73,6 +74,7 @@ class PlacementRecord:
             "dropout": self.dropout,
             "fan_in_fan_out": self.fan_in_fan_out,
             "variant": self.variant,
+            "init": self.init,
         }
 
     @classmethod
@@ -90,7 +92,7 @@ class PlacementRecord:
             n_blocks=data.get("n_blocks"), trainable_params=data.get("trainable_params"),
             base_params=data.get("base_params"), definition=dict(data.get("definition") or {}),
             dropout=None if dropout is None else float(dropout), fan_in_fan_out=bool(data.get("fan_in_fan_out", False)),
-            variant=str(data.get("variant") or "lora"),
+            variant=str(data.get("variant") or "lora"), init=str(data.get("init") or "default"),
         )
 
     def lora_kwargs(self) -> dict:

@@ -49,6 +49,7 @@ class Placement:
     modules: dict[str, int]  # full module name -> rank, sorted by name
     alphas: dict[str, float]  # full module name -> lora_alpha
     anatomy: Anatomy = field(repr=False)
+    init: str = "default"  # how the A matrices start: PEFT's default, or "eva" (study.eva gives them)
 
     @property
     def names(self) -> list[str]:
@@ -84,6 +85,7 @@ class Placement:
             dropout=dropout,
             fan_in_fan_out={layer(n).kind for n in self.modules} == {"Conv1D"},
             variant=self.strategy.variant,
+            init=self.init,
         )
 
     def to_dict(self, dropout: float | None = None) -> dict:
@@ -92,10 +94,11 @@ class Placement:
 
 def resolve(
     strategy: Strategy, anat: Anatomy, rank: int = 16, alpha: float = 32, alpha_per_rank: bool = False,
-    ranks: dict[str, int] | None = None,
+    ranks: dict[str, int] | None = None, alphas: dict[str, float] | None = None, init: str = "default",
 ) -> Placement:
     """Explicit module names and ranks for a strategy. ``ranks`` (full name -> rank) overrides,
-    as budget matching does. With ``alpha_per_rank`` each module keeps alpha/r = alpha/rank."""
+    as budget matching does. With ``alpha_per_rank`` each module keeps alpha/r = alpha/rank; ``alphas``
+    (full name -> lora_alpha) overrides that (EVA's rescaled alphas); ``init`` names how A starts."""
     roles = parse_roles(strategy.roles)
     blocks = set(parse_blocks(strategy.blocks, anat.n_blocks))
     _check_rank_keys(strategy.rank, strategy.name)
@@ -113,15 +116,15 @@ def resolve(
             + ("; its mixture-of-experts MLP keeps the experts in fused 3-D weights, which are not layers LoRA can "
                "wrap (see `loraplace inspect`)" if any(f.role == "moe.experts" for f in anat.fixed) else "")
         )
-    modules, alphas = {}, {}
+    modules, given = {}, {}
     for layer in chosen:
         r = (ranks or {}).get(layer.name) or _rank_for(layer.role, strategy.rank, rank)
         limit = min(layer.in_features, layer.out_features)
         if not 1 <= r <= limit:
             raise PlacementError(f"rank {r} for {layer.name} ({layer.role}, {layer.in_features}->{layer.out_features}) must be in 1-{limit}")
         modules[layer.name] = r
-        alphas[layer.name] = float(alpha * r / rank) if alpha_per_rank else float(alpha)
-    return Placement(strategy, modules, alphas, anat)
+        given[layer.name] = float(alpha * r / rank) if alpha_per_rank else float(alpha)
+    return Placement(strategy, modules, {**given, **{n: a for n, a in (alphas or {}).items() if n in modules}}, anat, init)
 
 
 def parse_budget(budget: str | int | float, anat: Anatomy, rank: int, defined: dict | None = None) -> int:

@@ -13,7 +13,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from loraplace.core.errors import LoraplaceError
-from loraplace.core.names import AUTO, KAPPA, is_auto, is_selected, random_draw
+from loraplace.core.names import AUTO, EVA, KAPPA, is_auto, is_selected, random_draw
 from loraplace.core.roles import ROLE_GROUPS, ROLES
 
 
@@ -91,7 +91,7 @@ def get_strategy(name: str, defined: dict[str, dict] | None = None) -> Strategy:
     if name in BUILTIN:
         return BUILTIN[name]
     raise PlacementError(f"unknown strategy {name!r}; valid: {', '.join([*BUILTIN, *defined])}, auto, "
-                         "auto:ALLOCATE:SCORE, kappa, random:K (or define it in the study YAML)")
+                         "auto:ALLOCATE:SCORE, kappa, eva, random:K (or define it in the study YAML)")
 
 
 # -- selected strategies: module sets chosen from probe scores (auto) or at random (random:K) ------
@@ -99,9 +99,14 @@ AUTO_DESCRIPTION = "the modules the probe scores highest (auto.score), at the de
 AUTO_RANK_DESCRIPTION = "every module, ranks proportional to the probe's scores (auto.score), filled to the budget"
 
 
-def selected_strategy(name: str, allocate: str = "subset", score: str | None = None, top_p: float = 0.2) -> Strategy:
+def selected_strategy(name: str, allocate: str = "subset", score: str | None = None, top_p: float = 0.2,
+                      rho: float = 2.0) -> Strategy:
     """The Strategy of ``auto`` (``auto:...``, placed by ``allocate`` on ``score``), ``kappa`` (its share
-    ``top_p``) or ``random:K``: roles and blocks all; the module set and ranks come from ``select``."""
+    ``top_p``), ``eva`` (its ``rho``) or ``random:K``: roles and blocks all; the module set and ranks come from
+    ``select`` (``study.eva`` for eva)."""
+    if name == EVA:
+        return Strategy(EVA, description=f"PEFT's EVA: ranks (at most {rho:g} x r0) and A matrices from an SVD of every "
+                                         "module's inputs on the train data, the rank sum meeting the budget")
     if name == KAPPA:
         return Strategy(KAPPA, description=f"the {top_p:g} share of modules whose weights have the lowest condition "
                                            "number (PEFT's KappaTune), at the default rank or scaled to the budget")

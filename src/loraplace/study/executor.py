@@ -275,4 +275,8 @@ class _RayWorker:
             self.ws = Workspace.build(self.cfg)
             with Store.open(self.cfg.out, create=False) as store:  # the driver built it before any trial started
                 self.ws.forgetting = load(self.cfg, self.ws, store)
+                if "eva" in self.cfg.strategies:
+                    from loraplace.study import eva
+
+                    self.ws.eva = eva.load(self.cfg, store)
         return run_one(self.ws, task)

@@ -19,7 +19,7 @@ from typing import TYPE_CHECKING
 
 from loraplace.core.config import StudyConfig
 from loraplace.core.identity import digest
-from loraplace.core.names import AUTO, KAPPA, is_auto, is_random, is_selected, random_draw
+from loraplace.core.names import AUTO, EVA, KAPPA, is_auto, is_random, is_selected, random_draw
 from loraplace.placement.resolve import Placement, match_budget, parse_budget, resolve
 from loraplace.placement.select import auto_placement, kappa_placement, random_placement
 from loraplace.placement.strategy import PlacementError, Strategy, get_strategy, selected_strategy
@@ -50,17 +50,18 @@ class TrialTask:
 
 
 def resolve_placements(cfg: StudyConfig, anat: Anatomy, scores: dict[str, dict[str, float]] | None = None,
-                       kappa: list[str] | None = None) -> dict[str, Placement]:
+                       kappa: list[str] | None = None, eva=None) -> dict[str, Placement]:
     """Every strategy of the study resolved (and budget-matched when cfg.budget is set).
 
     ``scores`` (probe criterion -> full module name -> score, mean over probe seeds; ``auto_scores``) places
     ``auto`` and ``auto:...``; they and ``random:K`` fill ``selected_budget``, and ``budget: same:auto``
     matches the others to auto. ``kappa`` (modules by increasing weight condition number,
-    ``model.conditioning.kappa_order``) places ``kappa``, at train.rank or matched to the study's budget."""
+    ``model.conditioning.kappa_order``) places ``kappa``, at train.rank or matched to the study's budget; ``eva``
+    (``study.eva.EvaInit``, computed for ``fixed_budget``) places ``eva``."""
     t = cfg.train
     kw = dict(rank=t.rank, alpha=t.alpha, alpha_per_rank=t.alpha_per_rank)
     if any(is_selected(n) for n in cfg.strategies) or cfg.budget == SAME_AUTO:
-        return _with_selected(cfg, anat, scores, kappa, kw)
+        return _with_selected(cfg, anat, scores, kappa, eva, kw)
     strategies = {name: get_strategy(name, cfg.define) for name in cfg.strategies}
     if cfg.budget is None:
         return {name: resolve(s, anat, **kw) for name, s in strategies.items()}
@@ -72,6 +73,8 @@ def study_strategy(cfg: StudyConfig, name: str) -> Strategy:
     """Strategy ``name`` as this study defines it (``define``; auto's allocation and score from ``auto``)."""
     if name == KAPPA:
         return selected_strategy(name, top_p=cfg.kappa.top_p)
+    if name == EVA:
+        return selected_strategy(name, rho=cfg.eva.rho)
     return selected_strategy(name, *cfg.auto.settings(name)) if is_auto(name) else get_strategy(name, cfg.define)
 
 
@@ -97,8 +100,26 @@ def selected_budget(cfg: StudyConfig, anat: Anatomy) -> int:
     return parse_budget(spec, anat, cfg.train.rank, cfg.define)
 
 
+def fixed_budget(cfg: StudyConfig, anat: Anatomy) -> int | None:
+    """The trainable count the study's budget names for strategies that are not auto or random:K (None: no
+    budget); ``same:auto`` is known only once auto is placed (``resolve_placements``)."""
+    if cfg.budget is None:
+        return None
+    if cfg.budget == SAME_AUTO:
+        raise PlacementError("strategy eva needs its budget before auto is placed: give the study's budget as a count "
+                             "or same:STRATEGY of a fixed strategy")
+    return parse_budget(cfg.budget, anat, cfg.train.rank, cfg.define)
+
+
+def eva_placement(cfg: StudyConfig, anat: Anatomy, eva) -> Placement:
+    """Strategy eva at the ranks, alphas and initialisation of ``eva`` (``study.eva.EvaInit``)."""
+    t = cfg.train
+    return resolve(study_strategy(cfg, EVA), anat, rank=t.rank, alpha=t.alpha, alpha_per_rank=t.alpha_per_rank,
+                   ranks=eva.ranks, alphas=eva.alphas, init="eva")
+
+
 def _with_selected(cfg: StudyConfig, anat: Anatomy, scores: dict[str, dict[str, float]] | None,
-                   kappa: list[str] | None, kw: dict) -> dict[str, Placement]:
+                   kappa: list[str] | None, eva, kw: dict) -> dict[str, Placement]:
     out: dict[str, Placement] = {}
     autos = [n for n in cfg.strategies if is_auto(n)]
     if cfg.budget == SAME_AUTO and AUTO not in autos:
@@ -125,6 +146,11 @@ def _with_selected(cfg: StudyConfig, anat: Anatomy, scores: dict[str, dict[str, 
             raise PlacementError("strategy kappa needs the base weights' condition numbers: `loraplace study` "
                                  "computes them (seconds); `loraplace plan` reads them from the study or the weights")
         out[KAPPA] = kappa_placement(anat, kappa, cfg.kappa.top_p, fixed_target, **kw)
+    if EVA in cfg.strategies:
+        if eva is None:
+            raise PlacementError("strategy eva is resolved from the train data's activations: `loraplace study` runs "
+                                 "EVA before training; `loraplace plan` shows it once a study stored it")
+        out[EVA] = eva_placement(cfg, anat, eva)
     for name in cfg.strategies:
         if name not in out:
             s = get_strategy(name, cfg.define)
@@ -154,6 +180,8 @@ def plan_trials(cfg: StudyConfig, placements: dict[str, Placement]) -> list[Tria
                 "ranks": p.modules,
                 "seed": seed,
             }
+            if p.init != "default":  # EVA's A matrices and alphas (their key says from what they were computed)
+                config["init"] = {"kind": p.init, "alphas": p.alphas}
             tid = trial_id(config)
             label = f"{name}-s{seed}-{tid[:8]}"
             adapter_dir = str(Path(cfg.out) / "adapters" / label) if cfg.train.save_adapter else None

@@ -26,12 +26,12 @@ import torch
 
 from loraplace import __version__
 from loraplace.core.config import ConfigError, StudyConfig
-from loraplace.core.names import KAPPA
+from loraplace.core.names import EVA, KAPPA
 from loraplace.data.answers import STOP_RULE
 from loraplace.study import claims
 from loraplace.study.executor import run_tasks
 from loraplace.study import forgetting, race
-from loraplace.study.plan import auto_scores, needs_probe, plan_trials, resolve_placements, segment, selected_budget, trial_id
+from loraplace.study.plan import auto_scores, fixed_budget, needs_probe, plan_trials, resolve_placements, segment, selected_budget, trial_id
 from loraplace.study.store import DONE, PAUSED, RUNNING, STOPPED, Store, TrialRecord
 from loraplace.study.workspace import Workspace
 from loraplace.train.loss import evaluate
@@ -129,7 +129,11 @@ def run_study(cfg: StudyConfig, model_and_tokenizer=None) -> list[TrialRecord]:
         selected_budget(cfg, anat)  # a missing budget fails before minutes of probing
         scores = auto_scores(cfg, ensure_probe(cfg, ws, store))
     kappa = kappa_order_of(cfg, ws, store) if KAPPA in cfg.strategies else None
-    placements = resolve_placements(cfg, anat, scores, kappa)  # every strategy error surfaces before any training
+    if EVA in cfg.strategies:  # its ranks come from the data: resolved (or read back) before planning
+        from loraplace.study.eva import eva_init
+
+        ws.eva = eva_init(cfg, ws, store, fixed_budget(cfg, anat))
+    placements = resolve_placements(cfg, anat, scores, kappa, ws.eva)  # every strategy error surfaces before any training
     planned = plan_trials(cfg, placements)
     store.put_study_config(cfg, [p.trial_id for p in planned])
     store.write_file("config.yaml", cfg.to_yaml())  # rerun with: loraplace study OUT/config.yaml

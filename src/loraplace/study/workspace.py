@@ -25,7 +25,9 @@ from loraplace.data.tokenize import TokenizedSet, encode_prompt, tokenize
 from loraplace.model.anatomy import Anatomy, analyze
 from loraplace.model.loading import load
 from loraplace.placement.resolve import Placement, resolve
-from loraplace.study.plan import TrialTask, study_strategy
+from loraplace.core.names import EVA
+from loraplace.placement.strategy import PlacementError
+from loraplace.study.plan import TrialTask, eva_placement, study_strategy
 from loraplace.train.generate import answer_accuracy
 from loraplace.train.memory import pick_device
 from loraplace.train.trial import Setup
@@ -46,6 +48,7 @@ class Workspace:
     eval_examples: list
     device: str
     forgetting: object | None = None  # study.forgetting.ForgettingSet, set by the study once it has one
+    eva: object | None = None  # study.eva.EvaInit of strategy eva, set by the study (or read back) before trials
 
     @classmethod
     def build(cls, cfg: StudyConfig, model_and_tokenizer=None) -> "Workspace":
@@ -76,9 +79,13 @@ class Workspace:
         answer, so both engines score the same."""
         return Setup(self.model, self.train_set, self.eval_set, self.cfg.train, self.cfg.eval,
                      self.tokenizer.pad_token_id, self.device, self.accuracy if self.accuracy_examples else None,
-                     self.forgetting)
+                     self.forgetting, inits={"eva": self.eva.weights} if self.eva is not None else {})
 
     def placement(self, task: TrialTask) -> Placement:
         """The task's placement on this model, at the ranks the driver resolved."""
         t = self.cfg.train
+        if task.strategy == EVA:
+            if self.eva is None:
+                raise PlacementError("strategy eva: this process has no EVA result (the study computes it first)")
+            return eva_placement(self.cfg, self.anatomy, self.eva)
         return resolve(study_strategy(self.cfg, task.strategy), self.anatomy, rank=t.rank, alpha=t.alpha, alpha_per_rank=t.alpha_per_rank, ranks=task.ranks)

@@ -73,6 +73,7 @@ class Setup:
     accuracy: Callable | None = None  # model -> {"accuracy", "accuracy_n"} on fixed examples; None: not measured
     forgetting: object | None = None  # study.forgetting.ForgettingSet: measure(model) at the end; None: not measured
     prefix_cache_bytes: int | None = None  # cap on the frozen-prefix cache (None: a share of free memory; 0: none)
+    inits: dict = field(default_factory=dict)  # placement.init -> {module: A (r, in)}: where A starts (EVA's)
 
     @property
     def total_steps(self) -> int:
@@ -126,6 +127,8 @@ class Trial:
         try:
             params = {base_name(n): torch.nn.Parameter(p.detach().clone())
                       for n, p in peft_model.named_parameters() if p.requires_grad}
+            if placement.init != "default":  # A as a data-driven method computed it (B stays zero)
+                start_from(params, placement, setup.inits.get(placement.init))
             scales = {n: float(layer.scaling["default"]) for n, layer in lora_layers(peft_model).items()}
             rng = generator(setup.device).get_state() if spec.dropout > 0 else None
         finally:
@@ -306,6 +309,19 @@ class Trial:
         for key in ("tokens", "slots", "train_time", "eval_time", "peak", "eval", "error", "fused", "prefix_blocks"):
             setattr(trial, key, state[key])
         return trial
+
+
+def start_from(params: dict[str, torch.nn.Parameter], placement: Placement, init: dict | None) -> None:
+    """Copy the A matrices of ``init`` (module -> (r, in)) into a trial's fresh adapter tensors, every placed module."""
+    if not init or set(init) != set(placement.modules):
+        raise TrialError(f"trial {placement.strategy.name}: no {placement.init} initialisation for exactly its modules")
+    with torch.no_grad():
+        for module, a in init.items():
+            target = params[f"{module}.lora_A.default.weight"]
+            if tuple(a.shape) != tuple(target.shape):
+                raise TrialError(f"{placement.init} initialisation of {module} is {tuple(a.shape)}, the adapter's A "
+                                 f"{tuple(target.shape)}")
+            target.copy_(a.to(target.device, target.dtype))
 
 
 def save_adapter(peft_model, target: str | Path) -> Path:
