@@ -16,7 +16,7 @@ from pathlib import Path
 
 import matplotlib
 import numpy as np
-from matplotlib.colors import Normalize
+from matplotlib.colors import LogNorm, Normalize
 from matplotlib.figure import Figure
 from matplotlib.ticker import FuncFormatter, LogLocator, NullFormatter
 
@@ -154,6 +154,7 @@ def placement_map(a: StudyAnalysis, path: Path) -> Path:
     n_blocks = max([int(s.placement.n_blocks or 0) for s in rows] +
                    [m.block + 1 for s in rows for m in s.placement.modules.values()] + [1])
     max_rank = max([m.rank for s in rows for m in s.placement.modules.values()] + [1])
+    min_rank = min([m.rank for s in rows for m in s.placement.modules.values()] + [1])
     with matplotlib.rc_context(RC):
         height = max(2.5, len(rows) * (0.33 * max(len(roles), 1) + 1.0) + 0.8)
         fig = Figure(figsize=(12, height), layout="constrained")
@@ -162,7 +163,8 @@ def placement_map(a: StudyAnalysis, path: Path) -> Path:
             return save(fig, path)
         axes = fig.subplots(len(rows), 1, squeeze=False, sharex=True)[:, 0]
         cmap = matplotlib.colormaps["viridis_r"].with_extremes(bad="white")  # NaN = not adapted
-        norm = Normalize(vmin=0, vmax=max_rank)
+        # ranks spread over more than a factor 16 (rank allocation): a log scale, or rank 1 and 8 look alike
+        norm = LogNorm(vmin=min_rank, vmax=max_rank) if max_rank > 16 * min_rank else Normalize(vmin=0, vmax=max_rank)
         mesh = None
         for ax, s in zip(axes, rows):
             grid = [[math.nan] * n_blocks for _ in roles]

@@ -29,7 +29,7 @@ def cmd_inspect(args) -> int:
 def cmd_plan(args) -> int:
     from loraplace.cli.render import _fixed_table, _rank_text, _table, auto_why, placement_map
     from loraplace.core.config import StudyConfig
-    from loraplace.core.names import AUTO, EVA, KAPPA, is_auto, is_selected
+    from loraplace.core.names import AUTO, EVA, KAPPA, is_auto, is_random
     from loraplace.model.anatomy import analyze
     from loraplace.model.estimate import estimate
     from loraplace.model.loading import skeleton
@@ -65,7 +65,7 @@ def cmd_plan(args) -> int:
         for name, p in placements.items()
     ]
     print(f"{anat.model_type}, {anat.n_blocks} blocks, {fmt_int(anat.base_params)} base parameters (adapters excluded)")
-    selected = [n for n in placements if is_selected(n)]
+    selected = [n for n in placements if is_auto(n) or is_random(n)]  # filled to auto's budget; kappa/eva: matched
     if selected:
         print(f"{', '.join(selected)} filled to {cfg.auto.budget or cfg.budget} = "
               f"{fmt_int(selected_budget(cfg, anat))} trainable parameters (within {BUDGET_TOLERANCE:.0%})")

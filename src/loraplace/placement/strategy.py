@@ -105,8 +105,9 @@ def selected_strategy(name: str, allocate: str = "subset", score: str | None = N
     ``top_p``), ``eva`` (its ``rho``) or ``random:K``: roles and blocks all; the module set and ranks come from
     ``select`` (``study.eva`` for eva)."""
     if name == EVA:
-        return Strategy(EVA, description=f"PEFT's EVA: ranks (at most {rho:g} x r0) and A matrices from an SVD of every "
-                                         "module's inputs on the train data, the rank sum meeting the budget")
+        return Strategy(EVA, description=f"PEFT's EVA: ranks (at most {rho:g} x a module's even share) and A matrices "
+                                         "from an SVD of every module's inputs on the train data, the rank sum meeting "
+                                         "the budget")
     if name == KAPPA:
         return Strategy(KAPPA, description=f"the {top_p:g} share of modules whose weights have the lowest condition "
                                            "number (PEFT's KappaTune), at the default rank or scaled to the budget")
