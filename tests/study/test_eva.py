@@ -101,6 +101,14 @@ def test_an_eva_study_trains_stores_reports_and_exports_exactly_its_modules(tmp_
     rec = PlacementRecord.from_dict(trials[0].placement)
     assert rec.init == "eva" and {n: m.rank for n, m in rec.modules.items()} == meta["ranks"]
     assert trials[0].metrics["eval_loss"] != trials[1].metrics["eval_loss"]  # seeds still differ (data order)
+    # the fused engine starts from the same A matrices and computes what the sequential one did
+    fused = [c if not c.startswith("out=") else f"out={tmp_path / 'fused'}" for c in common]
+    assert main(["study", *fused, "train.fuse=4", "strategies=[eva]", "baseline=eva"]) == 0
+    capsys.readouterr()
+    with Store.open(tmp_path / "fused", create=False) as store:
+        together = {t.seed: t.metrics for t in store.current_trials()}
+    assert all(together[t.seed]["fused_trials"] == 2 for t in trials)
+    assert all(together[t.seed]["eval_loss"] == pytest.approx(t.metrics["eval_loss"], rel=1e-5) for t in trials)
     assert main(["plan", *common]) == 0  # now from the study's stored result
     assert "eva: PEFT's EVA" in capsys.readouterr().out
     assert main(["export", str(tmp_path / "study"), "--strategy", "eva", "--format", "peft"]) == 0
