@@ -203,3 +203,12 @@ def test_zero_shot_accuracy_over_other_examples_is_not_used(tmp_path):
     assert a.zero_shot_accuracy is None and a.get("top_half").retained is None
     assert any("over 40 examples but the trials' over 50" in n for n in a.notes)
     assert not a.recommendation.decided and "zero-shot accuracy of the base model is unknown" in a.recommendation.text
+
+
+def test_figure_styles_stay_distinct_past_eight_strategies():
+    from loraplace.analysis.style import styles
+
+    names = [f"s{i}" for i in range(20)]
+    st = styles(names)
+    assert len({(v["color"], v["marker"]) for v in st.values()}) == 20
+    assert [st[n]["marker"] for n in names[:8]] == [styles(names[:8])[n]["marker"] for n in names[:8]]  # unchanged

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 from loraplace.analysis.latex import escape
 from loraplace.analysis.study import StudyAnalysis
-from loraplace.core.names import is_auto
+from loraplace.core.names import is_auto, is_selected
 from loraplace.placement.resolve import BUDGET_TOLERANCE
 from loraplace.study.store import DONE
 
@@ -78,7 +78,9 @@ def sentences(a: StudyAnalysis, store) -> list[str]:
     placed = "; ".join(f"`{s.strategy}` ({s.mean('trainable_params'):,.0f} trainable parameters, "
                        f"{len(s.placement.modules) if s.placement else '?'} modules, {_ranks(s)})"
                        for s in a.strategies)
-    budget = (f" Every strategy's ranks were scaled by one factor to match the budget `{cfg.budget}` within "
+    chosen = [s.strategy for s in a.strategies if is_selected(s.strategy)]
+    who = "Every strategy's" if not chosen else "The other strategies'"
+    budget = (f" {who} ranks were scaled by one factor to match the budget `{cfg.budget}` within "
               f"{100 * BUDGET_TOLERANCE:.0f}%." if cfg.budget else "")
     out.append(f"Placements: {placed}.{budget}")
     out += _chosen(a, store)

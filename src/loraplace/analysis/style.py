@@ -31,11 +31,14 @@ MIB = 2**20  # bytes per MiB
 
 
 def styles(names: list[str]) -> dict[str, dict]:
-    """Per-strategy colour, marker, line style and hatch, in the given order."""
-    return {
-        n: {"color": COLOURS[i % 8], "marker": MARKERS[i % 8], "ls": LINESTYLES[i % 8], "hatch": HATCHES[i % 8]}
-        for i, n in enumerate(names)
-    }
+    """Per-strategy colour, marker, line style and hatch, in the given order. Past 8 strategies the colours repeat
+    with the markers, line styles and hatches shifted by one more each round, so no two of 64 strategies look alike."""
+    out = {}
+    for i, n in enumerate(names):
+        shift = i // 8  # 0 for the first eight: colour, marker, line and hatch go together
+        out[n] = {"color": COLOURS[i % 8], "marker": MARKERS[(i + shift) % 8], "ls": LINESTYLES[(i + shift) % 8],
+                  "hatch": HATCHES[(i + shift) % 8]}
+    return out
 
 
 def half_width(s: StrategyStats, metric: str, scale: float = 1.0) -> float:
