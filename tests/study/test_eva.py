@@ -55,7 +55,7 @@ def test_eva_redistributes_the_rank_sum_meets_the_budget_and_is_kept(ws, tmp_pat
             n: (r, anat.layer(n).in_features) for n, r in init.ranks.items()}
         again = E.eva_init(cfg, ws, store, target)  # read back, not recomputed
         assert again.time_s == init.time_s and all(torch.equal(again.weights[n], w) for n, w in init.weights.items())
-        assert E.load(cfg, store, "another key") is None
+        assert E.load(store, "another key") is None
     with pytest.raises(ConfigError, match="eva.rho"):
         _cfg(tmp_path, eva={"rho": 0.5})
 

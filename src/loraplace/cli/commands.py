@@ -106,31 +106,32 @@ def cmd_plan(args) -> int:
     return 0
 
 
-def _stored_eva(cfg):
-    """EVA's ranks and alphas as the study in cfg.out stored them (None when it has none); no tensors are read."""
-    from types import SimpleNamespace
-
+def _stored_meta(cfg, key: str):
+    """Meta ``key`` of the study in cfg.out; None when there is no study there or it holds none."""
     from loraplace.study.store import DB_NAME, Store
 
     if not os.path.exists(os.path.join(cfg.out, DB_NAME)):
         return None
     with Store.open(cfg.out, create=False) as store:
-        meta = store.get_meta("eva")
+        return store.get_meta(key)
+
+
+def _stored_eva(cfg):
+    """EVA's ranks as the study in cfg.out stored them (None when it has none); no tensors are read."""
+    from types import SimpleNamespace
+
+    meta = _stored_meta(cfg, "eva")
     if not meta:
         return None
-    ranks = {n: int(r) for n, r in meta["ranks"].items()}
-    return SimpleNamespace(ranks=ranks, alphas={n: cfg.train.alpha * r / meta["base"][n] for n, r in ranks.items()})
+    return SimpleNamespace(ranks={n: int(r) for n, r in meta["ranks"].items()},
+                           base={n: int(r) for n, r in meta["base"].items()})
 
 
 def _kappa_order(cfg, model: str) -> list[str]:
     """Strategy kappa's order: from the study directory when a study stored it, else from the model's weights."""
-    from loraplace.study.store import DB_NAME, Store
-
-    if os.path.exists(os.path.join(cfg.out, DB_NAME)):
-        with Store.open(cfg.out, create=False) as store:
-            meta = store.get_meta("kappa")
-        if meta:
-            return list(meta["order"])
+    meta = _stored_meta(cfg, "kappa")
+    if meta:
+        return list(meta["order"])
     from loraplace.model.anatomy import analyze
     from loraplace.model.conditioning import kappa_order
     from loraplace.model.loading import load

@@ -2,8 +2,8 @@
 
 Usage::
 
-    init = eva_init(cfg, ws, store, target=2_442_240)   # ranks, alphas, A matrices, seconds; kept in the study
-    init = load(cfg, store)                             # the same, read back (another process, a Ray worker)
+    init = eva_init(cfg, ws, store, target=2_442_240)   # ranks, A matrices, seconds; kept in the study
+    init = load(store)                                  # the same, read back (another process, a Ray worker)
 
 EVA (``peft.tuners.lora.eva.get_eva_state_dict``, PEFT's own code) runs the base model over the study's
 train batches, takes an incremental SVD of every adaptable module's inputs (completion tokens only, its
@@ -11,7 +11,7 @@ label mask) and gives the module the top right-singular vectors as LoRA A; the r
 modules' ranks before redistribution (r0 each), goes to the components that explain the most variance, at
 most ``eva.rho`` x r0 per module (a module may get none). B starts at zero, so every seed starts from the
 same A; seeds still change the data order and dropout. As PEFT does with ``adjust_scaling_factors``, a
-module's alpha is alpha x rank / r0, so its alpha/r stays ``train.alpha`` / r0.
+module's alpha is alpha x rank / r0, so its alpha/r stays ``train.alpha`` / r0 (``study.plan.eva_placement``).
 
 Budget: EVA keeps the rank sum, not the parameter count (wide MLP modules cost more per rank). The rank
 sum starts as the uniform rank that meets the study's budget on every module (``train.rank`` without a
@@ -56,7 +56,6 @@ class EvaInit:
     key: str
     base: dict[str, int]  # module -> rank before redistribution (their sum is what EVA redistributes)
     ranks: dict[str, int]  # module -> rank (modules EVA gave no rank are left out)
-    alphas: dict[str, float]  # module -> lora_alpha (alpha x rank / its rank before redistribution)
     weights: dict[str, torch.Tensor]  # module -> A init, (rank, in_features)
     time_s: float  # seconds of EVA's activation passes and SVDs, every attempt
 
@@ -102,7 +101,7 @@ def eva_init(cfg: StudyConfig, ws, store, target: int | None) -> EvaInit:
     """EVA on this study (read back when the study already has it for these settings); ``target``: the
     trainable count to meet (None: train.rank on every module, EVA's own rank sum)."""
     key = _key(cfg, target)
-    stored = load(cfg, store, key)
+    stored = load(store, key)
     if stored is not None:
         return stored
     anat = ws.anatomy
@@ -112,14 +111,15 @@ def eva_init(cfg: StudyConfig, ws, store, target: int | None) -> EvaInit:
     t0 = time.perf_counter()
     log.info("eva: SVD of every module's inputs over %d train examples, rank sum %d over %d modules (rho %g)",
              len(ws.train_set.input_ids), total, len(names), cfg.eva.rho)
-    best = None  # (miss, base ranks, EVA's A matrices)
+    best = None  # (miss, count, base ranks, EVA's A matrices)
     for _ in range(ATTEMPTS if target is not None else 1):
         base = base_ranks(names, total)
         weights = _run(cfg, ws, base)
         count = _count(anat, weights)
-        if best is None or abs(count - target if target else 0) < best[0]:
-            best = (abs(count - target) if target else 0, base, weights)
-        if target is None or best[0] <= BUDGET_TOLERANCE * target / 2:
+        miss = 0 if target is None else abs(count - target)
+        if best is None or miss < best[0]:
+            best = (miss, count, base, weights)
+        if target is None or miss <= BUDGET_TOLERANCE * target / 2:
             break
         again = max(len(names), round(total * target / count))  # at least rank 1 a module before redistribution
         if again == total:
@@ -128,14 +128,13 @@ def eva_init(cfg: StudyConfig, ws, store, target: int | None) -> EvaInit:
                  100 * (count / target - 1), again)
         total = again
     seconds = time.perf_counter() - t0
-    _, base, weights = best
-    count = _count(anat, weights)
+    _, count, base, weights = best
     if target is not None and abs(count - target) > BUDGET_TOLERANCE * target:
         raise PlacementError(f"budget {target:,}: EVA's redistribution trains {count:,} parameters (more than "
                              f"{BUDGET_TOLERANCE:.0%} away; it keeps the rank sum, and wider modules cost more per rank): "
                              "set eva.rho=1 (no redistribution) or another budget")
     ranks = {n: int(w.shape[0]) for n, w in sorted(weights.items())}
-    init = EvaInit(key, base, ranks, _alphas(cfg, base, ranks), weights, seconds)
+    init = EvaInit(key, base, ranks, weights, seconds)
     with atomic_dir(Path(store.directory) / "eva" / key) as tmp:
         torch.save(weights, Path(tmp) / FILE)
     store.put_meta(META, {"key": key, "base": base, "ranks": ranks, "time_s": seconds, "count": count, "target": target})
@@ -144,12 +143,7 @@ def eva_init(cfg: StudyConfig, ws, store, target: int | None) -> EvaInit:
     return init
 
 
-def _alphas(cfg: StudyConfig, base: dict[str, int], ranks: dict[str, int]) -> dict[str, float]:
-    """PEFT's adjust_scaling_factors: alpha x (rank after / rank before redistribution), alpha/r unchanged."""
-    return {n: float(cfg.train.alpha * r / base[n]) for n, r in ranks.items()}
-
-
-def load(cfg: StudyConfig, store, key: str | None = None) -> EvaInit | None:
+def load(store, key: str | None = None) -> EvaInit | None:
     """The study's stored EVA result (of ``key``, else whatever it holds); None when there is none."""
     meta = store.get_meta(META)
     if not meta or (key is not None and meta.get("key") != key):
@@ -160,4 +154,4 @@ def load(cfg: StudyConfig, store, key: str | None = None) -> EvaInit | None:
     weights = torch.load(path, map_location="cpu", weights_only=True)
     ranks = {n: int(r) for n, r in meta["ranks"].items()}
     base = {n: int(r) for n, r in meta["base"].items()}
-    return EvaInit(meta["key"], base, ranks, _alphas(cfg, base, ranks), weights, float(meta["time_s"]))
+    return EvaInit(meta["key"], base, ranks, weights, float(meta["time_s"]))

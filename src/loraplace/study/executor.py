@@ -278,5 +278,5 @@ class _RayWorker:
                 if "eva" in self.cfg.strategies:
                     from loraplace.study import eva
 
-                    self.ws.eva = eva.load(self.cfg, store)
+                    self.ws.eva = eva.load(store)
         return run_one(self.ws, task)

@@ -112,10 +112,13 @@ def fixed_budget(cfg: StudyConfig, anat: Anatomy) -> int | None:
 
 
 def eva_placement(cfg: StudyConfig, anat: Anatomy, eva) -> Placement:
-    """Strategy eva at the ranks, alphas and initialisation of ``eva`` (``study.eva.EvaInit``)."""
+    """Strategy eva at the ranks and initialisation of ``eva`` (``study.eva.EvaInit``, or anything with its
+    ``ranks`` and ``base``). Alphas as PEFT's adjust_scaling_factors sets them: alpha x rank after / rank before
+    redistribution, so alpha/r stays what it was."""
     t = cfg.train
+    alphas = {n: float(t.alpha * r / eva.base[n]) for n, r in eva.ranks.items()}
     return resolve(study_strategy(cfg, EVA), anat, rank=t.rank, alpha=t.alpha, alpha_per_rank=t.alpha_per_rank,
-                   ranks=eva.ranks, alphas=eva.alphas, init="eva")
+                   ranks=eva.ranks, alphas=alphas, init="eva")
 
 
 def _with_selected(cfg: StudyConfig, anat: Anatomy, scores: dict[str, dict[str, float]] | None,
