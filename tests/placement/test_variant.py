@@ -17,7 +17,7 @@ from loraplace.placement.export import ExportError, export
 from loraplace.placement.peft import apply, lora_layers
 from loraplace.placement.record import PlacementRecord
 from loraplace.placement.resolve import match_budget, resolve
-from loraplace.placement.strategy import PlacementError, Strategy
+from loraplace.placement.strategy import VARIANTS, PlacementError, Strategy, get_strategy
 from loraplace.study.run import run_study
 
 
@@ -58,7 +58,7 @@ def test_budget_matching_counts_dora_magnitudes():
 
 
 def test_an_unknown_variant_is_one_line():
-    with pytest.raises(PlacementError, match="variant 'pissa' is not one of lora, dora, rslora"):
+    with pytest.raises(PlacementError, match="variant 'pissa' is not one of lora, dora, rslora, adalora"):
         Strategy.from_dict("x", {"roles": "attn", "variant": "pissa"})
     assert "variant" not in Strategy.from_dict("x", {"roles": "attn"}).to_dict()  # plain LoRA's trial ids unchanged
 
@@ -118,3 +118,10 @@ def test_a_study_of_variants_trains_them_and_keeps_dora_off_the_fused_engine(tmp
     assert main(["report", cfg.out]) == 0
     methods = (tmp_path / "study" / "report" / "methods.md").read_text()
     assert "`attn_dora` (" in methods and "rank 4, DoRA)" in methods and "rank 4, rsLoRA" in methods
+
+
+def test_adalora_is_placed_only_with_its_allocation():
+    anat = analyze(tiny_models.build("llama"))
+    with pytest.raises(PlacementError, match="adalora_placement"):
+        resolve(get_strategy("adalora"), anat, rank=4)
+    assert "adalora" in VARIANTS and get_strategy("adalora").variant == "adalora"

@@ -23,7 +23,7 @@ def _ranks(s) -> str:
         return "?"
     ranks = sorted({m.rank for m in s.placement.modules.values()})
     text = f"rank {ranks[0]}" if len(ranks) == 1 else f"ranks {ranks[0]}-{ranks[-1]}"
-    variant = {"dora": "DoRA", "rslora": "rsLoRA (scale alpha/sqrt(r))"}.get(s.placement.variant)
+    variant = {"dora": "DoRA", "rslora": "rsLoRA (scale alpha/sqrt(r))", "adalora": "AdaLoRA"}.get(s.placement.variant)
     return f"{text}, {variant}" if variant else text
 
 
@@ -44,6 +44,18 @@ def _chosen(a: StudyAnalysis, store) -> list[str]:
                    f"{len(base)} modules redistributed by explained variance (at most {a.config.eva.rho:g} times a "
                    f"module's even share; {len(ranks)} modules kept, ranks {min(ranks)}-{max(ranks)}, alpha scaled with "
                    f"the rank), B at zero; EVA took {eva['time_s']:.1f} s, once per study.")
+    ada = [s for s in a.strategies if s.placement is not None and s.placement.variant == "adalora"]
+    if ada:
+        c = a.config.adalora
+        share = max(s.mean("method_time_s", 0.0) / max(s.mean("train_time_s", 0.0), 1e-9) for s in ada)
+        out.append(f"{', '.join(f'`{s.strategy}`' for s in ada)} trained PEFT's AdaLoRA: SVD-form adapters started at "
+                   f"rank {c.init_r if a.config.budget is None else 'scaled from ' + str(c.init_r) + ':' + str(c.target_r)} "
+                   f"on every module and pruned by PEFT's sensitivity scores (EMA {c.beta1:g}/{c.beta2:g}, every "
+                   f"{c.delta_t} step(s) after {c.tinit}, fixed {c.tfinal} step(s) before the end, orthogonality "
+                   f"penalty {c.orth_reg_weight:g})"
+                   + (", the final rank-triplet budget chosen so the count meets the study's budget" if a.config.budget
+                      else "") + f"; each trial stores the ranks it kept (they differ by seed; the placement map shows the first "
+                   f"seed's); the allocation took up to {100 * share:.1f}% of a trial's training time.")
     autos = sorted(n for n in names if is_auto(n))
     if autos and a.probe is not None:
         how = "; ".join(f"`{n}` {'spread ranks over every module in proportion to' if a.config.auto.settings(n)[0] == 'rank' else 'took the modules with the highest'} "

@@ -93,6 +93,13 @@ def cmd_plan(args) -> int:
               + ("" if not cfg.race.keep_checkpoints else " (race.keep_checkpoints=true: kept)"))
     for name, why in skipped.items():
         print(f"skipped {name}: {why}")
+    for name, p in placements.items():
+        if p.allocation is not None:  # AdaLoRA: the table shows what it starts with
+            a = p.allocation
+            end = (f"about {fmt_int(a['target'])} trainable parameters (the budget)" if a["target"] is not None
+                   else f"{a['triplets']} rank-triplets in all ({a['triplets'] // len(p.modules)} per module on average)")
+            print(f"note: {name} starts at rank {a['init_r']} on every module ({fmt_int(p.trainable_params)} trainable, "
+                  f"with AdaLoRA's singular values); PEFT's AdaLoRA prunes it to {end} by the end of training")
     for note in sorted({n for e in ests.values() for n in e.notes}):
         print(f"note: {note}")
     if anat.fixed:
@@ -200,6 +207,8 @@ def _config_and_overrides(items: list[str]) -> tuple[str | None, list[str]]:
 def _drop_unplaceable(cfg, anat) -> dict[str, str]:
     """On a model with unadaptable block weights (MoE experts), strategies that match nothing are left out of the
     plan, with the reason, instead of failing it; if none is left, the first reason is the error."""
+    from dataclasses import replace
+
     from loraplace.core.names import is_selected
     from loraplace.placement.resolve import resolve
     from loraplace.placement.strategy import PlacementError, get_strategy
@@ -209,7 +218,7 @@ def _drop_unplaceable(cfg, anat) -> dict[str, str]:
         if is_selected(name):  # auto / random:K choose among the adaptable modules themselves
             continue
         try:
-            resolve(get_strategy(name, cfg.define), anat, rank=cfg.train.rank)
+            resolve(replace(get_strategy(name, cfg.define), variant="lora"), anat, rank=cfg.train.rank)  # its modules
         except PlacementError as e:
             skipped[name] = str(e)
     if len(skipped) == len(cfg.strategies):
@@ -319,9 +328,20 @@ def cmd_export(args) -> int:
     from loraplace.study.store import Store
 
     with Store.open(args.study_dir, create=False) as store:
-        placement = placement_for(store.current_trials(), args.strategy)
+        trials = store.current_trials()
+        placement = placement_for(trials, args.strategy)
         eva = store.get_meta("eva") if placement.init == "eva" else None
     print(export(placement, args.format))
+    if placement.variant == "adalora":  # the ranks one seed's AdaLoRA kept, trained here as its SVD triplets
+        kept = {t.seed: t.placement.get("modules") for t in trials if t.strategy == args.strategy and t.status == "done"}
+        seed = next(s for s, m in kept.items() if m == placement.to_dict()["modules"])
+        differ = len({json.dumps(m, sort_keys=True) for m in kept.values()}) > 1
+        print(f"note: {args.strategy} was trained with PEFT's AdaLoRA, which pruned rank while training; this config "
+              f"is plain LoRA at the ranks it kept in seed {seed}"
+              + (" (other seeds kept other ranks: see the report's placement map)" if differ else "")
+              + ". To rerun AdaLoRA itself: AdaLoraConfig(init_r=..., target_r=..., tinit=..., tfinal=..., deltaT=..., "
+              "total_step=...) with the adalora settings in the study's config.yaml, calling "
+              "model.base_model.update_and_allocate(step) after every optimizer step", file=sys.stderr)
     if eva:  # the config rebuilds the modules and ranks; EVA's A matrices come from the data
         base = sorted(set(eva["base"].values()))
         print(f"note: {args.strategy}'s A matrices started from PEFT's EVA on the study's train data (rank sum "

@@ -249,6 +249,38 @@ class EvaSpec:
 
 
 @dataclass
+class AdaLoraSpec:
+    """Variant ``adalora`` (strategy ``adalora``: every linear layer): PEFT's AdaLoRA prunes and reallocates rank
+    while training. PEFT's defaults; with a study budget the final count is matched to it (``target_r`` becomes the
+    budget's even rank, ``init_r`` scales with it) and the schedule's steps are optimizer steps of the trial."""
+
+    init_r: int = 12  # rank every module starts with
+    target_r: int = 8  # average rank per module at the end (without a budget)
+    tinit: int = 0  # steps before pruning starts
+    tfinal: int = 0  # steps at the end with the final allocation fixed (0: it is fixed after the last step)
+    delta_t: int = 1  # steps between reallocations (PEFT's deltaT)
+    beta1: float = 0.85  # EMA of the sensitivity
+    beta2: float = 0.85  # EMA of its uncertainty
+    orth_reg_weight: float = 0.5  # weight of the orthogonality penalty on A and B
+
+    def check(self) -> None:
+        for key in ("init_r", "target_r", "delta_t"):
+            check_positive(f"adalora.{key}", getattr(self, key))
+        for key in ("tinit", "tfinal"):
+            if getattr(self, key) < 0:
+                raise ConfigError(f"adalora.{key}: must be >= 0 steps, got {getattr(self, key)}")
+        if self.target_r > self.init_r:
+            raise ConfigError(f"adalora.target_r: {self.target_r} exceeds adalora.init_r {self.init_r} (AdaLoRA only prunes)")
+        for key in ("beta1", "beta2"):
+            check_finite(f"adalora.{key}", getattr(self, key))
+            if not 0 < getattr(self, key) < 1:
+                raise ConfigError(f"adalora.{key}: must be in (0, 1), got {getattr(self, key)}")
+        check_finite("adalora.orth_reg_weight", self.orth_reg_weight)
+        if self.orth_reg_weight < 0:
+            raise ConfigError(f"adalora.orth_reg_weight: must be >= 0, got {self.orth_reg_weight}")
+
+
+@dataclass
 class AnalysisSpec:
     """How the study's trials are compared (changes no trial: only the summary and the report)."""
 
@@ -321,6 +353,7 @@ class StudyConfig:
     auto: AutoSpec = field(default_factory=AutoSpec)  # strategy auto: which probe score, which budget
     kappa: KappaSpec = field(default_factory=KappaSpec)  # strategy kappa: the share of modules it adapts
     eva: EvaSpec = field(default_factory=EvaSpec)  # strategy eva: PEFT's EVA redistribution and SVD settings
+    adalora: AdaLoraSpec = field(default_factory=AdaLoraSpec)  # variant adalora: PEFT's AdaLoRA ranks and schedule
     analysis: AnalysisSpec = field(default_factory=AnalysisSpec)
     race: RaceSpec = field(default_factory=RaceSpec)  # racing: stop strategies early that cannot become the answer
     max_retries: int = 1  # executor=ray: reruns of a trial whose worker died, before it is recorded as failed
@@ -359,6 +392,7 @@ class StudyConfig:
         self.auto.check()
         self.kappa.check()
         self.eva.check()
+        self.adalora.check()
         for name in self.strategies:
             if name.startswith(AUTO_PREFIX):
                 check_auto_name(name)

@@ -67,7 +67,7 @@ def _short(name: str) -> str:
 
 def _variant(placement: PlacementRecord, keys: dict[str, str], tool: str) -> dict:
     """The tool's switch for the placement's variant ({} for plain LoRA); ExportError where it has none."""
-    if placement.variant == "lora":
+    if placement.variant in ("lora", "adalora"):  # AdaLoRA: plain LoRA at the ranks it kept
         return {}
     if placement.variant not in keys:
         raise ExportError(f"{tool} has no switch for {placement.variant} (export to peft, which has use_dora/use_rslora)")

@@ -36,13 +36,33 @@ def lora_layers(peft_model) -> dict[str, object]:
             if isinstance(mod, LoraLayer) and "default" in mod.lora_A}
 
 
-def apply(model: "torch.nn.Module", placement: Placement, dropout: float = 0.0):
-    """Wrap ``model`` with PEFT LoRA on exactly ``placement.modules`` and verify the result."""
+def apply(model: "torch.nn.Module", placement: Placement, dropout: float = 0.0, total_steps: int | None = None):
+    """Wrap ``model`` with PEFT LoRA on exactly ``placement.modules`` and verify the result. Variant adalora:
+    PEFT's AdaLoRA (``adalora_config``; its schedule needs the run's ``total_steps``)."""
     from peft import get_peft_model
 
-    peft_model = get_peft_model(model, placement.record(dropout).lora_config())
+    config = placement.record(dropout).lora_config() if placement.allocation is None else \
+        adalora_config(placement, dropout, total_steps)
+    peft_model = get_peft_model(model, config)
     verify(peft_model, placement)
     return peft_model
+
+
+def adalora_config(placement: Placement, dropout: float, total_steps: int | None):
+    """PEFT's ``AdaLoraConfig`` of an adalora placement (``placement.resolve.adalora_placement``): explicit module
+    names, one starting rank, the schedule in optimizer steps of a ``total_steps`` run."""
+    from peft import AdaLoraConfig
+
+    a = placement.allocation
+    if not total_steps or a["tinit"] + 2 > total_steps - a["tfinal"]:
+        raise PlacementError(f"strategy {placement.strategy.name!r}: AdaLoRA's schedule (adalora.tinit {a['tinit']}, "
+                             f"tfinal {a['tfinal']}) leaves no step to allocate in a {total_steps}-step run")
+    record = placement.record(dropout)
+    return AdaLoraConfig(
+        target_modules=record.names(), init_r=a["init_r"], target_r=max(1, a["triplets"] // len(placement.modules)),
+        lora_alpha=record.alpha, lora_dropout=dropout, tinit=a["tinit"], tfinal=a["tfinal"], deltaT=a["delta_t"],
+        beta1=a["beta1"], beta2=a["beta2"], orth_reg_weight=a["orth_reg_weight"], total_step=total_steps,
+        fan_in_fan_out=record.fan_in_fan_out, bias="none", task_type="CAUSAL_LM")
 
 
 def verify(peft_model, placement: Placement) -> None:

@@ -7,19 +7,19 @@ Usage::
     p.trainable_params, p.record(dropout=0.0)
 
 A module's LoRA adapter trains ``lora_params(layer, r)`` = r x (in + out) parameters (A is r x in, B is
-out x r; no bias), its rank at most min(in, out), plus ``out`` for DoRA's magnitude vector
-(``variant_params``): the one formula every count here uses.
+out x r; no bias), its rank at most min(in, out), plus ``out`` for DoRA's magnitude vector and ``r`` for
+AdaLoRA's singular values (``variant_params``): the one formula every count here uses.
 """
 
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING
 
 from loraplace.core.names import is_selected
 from loraplace.placement.record import ModuleSpec, PlacementRecord
-from loraplace.placement.strategy import PlacementError, Strategy, _check_rank_keys, _rank_for, get_strategy, parse_blocks, parse_roles
+from loraplace.placement.strategy import ADALORA, PlacementError, Strategy, _check_rank_keys, _rank_for, get_strategy, parse_blocks, parse_roles
 
 if TYPE_CHECKING:  # torch-free: an Anatomy is only read
     from loraplace.model.anatomy import Anatomy, Layer
@@ -38,9 +38,12 @@ def lora_params(layer: Layer, rank: int) -> int:
     return min(rank, max_rank(layer)) * (layer.in_features + layer.out_features)
 
 
-def variant_params(layer: Layer, variant: str) -> int:
-    """Parameters a variant trains on a module beside A and B: DoRA's magnitude vector (out_features)."""
-    return layer.out_features if variant == "dora" else 0
+def variant_params(layer: Layer, variant: str, rank: int = 0) -> int:
+    """Parameters a variant trains on a module beside A and B: DoRA's magnitude vector (out_features), AdaLoRA's
+    singular values E (one per rank)."""
+    if variant == "dora":
+        return layer.out_features
+    return min(rank, max_rank(layer)) if variant == ADALORA else 0
 
 
 @dataclass(frozen=True)
@@ -50,6 +53,7 @@ class Placement:
     alphas: dict[str, float]  # full module name -> lora_alpha
     anatomy: Anatomy = field(repr=False)
     init: str = "default"  # how the A matrices start: PEFT's default, or "eva" (study.eva gives them)
+    allocation: dict | None = None  # variant adalora: AdaLoRA's settings and the count it ends at (adalora_placement)
 
     @property
     def names(self) -> list[str]:
@@ -59,7 +63,7 @@ class Placement:
     def trainable_params(self) -> int:
         """sum of r * (in + out): LoRA's A is (r, in), B is (out, r); no bias is trained; DoRA adds out per module."""
         v = self.strategy.variant
-        return sum(lora_params(self.anatomy.layer(n), r) + variant_params(self.anatomy.layer(n), v)
+        return sum(lora_params(self.anatomy.layer(n), r) + variant_params(self.anatomy.layer(n), v, r)
                    for n, r in self.modules.items())
 
     @property
@@ -95,10 +99,15 @@ class Placement:
 def resolve(
     strategy: Strategy, anat: Anatomy, rank: int = 16, alpha: float = 32, alpha_per_rank: bool = False,
     ranks: dict[str, int] | None = None, alphas: dict[str, float] | None = None, init: str = "default",
+    allocation: dict | None = None,
 ) -> Placement:
     """Explicit module names and ranks for a strategy. ``ranks`` (full name -> rank) overrides,
     as budget matching does. With ``alpha_per_rank`` each module keeps alpha/r = alpha/rank; ``alphas``
-    (full name -> lora_alpha) overrides that (EVA's rescaled alphas); ``init`` names how A starts."""
+    (full name -> lora_alpha) overrides that (EVA's rescaled alphas); ``init`` names how A starts; ``allocation``
+    is AdaLoRA's (``adalora_placement``), without which a variant-adalora strategy is refused."""
+    if strategy.variant == ADALORA and allocation is None:
+        raise PlacementError(f"strategy {strategy.name!r} runs PEFT's AdaLoRA, which allocates rank while training: "
+                             "resolve it with adalora_placement, or through the study")
     roles = parse_roles(strategy.roles)
     blocks = set(parse_blocks(strategy.blocks, anat.n_blocks))
     _check_rank_keys(strategy.rank, strategy.name)
@@ -124,7 +133,8 @@ def resolve(
             raise PlacementError(f"rank {r} for {layer.name} ({layer.role}, {layer.in_features}->{layer.out_features}) must be in 1-{limit}")
         modules[layer.name] = r
         given[layer.name] = float(alpha * r / rank) if alpha_per_rank else float(alpha)
-    return Placement(strategy, modules, {**given, **{n: a for n, a in (alphas or {}).items() if n in modules}}, anat, init)
+    return Placement(strategy, modules, {**given, **{n: a for n, a in (alphas or {}).items() if n in modules}}, anat, init,
+                     allocation)
 
 
 def parse_budget(budget: str | int | float, anat: Anatomy, rank: int, defined: dict | None = None) -> int:
@@ -192,6 +202,8 @@ def match_budget(
     Ranks keep the strategy's per-role proportions and are scaled by one factor (``scale_ranks``; no rank
     exceeds min(in, out)).
     """
+    if strategy.variant == ADALORA:
+        raise PlacementError(f"strategy {strategy.name!r}: AdaLoRA's count is matched while training (adalora_placement)")
     base = resolve(strategy, anat, rank=rank, alpha=alpha, alpha_per_rank=alpha_per_rank)
     fixed = sum(variant_params(anat.layer(n), strategy.variant) for n in base.modules)  # DoRA's, whatever the rank
     ranks = scale_ranks(base.modules, anat, target, fixed, what=f"strategy {strategy.name!r}")
@@ -202,3 +214,37 @@ def match_budget(
             f"(more than {BUDGET_TOLERANCE:.0%} away)"
         )
     return placement
+
+
+def adalora_placement(strategy: Strategy, anat: Anatomy, spec, target: int | None = None, rank: int = 16,
+                      alpha: float = 32, alpha_per_rank: bool = False) -> Placement:
+    """Variant adalora: every module of the strategy starts at one rank (AdaLoRA's ``init_r``) and PEFT's AdaLoRA
+    prunes rank-triplets (a row of A, a singular value, a column of B) while training (``train.trial``).
+
+    ``spec`` is ``core.config.AdaLoraSpec``. Without ``target``, PEFT's meaning: ``target_r`` triplets per module
+    on average in the end, the final count wherever the rank went. With ``target`` (a trainable count), the
+    schedule aims at the budget's even rank (the rank that gives ``target`` on every module), ``init_r`` scales
+    with it (PEFT's 12:8), and the trial picks the final triplet budget whose count is nearest ``target``."""
+    if strategy.rank is not None and not isinstance(strategy.rank, int):
+        raise PlacementError(f"strategy {strategy.name!r}: AdaLoRA starts every module at one rank (adalora.init_r), "
+                             "not ranks per role")
+    base = resolve(replace(strategy, variant="lora"), anat, rank=rank)  # its module set
+    width = {n: lora_params(anat.layer(n), 1) + 1 for n in base.modules}  # parameters per triplet (A row, E, B column)
+    if target is None:
+        target_r, init_r = float(spec.target_r), spec.init_r
+    else:
+        target_r = target / sum(width.values())
+        init_r = max(1, math.ceil(spec.init_r * target_r / spec.target_r))
+    limit = min(max_rank(anat.layer(n)) for n in base.modules)
+    if init_r > limit:
+        raise PlacementError(f"strategy {strategy.name!r}: AdaLoRA's starting rank {init_r} exceeds {limit}, the largest "
+                             "rank of its smallest module; lower the budget or adalora.init_r")
+    triplets = round(target_r * len(width))  # the schedule's final rank budget (PEFT's target_bgt)
+    if triplets < 1 or triplets >= init_r * len(width):
+        raise PlacementError(f"strategy {strategy.name!r}: AdaLoRA would keep {triplets} of its {init_r * len(width)} "
+                             "starting rank-triplets; it needs to prune at least one and keep one")
+    allocation = {"init_r": init_r, "triplets": triplets, "target": target, "tinit": spec.tinit,
+                  "tfinal": spec.tfinal, "delta_t": spec.delta_t, "beta1": spec.beta1, "beta2": spec.beta2,
+                  "orth_reg_weight": spec.orth_reg_weight}
+    return resolve(strategy, anat, rank=rank, alpha=alpha, alpha_per_rank=alpha_per_rank,
+                   ranks={n: init_r for n in base.modules}, allocation=allocation)

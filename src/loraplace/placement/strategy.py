@@ -23,9 +23,12 @@ BLOCKS_HELP = (
 )
 
 
-# How each placed adapter learns (PEFT's own implementations; ``variant`` of a strategy). DoRA also trains a
-# magnitude vector of out_features per module (counted in the budget); rsLoRA scales by alpha/sqrt(r), not alpha/r.
-VARIANTS = {"lora": {}, "dora": {"use_dora": True}, "rslora": {"use_rslora": True}}
+# How each placed adapter learns (PEFT's own implementations; ``variant`` of a strategy): the LoraConfig switches
+# that give it. DoRA also trains a magnitude vector of out_features per module (counted in the budget); rsLoRA
+# scales by alpha/sqrt(r), not alpha/r. AdaLoRA trains PEFT's SVD-form adapters (AdaLoraConfig, placement.peft)
+# that prune rank while training; what it ends with is exported as plain LoRA at the ranks it kept.
+VARIANTS = {"lora": {}, "dora": {"use_dora": True}, "rslora": {"use_rslora": True}, "adalora": {}}
+ADALORA = "adalora"
 
 
 class PlacementError(LoraplaceError, ValueError):
@@ -77,6 +80,8 @@ BUILTIN: dict[str, Strategy] = {
         Strategy("top_half", "all", "last:50%", description="all linear layers in the upper half of the blocks"),
         Strategy("bottom_half", "all", "first:50%", description="all linear layers in the lower half of the blocks"),
         Strategy("every_other", "all", "every:2", description="all linear layers in blocks 0, 2, 4, ..."),
+        Strategy(ADALORA, "all", variant=ADALORA, description="every linear layer under PEFT's AdaLoRA, which "
+                 "prunes and reallocates rank while training (adalora settings), ending at the budget"),
     ]
 }
 

@@ -20,9 +20,9 @@ from typing import TYPE_CHECKING
 from loraplace.core.config import StudyConfig
 from loraplace.core.identity import digest
 from loraplace.core.names import AUTO, EVA, KAPPA, is_auto, is_random, is_selected, random_draw
-from loraplace.placement.resolve import Placement, match_budget, parse_budget, resolve
+from loraplace.placement.resolve import Placement, adalora_placement, match_budget, parse_budget, resolve
 from loraplace.placement.select import auto_placement, kappa_placement, random_placement
-from loraplace.placement.strategy import PlacementError, Strategy, get_strategy, selected_strategy
+from loraplace.placement.strategy import ADALORA, PlacementError, Strategy, get_strategy, selected_strategy
 from loraplace.study.race import rung_steps
 
 if TYPE_CHECKING:  # torch-free: the anatomy is only read
@@ -62,11 +62,18 @@ def resolve_placements(cfg: StudyConfig, anat: Anatomy, scores: dict[str, dict[s
     kw = dict(rank=t.rank, alpha=t.alpha, alpha_per_rank=t.alpha_per_rank)
     if any(is_selected(n) for n in cfg.strategies) or cfg.budget == SAME_AUTO:
         return _with_selected(cfg, anat, scores, kappa, eva, kw)
-    strategies = {name: get_strategy(name, cfg.define) for name in cfg.strategies}
-    if cfg.budget is None:
-        return {name: resolve(s, anat, **kw) for name, s in strategies.items()}
-    target = parse_budget(cfg.budget, anat, t.rank, cfg.define)
-    return {name: match_budget(s, anat, target, **kw) for name, s in strategies.items()}
+    target = None if cfg.budget is None else parse_budget(cfg.budget, anat, t.rank, cfg.define)
+    return {name: fixed_placement(cfg, anat, get_strategy(name, cfg.define), target) for name in cfg.strategies}
+
+
+def fixed_placement(cfg: StudyConfig, anat: Anatomy, strategy: Strategy, target: int | None) -> Placement:
+    """A roles x blocks strategy at train.rank, or matched to ``target``; under AdaLoRA (variant adalora) its
+    starting placement, whose final count AdaLoRA's allocation matches to ``target`` while training."""
+    t = cfg.train
+    kw = dict(rank=t.rank, alpha=t.alpha, alpha_per_rank=t.alpha_per_rank)
+    if strategy.variant == ADALORA:
+        return adalora_placement(strategy, anat, cfg.adalora, target, **kw)
+    return resolve(strategy, anat, **kw) if target is None else match_budget(strategy, anat, target, **kw)
 
 
 def study_strategy(cfg: StudyConfig, name: str) -> Strategy:
@@ -156,8 +163,7 @@ def _with_selected(cfg: StudyConfig, anat: Anatomy, scores: dict[str, dict[str, 
         out[EVA] = eva_placement(cfg, anat, eva)
     for name in cfg.strategies:
         if name not in out:
-            s = get_strategy(name, cfg.define)
-            out[name] = resolve(s, anat, **kw) if fixed_target is None else match_budget(s, anat, fixed_target, **kw)
+            out[name] = fixed_placement(cfg, anat, get_strategy(name, cfg.define), fixed_target)
     return {name: out[name] for name in cfg.strategies}
 
 
@@ -185,6 +191,8 @@ def plan_trials(cfg: StudyConfig, placements: dict[str, Placement]) -> list[Tria
             }
             if p.init != "default":  # EVA's A matrices and alphas (their key says from what they were computed)
                 config["init"] = {"kind": p.init, "alphas": p.alphas}
+            if p.allocation is not None:  # AdaLoRA's settings and the count it ends at
+                config["allocation"] = p.allocation
             tid = trial_id(config)
             label = f"{name}-s{seed}-{tid[:8]}"
             adapter_dir = str(Path(cfg.out) / "adapters" / label) if cfg.train.save_adapter else None

@@ -26,8 +26,8 @@ from loraplace.model.anatomy import Anatomy, analyze
 from loraplace.model.loading import load
 from loraplace.placement.resolve import Placement, resolve
 from loraplace.core.names import EVA
-from loraplace.placement.strategy import PlacementError
-from loraplace.study.plan import TrialTask, eva_placement, study_strategy
+from loraplace.placement.strategy import ADALORA, PlacementError
+from loraplace.study.plan import TrialTask, eva_placement, fixed_placement, study_strategy
 from loraplace.train.generate import answer_accuracy
 from loraplace.train.memory import pick_device
 from loraplace.train.trial import Setup
@@ -88,4 +88,7 @@ class Workspace:
             if self.eva is None:
                 raise PlacementError("strategy eva: this process has no EVA result (the study computes it first)")
             return eva_placement(self.cfg, self.anatomy, self.eva)
-        return resolve(study_strategy(self.cfg, task.strategy), self.anatomy, rank=t.rank, alpha=t.alpha, alpha_per_rank=t.alpha_per_rank, ranks=task.ranks)
+        strategy = study_strategy(self.cfg, task.strategy)
+        if strategy.variant == ADALORA:  # its starting ranks and the count the driver matched it to
+            return fixed_placement(self.cfg, self.anatomy, strategy, (task.config.get("allocation") or {}).get("target"))
+        return resolve(strategy, self.anatomy, rank=t.rank, alpha=t.alpha, alpha_per_rank=t.alpha_per_rank, ranks=task.ranks)

@@ -61,7 +61,10 @@ AUTO_MEMORY_SHARE = 0.8  # of free CUDA memory that auto-sized groups may fill (
 # -- how many trials a group holds ------------------------------------------------------------
 # Variants whose adapter is not plain LoRA's scale x B A x (which the fused forward adds): their trials run on the
 # sequential engine, through PEFT. rsLoRA fuses: it only changes the scale, which a trial reads from PEFT.
-UNFUSABLE_VARIANTS = {"dora": "DoRA rescales each weight by its magnitude vector, which the fused forward does not"}
+UNFUSABLE_VARIANTS = {
+    "dora": "DoRA rescales each weight by its magnitude vector, which the fused forward does not",
+    "adalora": "AdaLoRA's adapters are SVD triplets that PEFT's allocator prunes between steps, not the fused B A",
+}
 
 
 def fusable(model: torch.nn.Module, spec: TrainSpec) -> str | None:
@@ -213,6 +216,10 @@ def advance(setup: Setup, trials: list[Trial], steps: int, desc: str = "fused",
     ``cache``: the frozen-prefix cache to use; "new" builds one for the group (``train.prefix``), None uses
     none. Returns the cache, so a group advanced in pieces can keep it."""
     spec, model, device = setup.train, setup.model, setup.device
+    unfusable = [t for t in trials if t.placement.strategy.variant in UNFUSABLE_VARIANTS]
+    if unfusable:  # the executor runs these sequentially; a direct call must not change their numbers silently
+        v = unfusable[0].placement.strategy.variant
+        raise TrialError(f"{v} trials cannot be fused: {UNFUSABLE_VARIANTS[v]}; run them with train.sequential")
     active = [t for t in trials if not t.done]
     if not active or steps <= 0:
         return None if cache == "new" else cache

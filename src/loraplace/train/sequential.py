@@ -73,7 +73,7 @@ def _steps(setup: Setup, trial: Trial, peft_model, n: int, desc: str) -> None:
                 if not torch.isfinite(loss):
                     trial.fail(f"non-finite train loss ({loss.item()}) at step {trial.step + 1}")
                     return
-                loss.backward()
+                (loss + trial.penalty()).backward()  # the curve keeps the NLL; AdaLoRA adds its penalty
                 trial.update(setup, loss.item(), nll.item(), count, batch)
                 bar.set_postfix(loss=f"{trial.curve[-1][1]:.3f}")
                 bar.update(1)

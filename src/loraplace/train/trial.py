@@ -37,7 +37,8 @@ from loraplace.data.batches import batches_per_epoch, collate, epoch_order
 from loraplace.data.tokenize import TokenizedSet
 from loraplace.placement.peft import apply, base_name, lora_layers
 from loraplace.placement.record import PlacementRecord
-from loraplace.placement.resolve import Placement
+from loraplace.placement.resolve import BUDGET_TOLERANCE, Placement
+from loraplace.train import adalora
 from loraplace.train.schedule import lr_factor, total_steps
 
 CHECKPOINT_FILE = "trial.pt"  # inside a trial's checkpoint directory
@@ -115,6 +116,8 @@ class Trial:
         self._order: tuple[int, list[list[int]]] | None = None  # (epoch, its batches): the data position's epoch
         self._attached = None  # the PEFT wrapping while attached
         self._adapters = None
+        self.allocator = adalora.new_state() if placement.allocation else None  # variant adalora: PEFT's allocator state
+        self.method_time = 0.0  # s of train_time spent in the variant's own work between steps (AdaLoRA's allocation)
 
     # -- life -----------------------------------------------------------------------------------------
     @classmethod
@@ -123,7 +126,7 @@ class Trial:
         dropout masks), a fresh AdamW, the dropout RNG right after the initialisation."""
         spec = setup.train
         torch.manual_seed(seed)  # adapter init (lora_A) and dropout
-        peft_model = apply(setup.model, placement, dropout=spec.dropout)
+        peft_model = apply(setup.model, placement, dropout=spec.dropout, total_steps=setup.total_steps)
         try:
             params = {base_name(n): torch.nn.Parameter(p.detach().clone())
                       for n, p in peft_model.named_parameters() if p.requires_grad}
@@ -167,12 +170,38 @@ class Trial:
         for group in self.opt.param_groups:  # the whole run's schedule, whatever piece this step is in
             group["lr"] = spec.lr * lr_factor(self.step, self.total, spec)
         self.opt.step()
+        if self.allocator is not None:  # AdaLoRA reads this step's gradients, so before zero_grad
+            self._allocate(setup)
         self.opt.zero_grad(set_to_none=True)
         self.step += 1
         self.curve.append((self.step, loss))
         self.tail.append((nll, n))
         self.tokens += int(batch["attention_mask"].sum())
         self.slots += batch["attention_mask"].numel()
+
+    def _allocate(self, setup: Setup) -> None:
+        """PEFT's AdaLoRA allocation after this step (``train.adalora``); a final count off the budget fails the trial."""
+        t0 = time.perf_counter()
+        with self.attached(setup) as peft_model:
+            count = adalora.allocate(self.allocator, peft_model, self.placement, self.step + 1, self.total)
+        self.method_time += time.perf_counter() - t0
+        target = self.placement.allocation["target"]
+        if count is not None and target is not None and abs(count - target) > BUDGET_TOLERANCE * target:
+            raise TrialError(f"AdaLoRA's final allocation trains {count:,} parameters, more than "
+                             f"{BUDGET_TOLERANCE:.0%} from the budget {target:,}")
+
+    def penalty(self) -> torch.Tensor | float:
+        """What the training loss adds beside the NLL: AdaLoRA's orthogonality penalty (0 for other variants)."""
+        if self.allocator is None:
+            return 0.0
+        return adalora.orth_penalty(self.params, self.placement.allocation["orth_reg_weight"])
+
+    @property
+    def trained(self) -> Placement:
+        """What the trial trains: its placement, or once AdaLoRA fixed its allocation, the ranks it kept."""
+        if self.allocator is None or self.step < adalora.final_step(self.placement, self.total):
+            return self.placement
+        return adalora.kept_placement(self.placement, self.allocator)
 
     def fail(self, reason: str) -> None:
         self.error = reason
@@ -185,7 +214,7 @@ class Trial:
         if self._attached is not None:
             yield self._attached
             return
-        peft_model = apply(setup.model, self.placement, dropout=setup.train.dropout)
+        peft_model = apply(setup.model, self.placement, dropout=setup.train.dropout, total_steps=self.total)
         try:
             base = peft_model.get_base_model()
             for name, p in self.params.items():
@@ -244,7 +273,9 @@ class Trial:
         extra = {} if not self.fused else {
             "fused_trials": self.fused["size"], "fused_padding_frac": 1.0 - self.fused["real"] / max(self.fused["slots"], 1),
             "group_train_time_s": self.fused["time"]}
-        result = trial_result(self.placement, ev, {**stats, "prefix_cached_blocks": self.prefix_blocks}, self.curve,
+        if self.allocator is not None:
+            extra["method_time_s"] = self.method_time
+        result = trial_result(self.trained, ev, {**stats, "prefix_cached_blocks": self.prefix_blocks}, self.curve,
                               self.train_time, self.eval_time, self.peak, saved, setup.train.dropout, **extra)
         result.evals = list(self.evals)
         if setup.forgetting is not None:
@@ -253,13 +284,13 @@ class Trial:
 
     def record(self, setup: Setup) -> PlacementRecord:
         """What the trial trains, as stored and exported."""
-        return self.placement.record(dropout=setup.train.dropout)
+        return self.trained.record(dropout=setup.train.dropout)
 
     def progress(self) -> dict:
         """The figures of a trial that has not finished (paused at a rung, or stopped there): its training so far
         and its latest evaluation, named as a finished trial's metrics are."""
         stats = train_stats(self.curve, self.tail, self.tokens, self.slots) if self.curve else {"steps": 0}
-        p = self.placement
+        p = self.trained
         ev = {k: v for k, v in (self.eval or {}).items() if k != "step"}
         return {**ev, **stats, "trainable_params": p.trainable_params, "base_params": p.anatomy.base_params,
                 "trainable_pct": p.trainable_pct, "n_modules": len(p.modules), "train_time_s": self.train_time,
@@ -278,6 +309,7 @@ class Trial:
             "train_time": self.train_time, "eval_time": self.eval_time, "peak": self.peak, "eval": self.eval,
             "evals": [[s, dict(e)] for s, e in self.evals],
             "error": self.error, "fused": dict(self.fused), "prefix_blocks": self.prefix_blocks,
+            "allocator": self.allocator, "method_time": self.method_time,
         }
 
     def save(self, path: str | Path) -> Path:
@@ -308,6 +340,11 @@ class Trial:
         trial.evals = [(int(s), dict(e)) for s, e in state["evals"]]
         for key in ("tokens", "slots", "train_time", "eval_time", "peak", "eval", "error", "fused", "prefix_blocks"):
             setattr(trial, key, state[key])
+        trial.method_time = state.get("method_time", 0.0)
+        if trial.allocator is not None:  # AdaLoRA's importance EMAs and rank pattern, on the trial's device
+            a = state.get("allocator") or adalora.new_state()
+            trial.allocator = {**{k: {n: t.to(setup.device) for n, t in a[k].items()} for k in ("ipt", "avg", "unc")},
+                               "pattern": a["pattern"]}
         return trial
 
 
