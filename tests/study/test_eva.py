@@ -125,3 +125,6 @@ def test_an_eva_study_trains_stores_reports_and_exports_exactly_its_modules(tmp_
     assert main(["report", str(tmp_path / "study")]) == 0
     methods = (tmp_path / "study" / "report" / "methods.md").read_text()
     assert "`eva` took its ranks and initial A matrices from PEFT's EVA" in methods
+    report = (tmp_path / "study" / "report" / "report.md").read_text()
+    row = next(line for line in report.splitlines() if line.startswith("| eva"))
+    assert row.rstrip(" |").endswith(f"{meta['time_s']:.1f} once")  # EVA's cost, once per study, in the table

@@ -20,7 +20,7 @@ from loraplace.placement.strategy import PlacementError, Strategy, get_strategy
 from loraplace.study.plan import resolve_placements
 from loraplace.study.store import Store
 from loraplace.study.workspace import Workspace
-from loraplace.train import adalora, sequential
+from loraplace.train import sequential
 from loraplace.train.schedule import lr_factor
 from loraplace.train.trial import Trial
 
@@ -169,4 +169,7 @@ def test_an_adalora_study_stores_reports_and_exports_the_ranks_it_kept(tmp_path,
         {n: m.rank for n, m in PlacementRecord.from_dict(trials[("adalora", s)].placement).modules.items()} for s in (0, 1))
     assert main(["report", str(tmp_path / "study")]) == 0
     methods = (tmp_path / "study" / "report" / "methods.md").read_text()
-    assert "AdaLoRA" in methods
+    assert "`adalora` trained PEFT's AdaLoRA" in methods and "of a trial's training time" in methods
+    report = (tmp_path / "study" / "report" / "report.md").read_text()
+    row = next(line for line in report.splitlines() if line.startswith("| adalora"))
+    assert "Method cost (s)" in report and row.rstrip(" |").endswith("per trial")  # AdaLoRA's allocation, per trial

@@ -26,7 +26,7 @@ from loraplace.core.stats import (Interval, Paired, mean_curve, paired_compariso
 from loraplace.analysis.verdict import ProbeVerdict, probe_verdict
 from loraplace.core.config import ConfigError, StudyConfig
 from loraplace.core.metrics import METRIC_CHOICES, QUALITY, numeric
-from loraplace.core.names import AUTO, is_auto
+from loraplace.core.names import AUTO, EVA, KAPPA, is_auto
 from loraplace.placement.record import PlacementRecord
 from loraplace.study.probe_scores import load as load_probe
 from loraplace.study.store import DONE, FAILED, STOPPED, UNFINISHED, TrialRecord
@@ -97,6 +97,8 @@ class StudyAnalysis:
 
     forgetting_info: dict | None = None  # meta "forgetting" less its sequences: source, base_loss, tokens, key
     least_forgetting: str | None = None  # the sentence naming the placement that forgets least among those that keep
+    choice_cost: dict[str, float] = field(default_factory=dict)  # strategy -> s spent once per study choosing its
+    #                                                               placement: the probe (auto), SVDs (kappa), EVA (eva)
 
     @property
     def has_accuracy(self) -> bool:
@@ -123,6 +125,18 @@ class StudyAnalysis:
 
 
 # -- the whole study ------------------------------------------------------------------------------
+def choice_cost(strategies: list[str], probe, store) -> dict[str, float]:
+    """Seconds each data-driven strategy's placement cost once per study, from the store: the probe's seeds for
+    ``auto`` (every auto strategy shares them), the condition numbers for ``kappa``, every EVA run for ``eva``."""
+    out = {}
+    for name in strategies:
+        if is_auto(name) and probe is not None:
+            out[name] = probe.time_s
+        elif name in (KAPPA, EVA) and (meta := store.get_meta(name)):
+            out[name] = float(meta.get("time_s", 0.0))
+    return out
+
+
 def analyze(
     trials: list[TrialRecord],
     baseline: str,
@@ -292,6 +306,7 @@ def analyze_store(store, threshold: float | None = None, metric: str | None = No
     if stale:
         a.notes.append(stale)
     a.probe = load_probe(store)
+    a.choice_cost = choice_cost(cfg.strategies, a.probe, store)
     from loraplace.analysis.racing import racing  # it builds rung analyses with analyze itself
     from loraplace.study.race import decisions
 

@@ -46,6 +46,8 @@ def results_table(a: StudyAnalysis) -> tuple[list[str], list[list[str]]]:
     forgets = a.has_forgetting
     headers += ["Forgetting (nats/tok)", "Δ forgetting vs baseline"] if forgets else []
     headers += [f"Retained improvement ({QUALITY[a.metric].label})", "Train time (s)", "Peak memory (MiB)"]
+    costs = has_method_cost(a)
+    headers += ["Method cost (s)"] if costs else []
     rows = []
     for s in a.strategies:
         params = s.mean("trainable_params")
@@ -61,6 +63,7 @@ def results_table(a: StudyAnalysis) -> tuple[list[str], list[list[str]]]:
             row += [NONE, NONE] if forgets else []
             row += ["stopped", interval_cell(s.metrics.get("train_time_s"), "{:.1f}"),
                     interval_cell(s.metrics.get("peak_mem_bytes"), "{:.0f}", MIB)]
+            row += [method_cost_cell(a, s)] if costs else []
             rows.append(row)
             continue
         row = [
@@ -82,8 +85,23 @@ def results_table(a: StudyAnalysis) -> tuple[list[str], list[list[str]]]:
             interval_cell(s.metrics.get("train_time_s"), "{:.1f}"),
             interval_cell(s.metrics.get("peak_mem_bytes"), "{:.0f}", MIB),
         ]
+        row += [method_cost_cell(a, s)] if costs else []
         rows.append(row)
     return headers, rows
+
+
+def has_method_cost(a: StudyAnalysis) -> bool:
+    """Whether any strategy's placement cost something beside training (the table's "Method cost" column)."""
+    return bool(a.choice_cost) or any("method_time_s" in s.metrics for s in a.strategies)
+
+
+def method_cost_cell(a: StudyAnalysis, s) -> str:
+    """AdaLoRA's allocation per trial (inside its train time), or the once-per-study cost of choosing the placement."""
+    if "method_time_s" in s.metrics:
+        return interval_cell(s.metrics["method_time_s"], "{:.1f}") + " per trial"
+    if s.strategy in a.choice_cost:
+        return f"{a.choice_cost[s.strategy]:.1f} once"
+    return ""
 
 
 def table_notes(a: StudyAnalysis) -> list[str]:
@@ -111,6 +129,10 @@ def table_notes(a: StudyAnalysis) -> list[str]:
         notes.append(f"Forgetting: the adapted model's mean loss per token minus the base model's, on {on}"
                      + (f", {info['tokens']:,} tokens, the same for every trial" if info.get("tokens") else "")
                      + "; 0 = unchanged. Δ forgetting: paired by seed, strategy minus baseline (positive = forgets more).")
+    if has_method_cost(a):
+        notes.append("Method cost: seconds spent choosing or allocating the placement beside training: once per study "
+                     "for the probe (auto strategies share it), the weights' condition numbers (kappa) and EVA's "
+                     "activation SVDs (eva); per trial, and inside its train time, for AdaLoRA's rank allocation.")
     if a.zero_shot is None:
         what = "accuracy" if a.metric == "accuracy" else "loss"
         notes.append(f"No zero-shot {what} was recorded, so retained improvement is not available.")

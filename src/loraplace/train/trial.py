@@ -23,6 +23,7 @@ from __future__ import annotations
 import contextlib
 import math
 import time
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
@@ -268,7 +269,9 @@ class Trial:
                 if setup.forgetting is not None:
                     ev.update(setup.forgetting.measure(peft_model))  # forgetting, forgetting_loss, forgetting_time_s
                 if adapter_dir is not None:
-                    saved = save_adapter(peft_model, adapter_dir)
+                    with warnings.catch_warnings():  # AdaLoRA's modules pruned to rank 0 save empty A/B: not a shard
+                        warnings.filterwarnings("ignore", message=".*LoRA tensor.*invalid shape")
+                        saved = save_adapter(peft_model, adapter_dir)
         stats = train_stats(self.curve, self.tail, self.tokens, self.slots)
         extra = {} if not self.fused else {
             "fused_trials": self.fused["size"], "fused_padding_frac": 1.0 - self.fused["real"] / max(self.fused["slots"], 1),
