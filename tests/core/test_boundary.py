@@ -78,7 +78,7 @@ def test_every_module_is_on_one_side_or_imports_torch():
     not what a read-only command may import)."""
     listed = set(_modules())
     torch_side = {"loraplace.model.anatomy", "loraplace.model.loading", "loraplace.data.batches",
-                  "loraplace.train.trial", "loraplace.train.adalora", "loraplace.train.loss", "loraplace.train.sequential", "loraplace.train.fused",
+                  "loraplace.train.trial", "loraplace.train.adalora", "loraplace.train.pissa", "loraplace.train.loss", "loraplace.train.sequential", "loraplace.train.fused",
                   "loraplace.train.prefix", "loraplace.train.memory", "loraplace.train.guard", "loraplace.train.generate",
                   "loraplace.train.segments", "loraplace.study.forgetting",
                   "loraplace.study.workspace", "loraplace.study.executor", "loraplace.study.run", "loraplace.study.probe",

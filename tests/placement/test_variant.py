@@ -58,8 +58,8 @@ def test_budget_matching_counts_dora_magnitudes():
 
 
 def test_an_unknown_variant_is_one_line():
-    with pytest.raises(PlacementError, match="variant 'pissa' is not one of lora, dora, rslora, adalora"):
-        Strategy.from_dict("x", {"roles": "attn", "variant": "pissa"})
+    with pytest.raises(PlacementError, match="variant 'vera' is not one of lora, dora, rslora, pissa, adalora"):
+        Strategy.from_dict("x", {"roles": "attn", "variant": "vera"})
     assert "variant" not in Strategy.from_dict("x", {"roles": "attn"}).to_dict()  # plain LoRA's trial ids unchanged
 
 

@@ -23,7 +23,7 @@ def _ranks(s) -> str:
         return "?"
     ranks = sorted({m.rank for m in s.placement.modules.values()})
     text = f"rank {ranks[0]}" if len(ranks) == 1 else f"ranks {ranks[0]}-{ranks[-1]}"
-    variant = {"dora": "DoRA", "rslora": "rsLoRA (scale alpha/sqrt(r))", "adalora": "AdaLoRA"}.get(s.placement.variant)
+    variant = {"dora": "DoRA", "rslora": "rsLoRA (scale alpha/sqrt(r))", "adalora": "AdaLoRA", "pissa": "PiSSA"}.get(s.placement.variant)
     return f"{text}, {variant}" if variant else text
 
 
@@ -56,6 +56,12 @@ def _chosen(a: StudyAnalysis, store) -> list[str]:
                    + (", the final rank-triplet budget chosen so the count meets the study's budget" if a.config.budget
                       else "") + f"; each trial stores the ranks it kept (they differ by seed; the placement map shows the first "
                    f"seed's); the allocation took up to {100 * share:.1f}% of a trial's training time.")
+    pissa = [s for s in a.strategies if s.placement is not None and s.placement.variant == "pissa"]
+    if pissa:
+        out.append(f"{', '.join(f'`{s.strategy}`' for s in pissa)} started A and B from each adapted weight's top-r "
+                   "singular part (PEFT's PiSSA) and trained on the residual weight; the SVDs took "
+                   f"{min(s.mean('method_time_s', 0.0) for s in pissa):.1f}-{max(s.mean('method_time_s', 0.0) for s in pissa):.1f} s "
+                   "per trial; the saved adapters are PEFT's conversion to LoRA adapters of the original base (rank 2r).")
     autos = sorted(n for n in names if is_auto(n))
     if autos and a.probe is not None:
         how = "; ".join(f"`{n}` {'spread ranks over every module in proportion to' if a.config.auto.settings(n)[0] == 'rank' else 'took the modules with the highest'} "

@@ -96,7 +96,7 @@ def has_method_cost(a: StudyAnalysis) -> bool:
 
 
 def method_cost_cell(a: StudyAnalysis, s) -> str:
-    """AdaLoRA's allocation per trial (inside its train time), or the once-per-study cost of choosing the placement."""
+    """AdaLoRA's allocation or PiSSA's SVDs per trial, or the once-per-study cost of choosing the placement."""
     if "method_time_s" in s.metrics:
         return interval_cell(s.metrics["method_time_s"], "{:.1f}") + " per trial"
     if s.strategy in a.choice_cost:
@@ -132,7 +132,8 @@ def table_notes(a: StudyAnalysis) -> list[str]:
     if has_method_cost(a):
         notes.append("Method cost: seconds spent choosing or allocating the placement beside training: once per study "
                      "for the probe (auto strategies share it), the weights' condition numbers (kappa) and EVA's "
-                     "activation SVDs (eva); per trial, and inside its train time, for AdaLoRA's rank allocation.")
+                     "activation SVDs (eva); per trial for AdaLoRA's rank allocation (inside its train time) and "
+                     "PiSSA's SVD of every adapted weight (at its start).")
     if a.zero_shot is None:
         what = "accuracy" if a.metric == "accuracy" else "loss"
         notes.append(f"No zero-shot {what} was recorded, so retained improvement is not available.")

@@ -30,6 +30,8 @@ built on the meta device. What it models is what a training step (``train.sequen
   of out (the magnitude's scale): within 1% of what a step adds on tiny Llama-style models
   (tests/model/test_estimate.py). Its weight-norm pass (an identity matrix through the adapter: in x in,
   then out x in) is detached and freed at once: a transient, not kept.
+- PiSSA (``variant: pissa``) trains on a residual copy of each adapted weight (the shared base stays as it
+  is), counted in ``weights``: in x out per adapted module.
 - ``logits``: the output head runs only on target positions (``train.loss.target_nll``): the saved
   log-softmax (targets x vocab, fp32) and, in the head's backward, two gradient buffers of the
   same shape: 3 x targets x vocab x 4 bytes. ``target_frac`` (default 1: every position is a
@@ -189,8 +191,11 @@ def estimate(placement, batch_size: int, seq_len: int, dtype: str = "float32", g
     else:
         dora_bytes = 0
     targets = int(round(tokens * target_frac))
+    residual = 0  # PiSSA: the trial's residual copy of each adapted weight while it trains (train.pissa)
+    if getattr(placement.strategy, "variant", "lora") == "pissa":
+        residual = sum(anat.layer(n).in_features * anat.layer(n).out_features for n in placement.modules) * act_bytes
     terms = {
-        "weights": anat.base_params * act_bytes,
+        "weights": anat.base_params * act_bytes + residual,
         "adapters": n_lora * ADAPTER_BYTES,
         "adapter_grads": n_lora * ADAPTER_BYTES,
         "adamw": 2 * n_lora * 4,

@@ -70,7 +70,7 @@ def _variant(placement: PlacementRecord, keys: dict[str, str], tool: str) -> dic
     if placement.variant in ("lora", "adalora"):  # AdaLoRA: plain LoRA at the ranks it kept
         return {}
     if placement.variant not in keys:
-        raise ExportError(f"{tool} has no switch for {placement.variant} (export to peft, which has use_dora/use_rslora)")
+        raise ExportError(f"{tool} has no switch for {placement.variant} (export to peft, which has use_dora, use_rslora and init_lora_weights)")
     return {keys[placement.variant]: True}
 
 
@@ -176,7 +176,7 @@ def _llamafactory(placement: PlacementRecord) -> str:
     shorts, _, _ = _blocks_shape(placement, "short", "LLaMA-Factory lora_target", need_all_blocks=True)
     config = {"finetuning_type": "lora", "lora_target": ",".join(shorts), "lora_rank": r,
               "lora_alpha": alpha, **_dropout(placement, "lora_dropout"),
-              **_variant(placement, {"dora": "use_dora", "rslora": "use_rslora"}, "LLaMA-Factory")}
+              **_variant(placement, {"dora": "use_dora", "rslora": "use_rslora", "pissa": "pissa_init"}, "LLaMA-Factory")}
     return _header(placement, "LLaMA-Factory") + _yaml(config)
 
 

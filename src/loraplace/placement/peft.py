@@ -36,13 +36,19 @@ def lora_layers(peft_model) -> dict[str, object]:
             if isinstance(mod, LoraLayer) and "default" in mod.lora_A}
 
 
-def apply(model: "torch.nn.Module", placement: Placement, dropout: float = 0.0, total_steps: int | None = None):
+def apply(model: "torch.nn.Module", placement: Placement, dropout: float = 0.0, total_steps: int | None = None,
+          initialise: bool = True):
     """Wrap ``model`` with PEFT LoRA on exactly ``placement.modules`` and verify the result. Variant adalora:
-    PEFT's AdaLoRA (``adalora_config``; its schedule needs the run's ``total_steps``)."""
+    PEFT's AdaLoRA (``adalora_config``; its schedule needs the run's ``total_steps``). ``initialise=False``:
+    PEFT's plain initialisation whatever the variant's (PiSSA's SVDs), for tensors that are replaced anyway."""
     from peft import get_peft_model
 
-    config = placement.record(dropout).lora_config() if placement.allocation is None else \
-        adalora_config(placement, dropout, total_steps)
+    if placement.allocation is not None:
+        config = adalora_config(placement, dropout, total_steps)
+    else:
+        config = placement.record(dropout).lora_config()
+        if not initialise:
+            config.init_lora_weights = True
     peft_model = get_peft_model(model, config)
     verify(peft_model, placement)
     return peft_model

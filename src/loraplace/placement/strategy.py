@@ -25,9 +25,12 @@ BLOCKS_HELP = (
 
 # How each placed adapter learns (PEFT's own implementations; ``variant`` of a strategy): the LoraConfig switches
 # that give it. DoRA also trains a magnitude vector of out_features per module (counted in the budget); rsLoRA
-# scales by alpha/sqrt(r), not alpha/r. AdaLoRA trains PEFT's SVD-form adapters (AdaLoraConfig, placement.peft)
-# that prune rank while training; what it ends with is exported as plain LoRA at the ranks it kept.
-VARIANTS = {"lora": {}, "dora": {"use_dora": True}, "rslora": {"use_rslora": True}, "adalora": {}}
+# scales by alpha/sqrt(r), not alpha/r. PiSSA starts A and B from each weight's top-r singular part and trains on
+# the residual weight (train.pissa keeps the shared base pristine). AdaLoRA trains PEFT's SVD-form adapters
+# (AdaLoraConfig, placement.peft) that prune rank while training; it is exported as plain LoRA at the ranks it kept.
+VARIANTS = {"lora": {}, "dora": {"use_dora": True}, "rslora": {"use_rslora": True},
+            "pissa": {"init_lora_weights": "pissa"}, "adalora": {}}
+PISSA = "pissa"
 ADALORA = "adalora"
 
 

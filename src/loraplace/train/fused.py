@@ -64,6 +64,7 @@ AUTO_MEMORY_SHARE = 0.8  # of free CUDA memory that auto-sized groups may fill (
 UNFUSABLE_VARIANTS = {
     "dora": "DoRA rescales each weight by its magnitude vector, which the fused forward does not",
     "adalora": "AdaLoRA's adapters are SVD triplets that PEFT's allocator prunes between steps, not the fused B A",
+    "pissa": "PiSSA trains on a residual base weight of its own, not the base the group shares",
 }
 
 

@@ -39,7 +39,8 @@ from loraplace.data.tokenize import TokenizedSet
 from loraplace.placement.peft import apply, base_name, lora_layers
 from loraplace.placement.record import PlacementRecord
 from loraplace.placement.resolve import BUDGET_TOLERANCE, Placement
-from loraplace.train import adalora
+from loraplace.placement.strategy import PISSA
+from loraplace.train import adalora, pissa
 from loraplace.train.schedule import lr_factor, total_steps
 
 CHECKPOINT_FILE = "trial.pt"  # inside a trial's checkpoint directory
@@ -118,7 +119,8 @@ class Trial:
         self._attached = None  # the PEFT wrapping while attached
         self._adapters = None
         self.allocator = adalora.new_state() if placement.allocation else None  # variant adalora: PEFT's allocator state
-        self.method_time = 0.0  # s of train_time spent in the variant's own work between steps (AdaLoRA's allocation)
+        self.method_time = 0.0  # s the variant's own work took: AdaLoRA's allocation (in train_time), PiSSA's SVDs
+        self.origin: dict[str, torch.Tensor] | None = None  # variant pissa: A0 and B0 (params' names), PiSSA's start
 
     # -- life -----------------------------------------------------------------------------------------
     @classmethod
@@ -127,17 +129,28 @@ class Trial:
         dropout masks), a fresh AdamW, the dropout RNG right after the initialisation."""
         spec = setup.train
         torch.manual_seed(seed)  # adapter init (lora_A) and dropout
-        peft_model = apply(setup.model, placement, dropout=spec.dropout, total_steps=setup.total_steps)
+        is_pissa = placement.strategy.variant == PISSA
+        saved = pissa.originals(setup.model, placement.modules) if is_pissa else {}  # PiSSA rewrites them
+        t0 = time.perf_counter()
         try:
-            params = {base_name(n): torch.nn.Parameter(p.detach().clone())
-                      for n, p in peft_model.named_parameters() if p.requires_grad}
-            if placement.init != "default":  # A as a data-driven method computed it (B stays zero)
-                start_from(params, placement, setup.inits.get(placement.init))
-            scales = {n: float(layer.scaling["default"]) for n, layer in lora_layers(peft_model).items()}
-            rng = generator(setup.device).get_state() if spec.dropout > 0 else None
+            peft_model = apply(setup.model, placement, dropout=spec.dropout, total_steps=setup.total_steps)
+            spent = time.perf_counter() - t0  # PiSSA: its SVD of every adapted weight
+            try:
+                params = {base_name(n): torch.nn.Parameter(p.detach().clone())
+                          for n, p in peft_model.named_parameters() if p.requires_grad}
+                if placement.init != "default":  # A as a data-driven method computed it (B stays zero)
+                    start_from(params, placement, setup.inits.get(placement.init))
+                scales = {n: float(layer.scaling["default"]) for n, layer in lora_layers(peft_model).items()}
+                rng = generator(setup.device).get_state() if spec.dropout > 0 else None
+            finally:
+                peft_model.unload()  # removes the LoRA layers without merging
         finally:
-            peft_model.unload()  # removes the LoRA layers without merging: the base stays pristine
-        return cls(placement, seed, setup.total_steps, params, scales, rng, spec)
+            pissa.restore(setup.model, saved)  # the base stays pristine
+        trial = cls(placement, seed, setup.total_steps, params, scales, rng, spec)
+        if is_pissa:  # where A and B started: the residual base of every attachment is computed from them
+            trial.origin = {n: p.detach().clone() for n, p in params.items()}
+            trial.method_time = spent
+        return trial
 
     @property
     def done(self) -> bool:
@@ -215,7 +228,8 @@ class Trial:
         if self._attached is not None:
             yield self._attached
             return
-        peft_model = apply(setup.model, self.placement, dropout=setup.train.dropout, total_steps=self.total)
+        peft_model = apply(setup.model, self.placement, dropout=setup.train.dropout, total_steps=self.total,
+                           initialise=False)
         try:
             base = peft_model.get_base_model()
             for name, p in self.params.items():
@@ -224,7 +238,8 @@ class Trial:
             if {id(p) for p in peft_model.parameters() if p.requires_grad} != {id(p) for p in self.params.values()}:
                 raise TrialError(f"trial {self.placement.strategy}: its tensors do not match the PEFT wrapping")
             self._attached = peft_model
-            yield peft_model
+            with pissa.residual(peft_model, self.origin) if self.origin is not None else contextlib.nullcontext():
+                yield peft_model
         finally:
             self._attached = None
             peft_model.unload()
@@ -271,12 +286,13 @@ class Trial:
                 if adapter_dir is not None:
                     with warnings.catch_warnings():  # AdaLoRA's modules pruned to rank 0 save empty A/B: not a shard
                         warnings.filterwarnings("ignore", message=".*LoRA tensor.*invalid shape")
-                        saved = save_adapter(peft_model, adapter_dir)
+                        saved = save_adapter(peft_model, adapter_dir) if self.origin is None else \
+                            pissa.save_converted(peft_model, adapter_dir, self.origin, self.params)
         stats = train_stats(self.curve, self.tail, self.tokens, self.slots)
         extra = {} if not self.fused else {
             "fused_trials": self.fused["size"], "fused_padding_frac": 1.0 - self.fused["real"] / max(self.fused["slots"], 1),
             "group_train_time_s": self.fused["time"]}
-        if self.allocator is not None:
+        if self.allocator is not None or self.origin is not None:
             extra["method_time_s"] = self.method_time
         result = trial_result(self.trained, ev, {**stats, "prefix_cached_blocks": self.prefix_blocks}, self.curve,
                               self.train_time, self.eval_time, self.peak, saved, setup.train.dropout, **extra)
@@ -312,7 +328,7 @@ class Trial:
             "train_time": self.train_time, "eval_time": self.eval_time, "peak": self.peak, "eval": self.eval,
             "evals": [[s, dict(e)] for s, e in self.evals],
             "error": self.error, "fused": dict(self.fused), "prefix_blocks": self.prefix_blocks,
-            "allocator": self.allocator, "method_time": self.method_time,
+            "allocator": self.allocator, "method_time": self.method_time, "origin": self.origin,
         }
 
     def save(self, path: str | Path) -> Path:
@@ -344,6 +360,10 @@ class Trial:
         for key in ("tokens", "slots", "train_time", "eval_time", "peak", "eval", "error", "fused", "prefix_blocks"):
             setattr(trial, key, state[key])
         trial.method_time = state.get("method_time", 0.0)
+        if placement.strategy.variant == PISSA:
+            if not state.get("origin"):
+                raise TrialError(f"checkpoint {file} of a PiSSA trial lacks PiSSA's initial A and B")
+            trial.origin = {n: t.to(setup.device) for n, t in state["origin"].items()}
         if trial.allocator is not None:  # AdaLoRA's importance EMAs and rank pattern, on the trial's device
             a = state.get("allocator") or adalora.new_state()
             trial.allocator = {**{k: {n: t.to(setup.device) for n, t in a[k].items()} for k in ("ipt", "avg", "unc")},
