@@ -1,6 +1,6 @@
 """Shared test helpers: repository paths, toy token sets, and the comparisons the engine tests share.
 
-Usage: ``from toys import GSM8K, PAD, toy_set, assert_same_adapter``
+Usage: ``from toys import GSM8K, PAD, toy_set, assert_same_adapter, tiny_study, tiny_workspace``
 """
 from __future__ import annotations
 
@@ -13,7 +13,7 @@ import torch
 import transformers as T
 from safetensors.torch import load_file
 
-from loraplace.core.config import EvalSpec, TrainSpec
+from loraplace.core.config import EvalSpec, StudyConfig, TrainSpec
 from loraplace.core.metrics import IGNORE_INDEX
 from loraplace.data.batches import train_batches
 from loraplace.data.tokenize import TokenizedSet
@@ -112,3 +112,36 @@ def steps_with_new_examples(ts, spec, seeds) -> tuple[int, int]:
             misses, last = misses + 1, step
         seen |= idx
     return misses, last
+
+
+def tiny_study(tmp_path, strategies: list[str], train: dict | None = None, **over) -> StudyConfig:
+    """A study on the tiny Llama for method tests: 48 built-in examples (8 held out) of at most 96 tokens, one seed,
+    rank 4 / alpha 8, lr 1e-2, 2 steps of 8, no forgetting set; ``train`` updates the train section, ``over`` the rest."""
+    data = {"out": str(tmp_path / "study"), "seeds": [0], "strategies": strategies,
+            "data": {"limit": 48, "eval_size": 8, "max_length": 96},
+            "train": {"steps": 2, "batch_size": 8, "rank": 4, "alpha": 8, "lr": 1e-2, **(train or {})},
+            "eval": {"forgetting": False}}
+    data.update(over)
+    return StudyConfig.from_dict(data)
+
+
+def tiny_workspace(cfg: StudyConfig):
+    """The study's Workspace on a fresh tiny Llama and its tokenizer (no files read)."""
+    from loraplace.study.workspace import Workspace
+
+    return Workspace.build(cfg, (tiny_models.build("llama"), tiny_models.tokenizer()))
+
+
+def exported_layers(study_dir, strategy: str, capsys) -> tuple[dict, str]:
+    """``loraplace export --format peft`` of ``strategy``, rebuilt on a fresh tiny Llama with PEFT's LoraConfig: its
+    LoRA layers (base module name -> layer) and what the export wrote on stderr."""
+    from peft import LoraConfig, get_peft_model
+
+    from loraplace.cli import main
+    from loraplace.placement.peft import lora_layers
+
+    assert main(["export", str(study_dir), "--strategy", strategy, "--format", "peft"]) == 0
+    out = capsys.readouterr()
+    exported = json.loads(out.out)
+    exported.pop("peft_type")
+    return lora_layers(get_peft_model(tiny_models.build("llama"), LoraConfig(**exported))), out.err

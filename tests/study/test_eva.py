@@ -4,11 +4,11 @@ PEFT's own loader would start them, stored, reported and exported as exactly its
 from __future__ import annotations
 
 import copy
-import json
 
 import pytest
 import tiny_models
 import torch
+from toys import exported_layers, tiny_study, tiny_workspace
 
 from loraplace.cli import main
 from loraplace.core.config import ConfigError, StudyConfig
@@ -20,22 +20,16 @@ from loraplace.placement.strategy import get_strategy
 from loraplace.study import eva as E
 from loraplace.study.plan import eva_placement
 from loraplace.study.store import Store
-from loraplace.study.workspace import Workspace
 from loraplace.train.trial import Trial
 
 
 def _cfg(tmp_path, **over) -> StudyConfig:
-    data = {"out": str(tmp_path / "study"), "seeds": [0], "strategies": ["all_linear", "eva"],
-            "data": {"limit": 48, "eval_size": 8, "max_length": 96},
-            "train": {"steps": 2, "batch_size": 8, "rank": 4, "alpha": 8, "lr": 1e-2},
-            "eval": {"forgetting": False}}
-    data.update(over)
-    return StudyConfig.from_dict(data)
+    return tiny_study(tmp_path, ["all_linear", "eva"], **over)
 
 
 @pytest.fixture(scope="module")
 def ws(tmp_path_factory):
-    return Workspace.build(_cfg(tmp_path_factory.mktemp("ws")), (tiny_models.build("llama"), tiny_models.tokenizer()))
+    return tiny_workspace(_cfg(tmp_path_factory.mktemp("ws")))
 
 
 def test_eva_redistributes_the_rank_sum_meets_the_budget_and_is_kept(ws, tmp_path):
@@ -111,14 +105,8 @@ def test_an_eva_study_trains_stores_reports_and_exports_exactly_its_modules(tmp_
     assert all(together[t.seed]["eval_loss"] == pytest.approx(t.metrics["eval_loss"], rel=1e-5) for t in trials)
     assert main(["plan", *common]) == 0  # now from the study's stored result
     assert "eva: PEFT's EVA" in capsys.readouterr().out
-    assert main(["export", str(tmp_path / "study"), "--strategy", "eva", "--format", "peft"]) == 0
-    out = capsys.readouterr()
-    assert "initialize_lora_eva_weights" in out.err
-    exported = json.loads(out.out)
-    exported.pop("peft_type")
-    from peft import LoraConfig, get_peft_model
-
-    rebuilt = lora_layers(get_peft_model(tiny_models.build("llama"), LoraConfig(**exported)))
+    rebuilt, err = exported_layers(tmp_path / "study", "eva", capsys)
+    assert "initialize_lora_eva_weights" in err
     assert {n: layer.r["default"] for n, layer in rebuilt.items()} == meta["ranks"]
     assert {n: layer.scaling["default"] for n, layer in rebuilt.items()} == pytest.approx(
         {n: 8 / meta["base"][n] for n in meta["ranks"]})

@@ -4,40 +4,32 @@ computes, survives checkpoints, ends within the study's budget, and is stored an
 from __future__ import annotations
 
 import copy
-import json
 import logging
 
 import pytest
 import tiny_models
 import torch
+from toys import exported_layers, tiny_study, tiny_workspace
 
 from loraplace.cli import main
 from loraplace.core.config import ConfigError, StudyConfig
-from loraplace.placement.peft import lora_layers
 from loraplace.placement.record import PlacementRecord
 from loraplace.placement.resolve import BUDGET_TOLERANCE, adalora_placement, resolve
 from loraplace.placement.strategy import PlacementError, Strategy, get_strategy
 from loraplace.study.plan import resolve_placements
 from loraplace.study.store import Store
-from loraplace.study.workspace import Workspace
 from loraplace.train import sequential
 from loraplace.train.schedule import lr_factor
 from loraplace.train.trial import Trial
 
 
 def _cfg(tmp_path, **over) -> StudyConfig:
-    data = {"out": str(tmp_path / "study"), "seeds": [0], "strategies": ["all_linear", "adalora"],
-            "data": {"limit": 48, "eval_size": 8, "max_length": 96},
-            "train": {"steps": 6, "batch_size": 8, "rank": 4, "alpha": 8, "lr": 1e-2, "schedule": "constant",
-                      "warmup": 0},
-            "eval": {"forgetting": False}}
-    data.update(over)
-    return StudyConfig.from_dict(data)
+    return tiny_study(tmp_path, ["all_linear", "adalora"], train={"steps": 6, "schedule": "constant", "warmup": 0}, **over)
 
 
 @pytest.fixture(scope="module")
 def ws(tmp_path_factory):
-    return Workspace.build(_cfg(tmp_path_factory.mktemp("ws")), (tiny_models.build("llama"), tiny_models.tokenizer()))
+    return tiny_workspace(_cfg(tmp_path_factory.mktemp("ws")))
 
 
 def test_a_trial_computes_what_peft_own_adalora_loop_computes(ws, tmp_path):
@@ -157,14 +149,8 @@ def test_an_adalora_study_stores_reports_and_exports_the_ranks_it_kept(tmp_path,
         assert rec.variant == "adalora" and len({m.rank for m in rec.modules.values()}) > 1
         assert abs(rec.trainable_params - budget) <= BUDGET_TOLERANCE * budget
         assert t.metrics["trainable_params"] == rec.trainable_params  # what it ended with, not the 1.5x it started at
-    assert main(["export", str(tmp_path / "study"), "--strategy", "adalora", "--format", "peft"]) == 0
-    out = capsys.readouterr()
-    assert "AdaLoraConfig" in out.err
-    exported = json.loads(out.out)
-    exported.pop("peft_type")
-    from peft import LoraConfig, get_peft_model
-
-    rebuilt = lora_layers(get_peft_model(tiny_models.build("llama"), LoraConfig(**exported)))
+    rebuilt, err = exported_layers(tmp_path / "study", "adalora", capsys)
+    assert "AdaLoraConfig" in err
     assert {n: layer.r["default"] for n, layer in rebuilt.items()} in (  # one seed's kept ranks, exactly
         {n: m.rank for n, m in PlacementRecord.from_dict(trials[("adalora", s)].placement).modules.items()} for s in (0, 1))
     assert main(["report", str(tmp_path / "study")]) == 0

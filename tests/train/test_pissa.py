@@ -10,13 +10,13 @@ import logging
 import pytest
 import tiny_models
 import torch
+from toys import tiny_study, tiny_workspace
 
 from loraplace.cli import main
 from loraplace.core.config import StudyConfig
 from loraplace.placement.record import PlacementRecord
 from loraplace.study.plan import resolve_placements
 from loraplace.study.store import Store
-from loraplace.study.workspace import Workspace
 from loraplace.train import sequential
 from loraplace.train.schedule import lr_factor
 from loraplace.train.trial import Trial
@@ -25,17 +25,12 @@ DEFINE = {"pis": {"roles": "all", "variant": "pissa"}, "attn_pissa": {"roles": "
 
 
 def _cfg(tmp_path, **over) -> StudyConfig:
-    data = {"out": str(tmp_path / "study"), "seeds": [0], "strategies": ["all_linear", "pis"], "define": DEFINE,
-            "data": {"limit": 48, "eval_size": 8, "max_length": 96},
-            "train": {"steps": 4, "batch_size": 8, "rank": 4, "alpha": 8, "lr": 1e-2},
-            "eval": {"forgetting": False}}
-    data.update(over)
-    return StudyConfig.from_dict(data)
+    return tiny_study(tmp_path, ["all_linear", "pis"], train={"steps": 4}, define=DEFINE, **over)
 
 
 @pytest.fixture(scope="module")
 def ws(tmp_path_factory):
-    return Workspace.build(_cfg(tmp_path_factory.mktemp("ws")), (tiny_models.build("llama"), tiny_models.tokenizer()))
+    return tiny_workspace(_cfg(tmp_path_factory.mktemp("ws")))
 
 
 def _weights(model) -> dict[str, torch.Tensor]:
