@@ -16,6 +16,9 @@ state, LoRA-dropout RNG state, the step it is at (which is also where it is in t
 whole run's schedule, however the run is cut into pieces, so a trial advanced in pieces (checkpointed and
 restored between them, even in another process) computes exactly what it computes in one go. The
 engines (``train.sequential``, ``train.fused``) only decide how a step's rows go through the frozen base.
+Variants with state beyond A and B keep it here too: AdaLoRA's rank allocator (``train.adalora``, called
+between AdamW's step and zero_grad) and PiSSA's initial A and B, from which each attachment builds the
+trial's own residual base (``train.pissa``).
 """
 
 from __future__ import annotations
