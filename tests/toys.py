@@ -145,3 +145,14 @@ def exported_layers(study_dir, strategy: str, capsys) -> tuple[dict, str]:
     exported = json.loads(out.out)
     exported.pop("peft_type")
     return lora_layers(get_peft_model(tiny_models.build("llama"), LoraConfig(**exported))), out.err
+
+
+def run_batches(trial, setup) -> list[dict]:
+    """Every batch ``trial`` will train on, in order (what a reference loop outside loraplace is fed); the trial
+    is left at the step it was at."""
+    at, out = trial.step, []
+    for step in range(setup.total_steps):
+        trial.step = step
+        out.append(trial.batch(setup))
+    trial.step = at
+    return out

@@ -9,7 +9,7 @@ import logging
 import pytest
 import tiny_models
 import torch
-from toys import exported_layers, tiny_study, tiny_workspace
+from toys import run_batches, exported_layers, tiny_study, tiny_workspace
 
 from loraplace.cli import main
 from loraplace.core.config import ConfigError, StudyConfig
@@ -42,11 +42,7 @@ def test_a_trial_computes_what_peft_own_adalora_loop_computes(ws, tmp_path):
     assert p.allocation["target"] is None and set(p.modules.values()) == {12} and p.allocation["triplets"] == 8 * len(p.modules)
     setup = ws.setup
     ours = sequential.start(setup, p, seed=0)
-    batches = []
-    for step in range(setup.total_steps):
-        ours.step = step
-        batches.append(ours.batch(setup))
-    ours.step = 0
+    batches = run_batches(ours, setup)
     with ours.attached(setup):
         sequential.advance(setup, [ours], setup.total_steps)
 

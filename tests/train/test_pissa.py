@@ -10,7 +10,7 @@ import logging
 import pytest
 import tiny_models
 import torch
-from toys import tiny_study, tiny_workspace
+from toys import run_batches, tiny_study, tiny_workspace
 
 from loraplace.cli import main
 from loraplace.core.config import StudyConfig
@@ -46,11 +46,7 @@ def test_a_trial_computes_what_peft_own_pissa_model_computes_and_the_base_stays_
     before = _weights(ws.model)
     ours = sequential.start(setup, p, seed=0)
     assert all(torch.equal(before[n], q) for n, q in ws.model.named_parameters())  # PiSSA's rewrite undone
-    batches = []
-    for step in range(setup.total_steps):
-        ours.step = step
-        batches.append(ours.batch(setup))
-    ours.step = 0
+    batches = run_batches(ours, setup)
     theirs = get_peft_model(copy.deepcopy(ws.model), LoraConfig(
         r=4, lora_alpha=8, target_modules=sorted(p.modules), init_lora_weights="pissa", task_type="CAUSAL_LM"))
     named = {n.removeprefix("base_model.model."): q for n, q in theirs.named_parameters() if q.requires_grad}

@@ -325,7 +325,7 @@ def cmd_report(args) -> int:
 def cmd_export(args) -> int:
     from loraplace.placement.export import export
     from loraplace.study.results import placement_for
-    from loraplace.study.store import Store
+    from loraplace.study.store import DONE, Store
 
     with Store.open(args.study_dir, create=False) as store:
         trials = store.current_trials()
@@ -333,7 +333,7 @@ def cmd_export(args) -> int:
         eva = store.get_meta("eva") if placement.init == "eva" else None
     print(export(placement, args.format))
     if placement.variant == "adalora":  # the ranks one seed's AdaLoRA kept, trained here as its SVD triplets
-        kept = {t.seed: t.placement.get("modules") for t in trials if t.strategy == args.strategy and t.status == "done"}
+        kept = {t.seed: t.placement.get("modules") for t in trials if t.strategy == args.strategy and t.status == DONE}
         seed = next(s for s, m in kept.items() if m == placement.to_dict()["modules"])
         differ = len({json.dumps(m, sort_keys=True) for m in kept.values()}) > 1
         print(f"note: {args.strategy} was trained with PEFT's AdaLoRA, which pruned rank while training; this config "

@@ -61,7 +61,8 @@ class Placement:
 
     @property
     def trainable_params(self) -> int:
-        """sum of r * (in + out): LoRA's A is (r, in), B is (out, r); no bias is trained; DoRA adds out per module."""
+        """sum of r * (in + out): LoRA's A is (r, in), B is (out, r); no bias is trained; DoRA adds out per module,
+        AdaLoRA r (its singular values)."""
         v = self.strategy.variant
         return sum(lora_params(self.anatomy.layer(n), r) + variant_params(self.anatomy.layer(n), v, r)
                    for n, r in self.modules.items())
@@ -202,9 +203,7 @@ def match_budget(
     Ranks keep the strategy's per-role proportions and are scaled by one factor (``scale_ranks``; no rank
     exceeds min(in, out)).
     """
-    if strategy.variant == ADALORA:
-        raise PlacementError(f"strategy {strategy.name!r}: AdaLoRA's count is matched while training (adalora_placement)")
-    base = resolve(strategy, anat, rank=rank, alpha=alpha, alpha_per_rank=alpha_per_rank)
+    base = resolve(strategy, anat, rank=rank, alpha=alpha, alpha_per_rank=alpha_per_rank)  # refuses AdaLoRA's
     fixed = sum(variant_params(anat.layer(n), strategy.variant) for n in base.modules)  # DoRA's, whatever the rank
     ranks = scale_ranks(base.modules, anat, target, fixed, what=f"strategy {strategy.name!r}")
     placement = resolve(strategy, anat, rank=rank, alpha=alpha, alpha_per_rank=alpha_per_rank, ranks=ranks)
@@ -229,7 +228,8 @@ def adalora_placement(strategy: Strategy, anat: Anatomy, spec, target: int | Non
         raise PlacementError(f"strategy {strategy.name!r}: AdaLoRA starts every module at one rank (adalora.init_r), "
                              "not ranks per role")
     base = resolve(replace(strategy, variant="lora"), anat, rank=rank)  # its module set
-    width = {n: lora_params(anat.layer(n), 1) + 1 for n in base.modules}  # parameters per triplet (A row, E, B column)
+    width = {n: lora_params(anat.layer(n), 1) + variant_params(anat.layer(n), ADALORA, 1)  # per triplet: A row, E, B column
+             for n in base.modules}
     if target is None:
         target_r, init_r = float(spec.target_r), spec.init_r
     else:
