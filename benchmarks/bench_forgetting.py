@@ -7,7 +7,7 @@ Usage::
 
 For each study directory: resumes the study (every trial is done, so nothing trains) first with
 ``eval.forgetting_source=base`` and then with the text file, which measures forgetting on each set from the
-saved adapters (``study.forgetting.backfill``); prints per strategy the forgetting (mean and 95% interval across
+saved adapters (``measure.forgetting.backfill``); prints per strategy the forgetting (mean and 95% interval across
 seeds, nats/token), its paired delta against the baseline, the improvement over the base model, and the cost
 (the set's build time, the mean forgetting pass per trial). The study directory is left holding the last
 source's measure.
@@ -23,7 +23,7 @@ import re
 from loraplace.analysis.study import analyze_store
 from loraplace.core.config import StudyConfig
 from loraplace.study.run import run_study
-from loraplace.study.store import DONE, Store
+from loraplace.store.db import DONE, Store
 
 
 def measure(study_dir: str, source: str) -> dict:

@@ -31,7 +31,7 @@ from loraplace.core.config import StudyConfig
 from loraplace.core.stats import retained_ratios
 from loraplace.study import race
 from loraplace.study.run import run_study
-from loraplace.study.store import DONE, Store
+from loraplace.store.db import DONE, Store
 
 
 def _run(config: str | None, overrides: list[str]) -> tuple[StudyConfig, float]:

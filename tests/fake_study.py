@@ -8,8 +8,8 @@ import math
 
 from loraplace.core.config import StudyConfig
 from loraplace.placement.record import ModuleSpec, PlacementRecord
-from loraplace.study import claims
-from loraplace.study.store import Store
+from loraplace.store import claims
+from loraplace.store.db import Store
 
 ZS = 3.0  # zero-shot eval loss, nats/token
 T975_DF2 = 4.302652729911275  # Student t quantile 0.975, 2 degrees of freedom

@@ -8,8 +8,8 @@ import pytest
 from loraplace.core.stats import mean_curve, pareto_front, t_interval
 from loraplace.analysis.study import analyze
 from loraplace.analysis.text import interval_text
-from loraplace.study import claims
-from loraplace.study.store import Store
+from loraplace.store import claims
+from loraplace.store.db import Store
 
 ZS = 3.0  # zero-shot eval loss of the fake base model (nats/token)
 T975_DF2 = 4.302652729911275  # Student t quantile 0.975 with 2 degrees of freedom (tables)

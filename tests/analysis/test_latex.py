@@ -14,7 +14,7 @@ from loraplace.analysis import figures
 from loraplace.analysis.latex import escape, params
 from loraplace.analysis.report import write_report
 from loraplace.analysis.study import analyze_store
-from loraplace.study.store import Store
+from loraplace.store.db import Store
 
 PDFLATEX = shutil.which("pdflatex")
 BOOKTABS = PDFLATEX and subprocess.run(["kpsewhich", "booktabs.sty"], capture_output=True, text=True).stdout.strip()

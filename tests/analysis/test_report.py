@@ -13,7 +13,7 @@ from PIL import Image
 from loraplace.analysis.report import write_report
 from loraplace.analysis.study import analyze_store
 from loraplace.analysis.tables import summary_table, summary_text
-from loraplace.study.store import Store, StoreError
+from loraplace.store.db import Store, StoreError
 from fake_study import ACC, PLAN, T975_DF2, ZA, ZS, make_study  # noqa: F401
 
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")

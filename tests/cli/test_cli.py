@@ -116,8 +116,8 @@ def test_bad_dataset_lines_and_unwritable_output(capsys, model_dir, tmp_path):
 def test_status_shows_which_process_holds_a_running_trial(capsys, tmp_path):
     import os
 
-    from loraplace.study.claims import HOST, claim
-    from loraplace.study.store import Store
+    from loraplace.store.claims import HOST, claim
+    from loraplace.store.db import Store
 
     with Store.open(tmp_path) as store:
         store.add_pending("held", "all_linear", 0, {})

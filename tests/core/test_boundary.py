@@ -14,7 +14,7 @@ import sys
 import loraplace
 
 # Whole packages on the torch-free side: a module added to them is checked without being listed here.
-TORCH_FREE_PACKAGES = ("loraplace.core", "loraplace.analysis", "loraplace.cli")
+TORCH_FREE_PACKAGES = ("loraplace.core", "loraplace.analysis", "loraplace.cli", "loraplace.store")
 # Torch-free modules of the packages that also hold torch code.
 TORCH_FREE_MODULES = (
     "loraplace", "loraplace.model", "loraplace.model.estimate", "loraplace.model.conditioning",
@@ -23,8 +23,7 @@ TORCH_FREE_MODULES = (
     "loraplace.data", "loraplace.data.examples", "loraplace.data.sources", "loraplace.data.builtin",
     "loraplace.data.tokenize", "loraplace.data.answers",
     "loraplace.train", "loraplace.train.schedule",
-    "loraplace.study", "loraplace.study.plan", "loraplace.study.store", "loraplace.study.schema", "loraplace.study.claims",
-    "loraplace.study.results", "loraplace.study.probe_scores", "loraplace.study.tracking", "loraplace.study.race",
+    "loraplace.study", "loraplace.study.plan", "loraplace.measure", "loraplace.measure.probe_scores", "loraplace.study.tracking", "loraplace.study.race",
 )
 BLOCKED = ("torch", "transformers", "peft", "accelerate")
 
@@ -80,9 +79,9 @@ def test_every_module_is_on_one_side_or_imports_torch():
     torch_side = {"loraplace.model.anatomy", "loraplace.model.loading", "loraplace.data.batches",
                   "loraplace.train.trial", "loraplace.train.adalora", "loraplace.train.pissa", "loraplace.train.loss", "loraplace.train.sequential", "loraplace.train.fused",
                   "loraplace.train.prefix", "loraplace.train.memory", "loraplace.train.guard", "loraplace.train.generate",
-                  "loraplace.train.segments", "loraplace.study.forgetting",
-                  "loraplace.study.workspace", "loraplace.study.executor", "loraplace.study.run", "loraplace.study.probe",
-                      "loraplace.study.eva"}
+                  "loraplace.train.segments", "loraplace.measure.forgetting",
+                  "loraplace.study.workspace", "loraplace.study.executor", "loraplace.study.run", "loraplace.measure.probe",
+                      "loraplace.measure.eva"}
     every = {m.name for m in pkgutil.walk_packages(loraplace.__path__, "loraplace.") if not m.name.endswith("__main__")}
     assert every - listed - torch_side == set(), "place the new module(s) in TORCH_FREE_MODULES or torch_side"
     assert not listed & torch_side

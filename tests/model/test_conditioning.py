@@ -19,7 +19,7 @@ from loraplace.placement.resolve import BUDGET_TOLERANCE, resolve
 from loraplace.placement.select import candidates, kappa_placement
 from loraplace.placement.strategy import PlacementError, get_strategy
 from loraplace.study.plan import resolve_placements
-from loraplace.study.store import Store
+from loraplace.store.db import Store
 
 
 def _kappa(weight: torch.Tensor) -> float:

@@ -11,11 +11,11 @@ import yaml
 from loraplace.cli import main
 from loraplace.model.anatomy import analyze
 from loraplace.placement.export import ExportError, export
-from loraplace.study.results import placement_for
+from loraplace.store.results import placement_for
 from loraplace.placement.record import ModuleSpec, PlacementRecord
 from loraplace.placement.resolve import resolve
 from loraplace.placement.strategy import Strategy
-from loraplace.study.store import Store
+from loraplace.store.db import Store
 
 N_BLOCKS = 4
 NAMES = {"attn.q": "self_attn.q_proj", "attn.k": "self_attn.k_proj", "attn.v": "self_attn.v_proj",

@@ -16,7 +16,7 @@ import pytest
 import tiny_models
 
 import loraplace
-from loraplace.study.store import Store
+from loraplace.store.db import Store
 
 STRATEGIES = ["all_linear", "attention_only", "mlp_only"]
 SEEDS = [0, 1]

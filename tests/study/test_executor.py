@@ -47,7 +47,7 @@ def test_a_race_on_ray_decides_what_a_local_race_does(ray_cluster, tmp_path):
     """Ray workers run the pieces of work to each rung (checkpoints in the study directory); the driver decides
     once every trial still racing has reached the rung; the survivors go on from their checkpoints."""
     from loraplace.study import race
-    from loraplace.study.store import Store
+    from loraplace.store.db import Store
 
     model_dir = tiny_models.save("llama", tmp_path / "model")
 

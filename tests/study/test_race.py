@@ -14,7 +14,7 @@ from loraplace.core.config import ConfigError, RaceSpec, StudyConfig
 from loraplace.study import race
 from loraplace.study.race import decide, rung_steps
 from loraplace.study.run import run_study
-from loraplace.study.store import Store
+from loraplace.store.db import Store
 from loraplace.train import trial as T
 
 

@@ -21,7 +21,7 @@ import tiny_models
 import loraplace
 from loraplace.core.config import StudyConfig
 from loraplace.study.run import run_study
-from loraplace.study.store import Store
+from loraplace.store.db import Store
 
 ray = pytest.importorskip("ray", reason="Ray is not installed (it comes with the [dev] extra)")
 pytestmark = pytest.mark.cluster

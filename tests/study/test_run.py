@@ -10,7 +10,7 @@ from loraplace.core.config import StudyConfig
 from loraplace.study import plan as P
 from loraplace.study import run as S
 from loraplace.study import workspace as W
-from loraplace.study.store import Store
+from loraplace.store.db import Store
 from loraplace.train import segments
 from loraplace.train.trial import TrialError
 

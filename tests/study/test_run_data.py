@@ -10,7 +10,7 @@ from loraplace.core.config import StudyConfig
 from loraplace.model.anatomy import analyze
 from loraplace.study import plan as P
 from loraplace.study import run as S
-from loraplace.study.store import Store
+from loraplace.store.db import Store
 
 
 def _conversation(i: int, system: bool = False) -> dict:

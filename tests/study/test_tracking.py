@@ -11,7 +11,7 @@ from loraplace.cli import main
 from loraplace.core.config import StudyConfig
 from loraplace.study import tracking
 from loraplace.study.run import run_study
-from loraplace.study.store import Store
+from loraplace.store.db import Store
 from loraplace.train.schedule import lr_factor
 
 mlflow = pytest.importorskip("mlflow", reason="MLflow is not installed (it comes with the [dev] extra)")

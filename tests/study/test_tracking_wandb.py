@@ -13,7 +13,7 @@ import tiny_models
 from loraplace.core.config import StudyConfig
 from loraplace.core.metrics import numeric
 from loraplace.study.run import run_study
-from loraplace.study.store import Store
+from loraplace.store.db import Store
 
 
 class _Run:

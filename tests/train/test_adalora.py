@@ -17,7 +17,7 @@ from loraplace.placement.record import PlacementRecord
 from loraplace.placement.resolve import BUDGET_TOLERANCE, adalora_placement, resolve
 from loraplace.placement.strategy import PlacementError, Strategy, get_strategy
 from loraplace.study.plan import resolve_placements
-from loraplace.study.store import Store
+from loraplace.store.db import Store
 from loraplace.train import sequential
 from loraplace.train.schedule import lr_factor
 from loraplace.train.trial import Trial

@@ -16,7 +16,7 @@ from loraplace.cli import main
 from loraplace.core.config import StudyConfig
 from loraplace.placement.record import PlacementRecord
 from loraplace.study.plan import resolve_placements
-from loraplace.study.store import Store
+from loraplace.store.db import Store
 from loraplace.train import sequential
 from loraplace.train.schedule import lr_factor
 from loraplace.train.trial import Trial

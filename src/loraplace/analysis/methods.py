@@ -15,7 +15,7 @@ from loraplace.analysis.latex import escape
 from loraplace.analysis.study import StudyAnalysis
 from loraplace.core.names import is_auto, is_selected
 from loraplace.placement.resolve import BUDGET_TOLERANCE
-from loraplace.study.store import DONE
+from loraplace.store.db import DONE
 
 
 def _ranks(s) -> str:

@@ -20,7 +20,7 @@ from loraplace.analysis.text import pct
 from loraplace.core.metrics import QUALITY
 from loraplace.core.stats import kendall_tau
 from loraplace.study.race import Decision, decide, rung_steps
-from loraplace.study.store import DONE, STOPPED, TrialRecord
+from loraplace.store.db import DONE, STOPPED, TrialRecord
 
 
 @dataclass

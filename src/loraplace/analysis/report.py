@@ -22,7 +22,7 @@ from pathlib import Path
 from loraplace.analysis.study import StudyAnalysis, analyze_store
 from loraplace.analysis.tables import metric_text, probe_section, results_table, table_notes
 from loraplace.core.metrics import METRICS, QUALITY
-from loraplace.study.store import Store
+from loraplace.store.db import Store
 
 REPORT_DIR = "report"  # inside the study directory
 

@@ -6,7 +6,7 @@ Usage::
     a = analyze_store(store)           # the same from an open Store: its latest config's trials and zero-shot
     a.get("mlp_only").retained, a.recommendation.text
 
-Pure functions over ``study.store.TrialRecord`` lists; no disk I/O beyond ``analyze_store`` reading an open
+Pure functions over ``store.db.TrialRecord`` lists; no disk I/O beyond ``analyze_store`` reading an open
 ``Store``. Only ``done`` trials count; failed and unfinished ones are listed in ``StudyAnalysis.failed`` /
 ``.unfinished``. The quality metric (``metric``, the study's ``analysis.metric``) is ``eval_loss`` (lower is
 better) or ``accuracy`` (higher is better): it decides retained improvement, the Pareto fronts and the
@@ -28,8 +28,8 @@ from loraplace.core.config import ConfigError, StudyConfig
 from loraplace.core.metrics import METRIC_CHOICES, QUALITY, numeric
 from loraplace.core.names import AUTO, EVA, KAPPA, is_auto
 from loraplace.placement.record import PlacementRecord
-from loraplace.study.probe_scores import load as load_probe
-from loraplace.study.store import DONE, FAILED, STOPPED, UNFINISHED, TrialRecord
+from loraplace.measure.probe_scores import load as load_probe
+from loraplace.store.db import DONE, FAILED, STOPPED, UNFINISHED, TrialRecord
 
 
 @dataclass
@@ -275,7 +275,7 @@ def _stopped(trials: list[TrialRecord], finished: set[str]) -> list[StrategyStat
 
 
 def analyze_store(store, threshold: float | None = None, metric: str | None = None) -> StudyAnalysis:
-    """``analyze`` over an open ``study.store.Store``; threshold None = the study config's, metric None = the study
+    """``analyze`` over an open ``store.db.Store``; threshold None = the study config's, metric None = the study
     config's ``analysis.metric``.
 
     Only the trials of the study's latest config count: a directory reused with other settings

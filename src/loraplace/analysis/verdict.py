@@ -18,7 +18,7 @@ from loraplace.core.stats import Interval, Paired, paired_comparison, retained_i
 from loraplace.analysis.text import retained_text
 from loraplace.core.metrics import QUALITY
 from loraplace.core.names import AUTO, is_random
-from loraplace.study.store import DONE, TrialRecord
+from loraplace.store.db import DONE, TrialRecord
 
 
 # -- probe verdict: does the probe's choice (auto) beat random module sets at the same budget? ------

@@ -115,7 +115,7 @@ def cmd_plan(args) -> int:
 
 def _stored_meta(cfg, key: str):
     """Meta ``key`` of the study in cfg.out; None when there is no study there or it holds none."""
-    from loraplace.study.store import DB_NAME, Store
+    from loraplace.store.db import DB_NAME, Store
 
     if not os.path.exists(os.path.join(cfg.out, DB_NAME)):
         return None
@@ -153,8 +153,8 @@ def _kappa_order(cfg, model: str) -> list[str]:
 def _stored_probe(cfg):
     """The probe matching cfg, from the study directory cfg.out; a one-line error when it is not there."""
     from loraplace.placement.strategy import PlacementError
-    from loraplace.study.probe_scores import load, probe_key
-    from loraplace.study.store import DB_NAME, Store
+    from loraplace.measure.probe_scores import load, probe_key
+    from loraplace.store.db import DB_NAME, Store
 
     key = probe_key(cfg)
     hint = (f"strategy auto needs the probe's scores, and {cfg.out} holds none for these settings: run "
@@ -170,8 +170,8 @@ def _stored_probe(cfg):
 
 def cmd_probe(args) -> int:
     from loraplace.core.config import StudyConfig
-    from loraplace.study.probe import ensure_probe
-    from loraplace.study.store import Store
+    from loraplace.measure.probe import ensure_probe
+    from loraplace.store.db import Store
     from loraplace.study.workspace import Workspace
 
     config_path, overrides = _config_and_overrides(args.items)
@@ -232,7 +232,7 @@ def _drop_unplaceable(cfg, anat) -> dict[str, str]:
 def cmd_study(args) -> int:
     from loraplace.core.config import StudyConfig
     from loraplace.study.run import run_study
-    from loraplace.study.store import FAILED
+    from loraplace.store.db import FAILED
 
     config_path, overrides = _config_and_overrides(args.items)
     if args.out:
@@ -254,16 +254,16 @@ def _config_error(msg: str):
 def _summary(study_dir: str, threshold: float | None = None, metric: str | None = None) -> str:
     from loraplace.analysis.study import analyze_store
     from loraplace.analysis.tables import summary_text
-    from loraplace.study.store import Store
+    from loraplace.store.db import Store
 
     with Store.open(study_dir, create=False) as store:
         return summary_text(analyze_store(store, threshold=threshold, metric=metric))
 
 
 def cmd_status(args) -> int:
-    from loraplace.study.claims import claim_is_dead
-    from loraplace.study.results import export_csv, export_json
-    from loraplace.study.store import DONE, FAILED, PAUSED, PENDING, RUNNING, STATUSES, STOPPED, Store
+    from loraplace.store.claims import claim_is_dead
+    from loraplace.store.results import export_csv, export_json
+    from loraplace.store.db import DONE, FAILED, PAUSED, PENDING, RUNNING, STATUSES, STOPPED, Store
 
     with Store.open(args.study_dir, create=False) as store:
         trials = store.trials()
@@ -296,8 +296,8 @@ def cmd_status(args) -> int:
 
 def _holder(t) -> str:
     """Who runs a running trial: ``pid@host, beat 4 s ago`` (``gone`` when that process is dead)."""
-    from loraplace.study.claims import claim_is_dead
-    from loraplace.study.store import RUNNING
+    from loraplace.store.claims import claim_is_dead
+    from loraplace.store.db import RUNNING
 
     if t.status != RUNNING:
         return ""
@@ -324,8 +324,8 @@ def cmd_report(args) -> int:
 
 def cmd_export(args) -> int:
     from loraplace.placement.export import export
-    from loraplace.study.results import placement_for
-    from loraplace.study.store import DONE, Store
+    from loraplace.store.results import placement_for
+    from loraplace.store.db import DONE, Store
 
     with Store.open(args.study_dir, create=False) as store:
         trials = store.current_trials()

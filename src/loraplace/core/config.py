@@ -136,13 +136,13 @@ class EvalSpec:
     accuracy: bool = False  # generation exact match of the final answer (question/answer data)
     accuracy_limit: int = 50  # eval examples used for accuracy (generation is slow)
     max_new_tokens: int = 200
-    forgetting: bool = True  # measure what the adapter changed about the base model (study/forgetting.py)
+    forgetting: bool = True  # measure what the adapter changed about the base model (measure/forgetting.py)
     forgetting_source: str = "base"  # base (text the base model samples) | a data file (loss on every token) | hub:NAME[:CONFIG]
     forgetting_size: int = 16  # sequences of the forgetting set
     forgetting_length: int = 64  # tokens per sequence (sampled from the base; a file's longer ones are cut)
 
     # Measurements on the trained adapter that do not change a trial's other numbers: left out of its identity,
-    # and measured again on a trial's saved adapter when they change (study/forgetting.py).
+    # and measured again on a trial's saved adapter when they change (measure/forgetting.py).
     SAME_NUMBERS: ClassVar[tuple[str, ...]] = ("forgetting", "forgetting_source", "forgetting_size", "forgetting_length")
 
     def identity(self) -> dict:
@@ -161,13 +161,13 @@ class EvalSpec:
             raise ConfigError("eval.forgetting_source: empty; give base, a data file, or hub:NAME")
 
 
-PROBE_CRITERIA = ("lora_drop", "grad_norm", "fisher")  # documented in study/probe.py and docs/results.md
+PROBE_CRITERIA = ("lora_drop", "grad_norm", "fisher")  # documented in measure/probe.py and docs/results.md
 
 
 @dataclass
 class ProbeSpec:
     """The probe (``loraplace probe``, and ``study`` before placing ``auto``): a short uniform low-rank run on
-    every module a strategy can adapt (the block linears whose role is known) that scores each; see study/probe.py."""
+    every module a strategy can adapt (the block linears whose role is known) that scores each; see measure/probe.py."""
 
     steps: int = 20  # optimizer steps per probe seed (a trial has train.steps)
     rank: int = 4  # uniform LoRA rank of the probe adapter (alpha keeps the trials' alpha/rank scale)
@@ -234,7 +234,7 @@ class KappaSpec:
 
 @dataclass
 class EvaSpec:
-    """Strategy ``eva`` (PEFT's EVA, study/eva.py): ranks and A matrices from an SVD of each module's inputs."""
+    """Strategy ``eva`` (PEFT's EVA, measure/eva.py): ranks and A matrices from an SVD of each module's inputs."""
 
     rho: float = 2.0  # a module gets at most rho x r0 ranks (PEFT's default; 1: no redistribution)
     tau: float = 0.99  # the SVD stops when consecutive right-singular vectors agree to this cosine (PEFT's default)

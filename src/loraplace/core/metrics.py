@@ -47,7 +47,7 @@ METRICS: dict[str, tuple[str, str]] = {
     "fused_trials": ("trials", "size of the fused group the trial trained in"),
     "fused_padding_frac": ("fraction", "padding share of the token slots in the group's stacked batches"),
     "group_train_time_s": ("s", "wall time of the fused group's training loop (all its trials)"),
-    # with eval.forgetting (the default): what the adapter changed about the base model (study/forgetting.py)
+    # with eval.forgetting (the default): what the adapter changed about the base model (measure/forgetting.py)
     "forgetting": ("nats/token", "mean NLL of the adapted model on the forgetting set minus the base model's (on text "
                                  "the base samples: an unbiased estimate of KL(base || adapted) per token); 0 = unchanged"),
     "forgetting_loss": ("nats/token", "mean NLL of the adapted model on the forgetting set"),

@@ -5,7 +5,7 @@ Usage::
     from loraplace.placement.export import export
     print(export(placement, "axolotl"))     # placement: a PlacementRecord; peft | axolotl | llamafactory | torchtune
 
-``study.results.placement_for`` finds the record a study stored for a strategy.
+``store.results.placement_for`` finds the record a study stored for a strategy.
 
 A placement (``placement.record.PlacementRecord``, as the trial stored it) lists every adapted module with its rank,
 alpha, role and block, and the dropout it was trained with.

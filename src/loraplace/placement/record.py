@@ -45,7 +45,7 @@ class PlacementRecord:
     dropout: float | None = None  # LoRA dropout used in training
     fan_in_fan_out: bool = False  # GPT-2 style Conv1D layers store weights as (in, out)
     variant: str = "lora"  # lora | dora | rslora (placement.strategy.VARIANTS): how each adapter learns
-    init: str = "default"  # how A started: PEFT's default (seeded random), or "eva" (PEFT's EVA, study.eva)
+    init: str = "default"  # how A started: PEFT's default (seeded random), or "eva" (PEFT's EVA, measure.eva)
 
     @property
     def rank(self) -> int:

@@ -52,7 +52,7 @@ class Placement:
     modules: dict[str, int]  # full module name -> rank, sorted by name
     alphas: dict[str, float]  # full module name -> lora_alpha
     anatomy: Anatomy = field(repr=False)
-    init: str = "default"  # how the A matrices start: PEFT's default, or "eva" (study.eva gives them)
+    init: str = "default"  # how the A matrices start: PEFT's default, or "eva" (measure.eva gives them)
     allocation: dict | None = None  # variant adalora: AdaLoRA's settings and the count it ends at (adalora_placement)
 
     @property

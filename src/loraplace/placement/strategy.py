@@ -111,7 +111,7 @@ def selected_strategy(name: str, allocate: str = "subset", score: str | None = N
                       rho: float = 2.0) -> Strategy:
     """The Strategy of ``auto`` (``auto:...``, placed by ``allocate`` on ``score``), ``kappa`` (its share
     ``top_p``), ``eva`` (its ``rho``) or ``random:K``: roles and blocks all; the module set and ranks come from
-    ``select`` (``study.eva`` for eva)."""
+    ``select`` (``measure.eva`` for eva)."""
     if name == EVA:
         return Strategy(EVA, description=f"PEFT's EVA: ranks (at most {rho:g} x a module's even share) and A matrices "
                                          "from an SVD of every module's inputs on the train data, the rank sum meeting "

@@ -269,14 +269,14 @@ class _RayWorker:
 
     def run(self, task: TrialTask):
         if self.ws is None:
-            from loraplace.study.forgetting import load
-            from loraplace.study.store import Store
+            from loraplace.measure.forgetting import load
+            from loraplace.store.db import Store
 
             self.ws = Workspace.build(self.cfg)
             with Store.open(self.cfg.out, create=False) as store:  # the driver built it before any trial started
                 self.ws.forgetting = load(self.cfg, self.ws, store)
                 if "eva" in self.cfg.strategies:
-                    from loraplace.study import eva
+                    from loraplace.measure import eva
 
                     self.ws.eva = eva.load(store)
         return run_one(self.ws, task)

@@ -57,7 +57,7 @@ def resolve_placements(cfg: StudyConfig, anat: Anatomy, scores: dict[str, dict[s
     ``auto`` and ``auto:...``; they and ``random:K`` fill ``selected_budget``, and ``budget: same:auto``
     matches the others to auto. ``kappa`` (modules by increasing weight condition number,
     ``model.conditioning.kappa_order``) places ``kappa``, at train.rank or matched to the study's budget; ``eva``
-    (``study.eva.EvaInit``, computed for ``fixed_budget``) places ``eva``."""
+    (``measure.eva.EvaInit``, computed for ``fixed_budget``) places ``eva``."""
     t = cfg.train
     kw = dict(rank=t.rank, alpha=t.alpha, alpha_per_rank=t.alpha_per_rank)
     if any(is_selected(n) for n in cfg.strategies) or cfg.budget == SAME_AUTO:
@@ -119,7 +119,7 @@ def fixed_budget(cfg: StudyConfig, anat: Anatomy) -> int | None:
 
 
 def eva_placement(cfg: StudyConfig, anat: Anatomy, eva) -> Placement:
-    """Strategy eva at the ranks and initialisation of ``eva`` (``study.eva.EvaInit``, or anything with its
+    """Strategy eva at the ranks and initialisation of ``eva`` (``measure.eva.EvaInit``, or anything with its
     ``ranks`` and ``base``). Alphas as PEFT's adjust_scaling_factors sets them: alpha x rank after / rank before
     redistribution, so alpha/r stays what it was."""
     t = cfg.train

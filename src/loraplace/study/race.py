@@ -31,7 +31,7 @@ from dataclasses import dataclass, field
 from loraplace.core.identity import digest
 from loraplace.core.metrics import QUALITY
 from loraplace.core.stats import retained_ratios, upper_bound
-from loraplace.study.store import DONE, FAILED, PAUSED, PENDING, STOPPED, UPSERT_META, now
+from loraplace.store.db import DONE, FAILED, PAUSED, PENDING, STOPPED, UPSERT_META, now
 
 
 def rung_steps(fractions: list[float], total: int) -> list[int]:

@@ -28,11 +28,12 @@ from loraplace import __version__
 from loraplace.core.config import ConfigError, StudyConfig
 from loraplace.core.names import EVA, KAPPA
 from loraplace.data.answers import STOP_RULE
-from loraplace.study import claims
+from loraplace.store import claims
 from loraplace.study.executor import run_tasks
-from loraplace.study import forgetting, race
+from loraplace.measure import forgetting
+from loraplace.study import race
 from loraplace.study.plan import auto_scores, fixed_budget, needs_probe, plan_trials, resolve_placements, segment, selected_budget, trial_id
-from loraplace.study.store import DONE, PAUSED, RUNNING, STOPPED, Store, TrialRecord
+from loraplace.store.db import DONE, PAUSED, RUNNING, STOPPED, Store, TrialRecord
 from loraplace.study.workspace import Workspace
 from loraplace.train.loss import evaluate
 from loraplace.train.memory import pick_device
@@ -124,13 +125,13 @@ def run_study(cfg: StudyConfig, model_and_tokenizer=None) -> list[TrialRecord]:
     anat, train_set, eval_set = ws.anatomy, ws.train_set, ws.eval_set
     scores = None
     if needs_probe(cfg):  # auto's module set comes from the probe: run it (or reuse it) before placing
-        from loraplace.study.probe import ensure_probe
+        from loraplace.measure.probe import ensure_probe
 
         selected_budget(cfg, anat)  # a missing budget fails before minutes of probing
         scores = auto_scores(cfg, ensure_probe(cfg, ws, store))
     kappa = kappa_order_of(cfg, ws, store) if KAPPA in cfg.strategies else None
     if EVA in cfg.strategies:  # its ranks come from the data: resolved (or read back) before planning
-        from loraplace.study.eva import eva_init
+        from loraplace.measure.eva import eva_init
 
         ws.eva = eva_init(cfg, ws, store, fixed_budget(cfg, anat))
     placements = resolve_placements(cfg, anat, scores, kappa, ws.eva)  # every strategy error surfaces before any training

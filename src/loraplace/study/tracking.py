@@ -27,7 +27,7 @@ from pathlib import Path
 from loraplace.core.config import ConfigError, StudyConfig
 from loraplace.core.errors import first_line
 from loraplace.core.metrics import numeric
-from loraplace.study.store import DONE, STOPPED, Store, StoreError, TrialRecord
+from loraplace.store.db import DONE, STOPPED, Store, StoreError, TrialRecord
 from loraplace.train.schedule import lr_factor
 
 log = logging.getLogger("loraplace")

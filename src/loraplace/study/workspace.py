@@ -47,8 +47,8 @@ class Workspace:
     eval_set: TokenizedSet
     eval_examples: list
     device: str
-    forgetting: object | None = None  # study.forgetting.ForgettingSet, set by the study once it has one
-    eva: object | None = None  # study.eva.EvaInit of strategy eva, set by the study (or read back) before trials
+    forgetting: object | None = None  # measure.forgetting.ForgettingSet, set by the study once it has one
+    eva: object | None = None  # measure.eva.EvaInit of strategy eva, set by the study (or read back) before trials
 
     @classmethod
     def build(cls, cfg: StudyConfig, model_and_tokenizer=None) -> "Workspace":

@@ -77,7 +77,7 @@ class Setup:
     pad_id: int
     device: str = "cpu"
     accuracy: Callable | None = None  # model -> {"accuracy", "accuracy_n"} on fixed examples; None: not measured
-    forgetting: object | None = None  # study.forgetting.ForgettingSet: measure(model) at the end; None: not measured
+    forgetting: object | None = None  # measure.forgetting.ForgettingSet: measure(model) at the end; None: not measured
     prefix_cache_bytes: int | None = None  # cap on the frozen-prefix cache (None: a share of free memory; 0: none)
     inits: dict = field(default_factory=dict)  # placement.init -> {module: A (r, in)}: where A starts (EVA's)
 

@@ -19,8 +19,8 @@ matters more", each a mean over batches:
 - ``fisher``: ||dL/dA||^2 + ||dL/dB||^2, the module's summed squared adapter gradients (an empirical Fisher
   estimate over mini-batches), averaged over the probe steps.
 
-A probe is keyed by ``study.probe_scores.probe_key``, so rerunning reuses stored seeds and adding a seed runs
-only that seed. The stored scores are read without torch by ``study.probe_scores``.
+A probe is keyed by ``measure.probe_scores.probe_key``, so rerunning reuses stored seeds and adding a seed runs
+only that seed. The stored scores are read without torch by ``measure.probe_scores``.
 """
 
 from __future__ import annotations
@@ -36,7 +36,7 @@ from loraplace.data.batches import batches
 from loraplace.placement.peft import lora_layers
 from loraplace.placement.resolve import resolve
 from loraplace.placement.strategy import get_strategy
-from loraplace.study.probe_scores import CRITERIA, ProbeError, ProbeScores, load, probe_key
+from loraplace.measure.probe_scores import CRITERIA, ProbeError, ProbeScores, load, probe_key
 from loraplace.train import sequential
 from loraplace.train.guard import base_unchanged
 from loraplace.train.loss import target_nll, target_positions

@@ -30,7 +30,7 @@ measured_json     {"forgetting": key}: what the trial's study-level measurements
 ================  =========================================================================
 
 Table ``meta`` holds study-wide key/JSON-value pairs; table ``probe_scores`` the probe's per-module scores.
-``study.store`` reads and writes them.
+``store.db`` reads and writes them.
 """
 
 from __future__ import annotations

@@ -17,10 +17,10 @@ from loraplace.placement.peft import apply, lora_layers
 from loraplace.placement.resolve import BUDGET_TOLERANCE, resolve
 from loraplace.placement.select import auto_placement, random_placement
 from loraplace.placement.strategy import PlacementError, get_strategy
-from loraplace.study import probe as P
-from loraplace.study import probe_scores as PS
+from loraplace.measure import probe as P
+from loraplace.measure import probe_scores as PS
 from loraplace.study.plan import resolve_placements
-from loraplace.study.store import Store, TrialRecord
+from loraplace.store.db import Store, TrialRecord
 from loraplace.study.workspace import Workspace
 from loraplace.train.loss import target_nll, target_positions
 

@@ -37,7 +37,7 @@ from loraplace.core.identity import digest
 from loraplace.core.metrics import IGNORE_INDEX
 from loraplace.data.sources import load_examples
 from loraplace.data.tokenize import TokenizedSet, pad_id
-from loraplace.study.store import DONE, Store
+from loraplace.store.db import DONE, Store
 from loraplace.train.generate import sample
 from loraplace.train.loss import evaluate
 

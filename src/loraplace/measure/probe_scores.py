@@ -7,7 +7,7 @@ Usage::
     print(probe.table("lora_drop"))          # block x role, with the seed-to-seed spread
     probe.rank_correlation("lora_drop")      # Spearman rho of the module ordering between probe seeds
 
-Torch-free (the report reads probe scores); running the probe is ``study.probe``.
+Torch-free (the report reads probe scores); running the probe is ``measure.probe``.
 """
 
 from __future__ import annotations
@@ -21,7 +21,7 @@ from loraplace.core.identity import digest
 from loraplace.core.roles import role_rank
 from loraplace.core.text import text_table
 
-CRITERIA = PROBE_CRITERIA  # lora_drop, grad_norm, fisher: defined in study/probe.py's docstring
+CRITERIA = PROBE_CRITERIA  # lora_drop, grad_norm, fisher: defined in measure/probe.py's docstring
 # Training settings the probe sets itself (probe.steps, no epochs, no dropout, one alpha/rank for every module):
 # left out of its key. Every other setting of the trials' identity enters it.
 PROBE_OWN = ("steps", "epochs", "dropout", "alpha_per_rank")

@@ -16,9 +16,9 @@ from loraplace.core.config import StudyConfig, TrainSpec
 from loraplace.model.anatomy import analyze
 from loraplace.placement.resolve import resolve
 from loraplace.placement.strategy import Strategy
-from loraplace.study import forgetting as FG
+from loraplace.measure import forgetting as FG
 from loraplace.study.run import run_study
-from loraplace.study.store import Store
+from loraplace.store.db import Store
 from loraplace.train import segments, sequential
 from loraplace.train.generate import sample
 from loraplace.train.loss import evaluate

@@ -17,9 +17,9 @@ from loraplace.placement.record import PlacementRecord
 from loraplace.placement.resolve import BUDGET_TOLERANCE, resolve
 from loraplace.placement.select import candidates
 from loraplace.placement.strategy import get_strategy
-from loraplace.study import eva as E
+from loraplace.measure import eva as E
 from loraplace.study.plan import eva_placement
-from loraplace.study.store import Store
+from loraplace.store.db import Store
 from loraplace.train.trial import Trial
 
 

@@ -8,10 +8,10 @@ Usage::
     for t in store.current_trials(): print(t.strategy, t.seed, t.status, t.metrics.get("eval_loss"))
 
 The schema (one row per trial in table ``trials``, keyed by a hash of its resolved config; docs/results.md
-documents every column) is ``study.schema``; which process runs which trial (claims, heartbeats) is
-``study.claims``; the CSV and JSON exports are ``study.results``. Table ``meta`` holds study-wide key/JSON-value pairs (``study_config``, ``zero_shot``,
+documents every column) is ``store.schema``; which process runs which trial (claims, heartbeats) is
+``store.claims``; the CSV and JSON exports are ``store.results``. Table ``meta`` holds study-wide key/JSON-value pairs (``study_config``, ``zero_shot``,
 ...). Table ``probe_scores`` holds the probe's per-module scores (``probe_key, seed, block, role, module,
-criterion, score``; see study/probe.py and docs/results.md). Every write is one transaction: a crash
+criterion, score``; see measure/probe.py and docs/results.md). Every write is one transaction: a crash
 never leaves a half-written row.
 """
 
@@ -25,7 +25,7 @@ from pathlib import Path
 
 from loraplace.core.errors import LoraplaceError
 from loraplace.core.files import write_text_atomic
-from loraplace.study.schema import (  # noqa: F401  (the statuses are the store's vocabulary: imported from here)
+from loraplace.store.schema import (  # noqa: F401  (the statuses are the store's vocabulary: imported from here)
     DONE, FAILED, LOCK_WAIT_S, PAUSED, PENDING, RUNNING, SCHEMA, STATUSES, STOPPED, UNFINISHED, UPSERT_META, migrate,
     use_wal)
 

@@ -15,10 +15,10 @@ import time
 import pytest
 
 from loraplace.core.files import atomic_dir
-from loraplace.study import claims
-from loraplace.study.claims import HOST, Heartbeat
-from loraplace.study.results import export_csv, export_json
-from loraplace.study.store import Store, StoreError
+from loraplace.store import claims
+from loraplace.store.claims import HOST, Heartbeat
+from loraplace.store.results import export_csv, export_json
+from loraplace.store.db import Store, StoreError
 
 
 def test_trial_life_cycle_and_exports(tmp_path):

@@ -17,7 +17,7 @@ from dataclasses import asdict, replace
 
 from loraplace.placement.export import ExportError
 from loraplace.placement.record import PlacementRecord
-from loraplace.study.store import DONE, TrialRecord
+from loraplace.store.db import DONE, TrialRecord
 
 
 def to_rows(trials: list[TrialRecord]) -> list[dict]:
@@ -48,7 +48,7 @@ def export_csv(trials: list[TrialRecord]) -> str:
 
 
 def placement_for(trials, strategy: str) -> PlacementRecord:
-    """The placement of ``strategy``'s first finished trial among ``trials`` (``study.store.TrialRecord``s: pass
+    """The placement of ``strategy``'s first finished trial among ``trials`` (``store.db.TrialRecord``s: pass
     ``Store.current_trials()``, the trials of the study's latest config, as the report counts them)."""
     done = [t for t in trials if t.status == DONE and t.placement.get("modules")]
     valid = sorted({t.strategy for t in done})

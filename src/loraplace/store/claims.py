@@ -22,7 +22,7 @@ import sqlite3
 import threading
 from pathlib import Path
 
-from loraplace.study.store import FAILED, PENDING, RUNNING, Store, TrialRecord, _record, now
+from loraplace.store.db import FAILED, PENDING, RUNNING, Store, TrialRecord, _record, now
 
 CLAIM_TIMEOUT_S = 120.0  # a running trial whose owner has not beaten for this long may be claimed again
 HEARTBEAT_S = 15.0  # how often a process refreshes the claims it holds
