@@ -20,7 +20,7 @@ import json
 import random
 import re
 
-from loraplace.analysis.study import analyze_store
+from loraplace.analysis.from_store import analyze_store
 from loraplace.core.config import StudyConfig
 from loraplace.study.run import run_study
 from loraplace.store.db import DONE, Store

@@ -33,11 +33,15 @@ import json
 import random
 import sys
 import time
+from dataclasses import replace
 from pathlib import Path
+from types import SimpleNamespace
 
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from bench_trial import study_trials  # noqa: E402
 
 from loraplace.core.config import EvalSpec, TrainSpec  # noqa: E402
 from loraplace.core.metrics import IGNORE_INDEX  # noqa: E402
@@ -45,10 +49,7 @@ from loraplace.data.tokenize import TokenizedSet  # noqa: E402
 from loraplace.model.anatomy import analyze  # noqa: E402
 from loraplace.placement.resolve import resolve  # noqa: E402
 from loraplace.placement.strategy import get_strategy  # noqa: E402
-from loraplace.train.fused import run_fused_trials  # noqa: E402
 from loraplace.train.loss import evaluate  # noqa: E402
-from loraplace.train.sequential import run_trial  # noqa: E402
-from loraplace.train.trial import Setup  # noqa: E402
 
 STRATEGIES = ["all_linear", "attention_only", "mlp_only", "top_half"]
 SEEDS = [0, 1, 2]
@@ -159,10 +160,10 @@ def main() -> int:
         flops = sum(useful_flops(model, placements[s], train_set, args.steps, args.batch_size) for s, _ in trials)
         res = out["models"][name] = {"params": anat.base_params, "trials": len(trials), "study_flops": flops,
                                      "build_s": time.perf_counter() - t_build}
-        lp_setup = Setup(model, train_set, EVAL_SET, spec, ev_spec, pad_id=PAD, device=device)
+        tok = SimpleNamespace(pad_token_id=PAD)  # synthetic rows: the padding id is all a study reads of a tokenizer
         # warm-up (CUDA context, cuBLAS, kernels): one short trial, not timed
-        run_trial(Setup(model, synthetic(16, vocab, 3, scale), EVAL_SET, TrainSpec(**{**spec.__dict__, "steps": 2}),
-                        ev_spec, pad_id=PAD, device=device), placements["all_linear"], seed=0)
+        study_trials(model, tok, synthetic(16, vocab, 3, scale), EVAL_SET, replace(spec, steps=2), ev_spec,
+                     ["all_linear"], [0], device=device)
         print(f"{name}: {anat.base_params / 1e6:.0f}M params, {len(trials)} trials, {flops / 1e12:.1f} TFLOP "
               f"of useful work", flush=True)
         for engine in args.engines:
@@ -175,19 +176,22 @@ def main() -> int:
                 torch.cuda.reset_peak_memory_stats()
             sync(device)
             t0 = time.perf_counter()
-            if engine == "fused":
-                results = run_fused_trials(lp_setup, [placements[s] for s, _ in trials], [seed for _, seed in trials])
+            if engine == "fused":  # the 12 trials as one group, as the study's executor runs a group
+                by_trial = study_trials(model, tok, train_set, EVAL_SET, spec, ev_spec, STRATEGIES, SEEDS, fuse=True,
+                                        device=device)
+                results = [by_trial[t] for t in trials]
                 sync(device)
                 wall = time.perf_counter() - t0
-                bad = [str(r) for r in results if not hasattr(r, "metrics")]
+                bad = [r for r in results if isinstance(r, str)]
                 train_s = results[0].metrics["group_train_time_s"] if not bad else float("nan")
                 losses = {f"{s} s{seed}": r.metrics["eval_loss"] for (s, seed), r in zip(trials, results) if not bad}
                 row = {"study_s": wall, "train_s": train_s, "failed": bad, "eval_loss": losses,
                        "fused_padding_frac": results[0].metrics.get("fused_padding_frac") if not bad else None}
             elif engine == "sequential":
                 losses, train_s = {}, 0.0
+                by_trial = study_trials(model, tok, train_set, EVAL_SET, spec, ev_spec, STRATEGIES, SEEDS, device=device)
                 for s, seed in trials:
-                    r = run_trial(lp_setup, placements[s], seed=seed)
+                    r = by_trial[(s, seed)]
                     losses[f"{s} s{seed}"], train_s = r.metrics["eval_loss"], train_s + r.metrics["train_time_s"]
                 sync(device)
                 row = {"study_s": time.perf_counter() - t0, "train_s": train_s, "eval_loss": losses}

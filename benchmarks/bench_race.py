@@ -26,7 +26,7 @@ import shutil
 import time
 from pathlib import Path
 
-from loraplace.analysis.study import analyze_store
+from loraplace.analysis.from_store import analyze_store
 from loraplace.core.config import StudyConfig
 from loraplace.core.stats import retained_ratios
 from loraplace.study import race

@@ -29,16 +29,13 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from bench_trial import reference_setup, trainer_run  # noqa: E402
+from bench_trial import reference_setup, study_trials, trainer_run  # noqa: E402
 
 from loraplace.core.config import EvalSpec, TrainSpec  # noqa: E402
 from loraplace.data.batches import padding_fraction  # noqa: E402
 from loraplace.placement.resolve import resolve  # noqa: E402
 from loraplace.placement.strategy import get_strategy  # noqa: E402
-from loraplace.train.fused import run_fused_trials  # noqa: E402
 from loraplace.train.loss import evaluate  # noqa: E402
-from loraplace.train.sequential import run_trial  # noqa: E402
-from loraplace.train.trial import Setup  # noqa: E402
 
 
 def main() -> int:
@@ -73,15 +70,19 @@ def main() -> int:
            "seeds": args.seeds, "threads": torch.get_num_threads()}
     for engine in args.engines:
         t0 = time.perf_counter()
-        lp_setup = Setup(model, train_set, eval_set, train, ev, pad_id=pad,
-                         prefix_cache_bytes=0 if engine.endswith("-nocache") else None)
+        if engine.startswith(("sequential", "fused")):  # as a study runs them (study.executor)
+            by_trial = study_trials(model, tok, train_set, eval_set, train, ev, args.strategies, args.seeds,
+                                    fuse=engine.startswith("fused"),
+                                    prefix_cache_bytes=0 if engine.endswith("-nocache") else None)
+            rs = [by_trial[t] for t in trials]
+            failed = [r for r in rs if isinstance(r, str)]
+            if failed:
+                raise SystemExit(f"{engine}: {failed[0]}")
         if engine.startswith("sequential"):
-            rs = [run_trial(lp_setup, p, seed=seed) for p, seed in zip(placements, seeds)]
             print(f"{engine}: frozen blocks served from the prefix cache: {rs[0].metrics['prefix_cached_blocks']}")
             losses = [r.metrics["eval_loss"] for r in rs]
             train_s = sum(r.metrics["train_time_s"] for r in rs)
         elif engine.startswith("fused"):
-            rs = run_fused_trials(lp_setup, placements, seeds)
             losses = [r.metrics["eval_loss"] for r in rs]
             train_s = rs[0].metrics["group_train_time_s"]
             print(f"{engine}: frozen blocks served from the prefix cache: {rs[0].metrics['prefix_cached_blocks']}")

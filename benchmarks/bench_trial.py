@@ -19,11 +19,12 @@ import argparse
 import json
 import sys
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import torch
 
-from loraplace.core.config import DataSpec, EvalSpec, TrainSpec
+from loraplace.core.config import DataSpec, EvalSpec, StudyConfig, TrainSpec
 from loraplace.data.batches import padding_fraction
 from loraplace.data.sources import load_examples
 from loraplace.data.tokenize import tokenize
@@ -32,9 +33,10 @@ from loraplace.model.loading import load
 from loraplace.placement.peft import apply
 from loraplace.placement.resolve import resolve
 from loraplace.placement.strategy import get_strategy
+from loraplace.study.executor import run_group, run_one
+from loraplace.study.plan import plan_trials, resolve_placements, segment
+from loraplace.study.workspace import Workspace
 from loraplace.train.loss import evaluate
-from loraplace.train.sequential import run_trial
-from loraplace.train.trial import Setup
 
 GSM8K = Path(__file__).resolve().parents[2] / "shared" / "data" / "gsm8k"
 
@@ -50,6 +52,22 @@ def reference_setup(rows: int, eval_rows: int = 0, max_length: int = 256):
     train_set, eval_set = (tokenize(load_examples(DataSpec(source=str(GSM8K / f"{split}.jsonl")))[:n], tok, spec)
                            if n else None for split, n in (("train", rows), ("test", eval_rows)))
     return model, tok, analyze(model), train_set, eval_set
+
+
+def study_trials(model, tokenizer, train_set, eval_set, train: TrainSpec, ev: EvalSpec, strategies: list[str],
+                 seeds: list[int], fuse: bool = False, device: str = "cpu", prefix_cache_bytes: int | None = None) -> dict:
+    """(strategy, seed) -> its TrialResult (or the error text a study stores), each trial run as a study runs it
+    (``study.executor``): one after the other, or all as one fused group (``fuse``). Built-in strategies at
+    ``train.rank`` / ``train.alpha``; no adapter saved and no rung evaluation (``race.record=[]``): the work the
+    Trainer script does."""
+    cfg = StudyConfig.from_dict({"strategies": list(strategies), "baseline": strategies[0], "seeds": list(seeds),
+                                 "race": {"record": []}, "eval": {"forgetting": False}})
+    cfg.train, cfg.eval = replace(train, save_adapter=False), ev
+    ws = Workspace(cfg, model, tokenizer, analyze(model), train_set, eval_set, [], device,
+                   prefix_cache_bytes=prefix_cache_bytes)
+    todo = [segment(t, 0, ws.setup.total_steps, cfg.race) for t in plan_trials(cfg, resolve_placements(cfg, ws.anatomy))]
+    done = run_group(ws, todo) if fuse else [run_one(ws, t) for t in todo]
+    return {(o.task.strategy, o.task.seed): o.result if o.result is not None else o.error for o in done}
 
 
 def trainer_run(model, placement, train_set, spec: TrainSpec, pad_id: int, seed: int):
@@ -102,10 +120,9 @@ def main() -> int:
     print(f"GSM8K rows 0-{args.rows - 1}: {steps} steps of batch 8; padding share random {padding_fraction(train_set, 8, 0, False):.1%}, "
           f"length-grouped {padding_fraction(train_set, 8, 0, True):.1%}", flush=True)
     results = []
-    lp_setup = Setup(model, train_set, eval_set, train, EvalSpec(), pad_id=pad)
     for name in args.strategies:
         p = resolve(get_strategy(name), anat, rank=16, alpha=32)
-        r = run_trial(lp_setup, p, seed=0)
+        r = study_trials(model, tok, train_set, eval_set, train, EvalSpec(), [name], [0])[(name, 0)]
         t_lp, loss_lp = r.metrics["train_time_s"], r.metrics["eval_loss"]
         t_hf, peft_model = trainer_run(model, p, train_set, train, pad, seed=0)
         loss_hf = evaluate(peft_model, eval_set, 16, pad)["eval_loss"]

@@ -1,12 +1,14 @@
 """Shared test helpers: repository paths, toy token sets, and the comparisons the engine tests share.
 
-Usage: ``from toys import GSM8K, PAD, toy_set, assert_same_adapter, tiny_study, tiny_workspace``
+Usage: ``from toys import GSM8K, PAD, toy_set, assert_same_adapter, tiny_study, tiny_workspace, toy_workspace, run``
 """
 from __future__ import annotations
 
 import json
 import math
+from dataclasses import dataclass, field
 from pathlib import Path
+from types import SimpleNamespace
 
 import tiny_models
 import torch
@@ -17,8 +19,12 @@ from loraplace.core.config import EvalSpec, StudyConfig, TrainSpec
 from loraplace.core.metrics import IGNORE_INDEX
 from loraplace.data.batches import train_batches
 from loraplace.data.tokenize import TokenizedSet
-from loraplace.placement.resolve import resolve
+from loraplace.model.anatomy import analyze
+from loraplace.placement.resolve import Placement, resolve
 from loraplace.placement.strategy import Strategy
+from loraplace.study.executor import run_group, run_one
+from loraplace.study.plan import TrialTask, segment
+from loraplace.study.workspace import Workspace
 from loraplace.train.schedule import total_steps
 from loraplace.train.trial import Setup
 
@@ -156,3 +162,53 @@ def run_batches(trial, setup) -> list[dict]:
         out.append(trial.batch(setup))
     trial.step = at
     return out
+
+
+# -- trials through the path a study runs them (study.executor) -------------------------------------------------------
+@dataclass
+class ToyWorkspace(Workspace):
+    """A study's Workspace on a given model and token sets; ``placements`` (trial id -> Placement) stand in for what a
+    study config resolves, so a test trains any placement (an infinite alpha, a 4-block model's subsets)."""
+
+    placements: dict = field(default_factory=dict)
+
+    def placement(self, task: TrialTask) -> Placement:
+        return self.placements[task.trial_id]
+
+
+def toy_workspace(model, ts: TokenizedSet, spec: TrainSpec, eval_set: TokenizedSet | None = None, eval_batch: int = 8,
+                  race: dict | None = None, prefix_cache_bytes: int | None = None) -> ToyWorkspace:
+    """A ToyWorkspace evaluating on the train set unless ``eval_set`` is given; ``race``: the study's race section
+    (its ``record`` rungs are evaluated in every study, ``at`` pauses trials there with a checkpoint)."""
+    cfg = StudyConfig.from_dict({"eval": {"batch_size": eval_batch, "forgetting": False}, "race": race or {}})
+    cfg.train = spec
+    return ToyWorkspace(cfg, model, SimpleNamespace(pad_token_id=PAD), analyze(model), ts,
+                        eval_set if eval_set is not None else ts, [], "cpu", prefix_cache_bytes=prefix_cache_bytes)
+
+
+def tasks(ws: ToyWorkspace, placements: list, seeds: list[int], adapter_dirs: list | None = None,
+          checkpoint_dirs: list | None = None) -> list[TrialTask]:
+    """The study's tasks of these trials (their placements registered in ``ws``), cut as a study cuts them
+    (``study.plan.segment``: to the first racing rung or the end, evaluated at the rungs on the way)."""
+    out = []
+    for i, (p, seed) in enumerate(zip(placements, seeds)):
+        tid = f"{i}-{p.strategy.name}-s{seed}"
+        ws.placements[tid] = p
+        adapter = adapter_dirs[i] if adapter_dirs else None
+        ckpt = checkpoint_dirs[i] if checkpoint_dirs else None
+        task = TrialTask(tid, p.strategy.name, seed, dict(p.modules), None if adapter is None else str(adapter),
+                         checkpoint_dir=None if ckpt is None else str(ckpt))
+        out.append(segment(task, 0, ws.setup.total_steps, ws.cfg.race))
+    return out
+
+
+def outcomes(ws: ToyWorkspace, todo: list[TrialTask], fuse: bool = False) -> list:
+    """What the executor makes of ``todo`` (``run_group`` when ``fuse``, else ``run_one`` each), per task: its
+    TrialResult, the error text it is stored with ('TrialError: ...'), or its Pause at a racing rung."""
+    done = run_group(ws, todo) if fuse else [run_one(ws, t) for t in todo]
+    return [o.result if o.result is not None else o.error if o.error is not None else o.paused for o in done]
+
+
+def run(ws: ToyWorkspace, placements: list, seeds: list[int], adapter_dirs: list | None = None, fuse: bool = False) -> list:
+    """These trials from start to finish through the executor (``outcomes`` of their ``tasks``)."""
+    return outcomes(ws, tasks(ws, placements, seeds, adapter_dirs), fuse)

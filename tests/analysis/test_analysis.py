@@ -2,10 +2,12 @@
 and every branch of the recommendation (decided, undecidable, one seed, missing inputs)."""
 
 import math
+import random
+from statistics import NormalDist
 
 import pytest
 
-from loraplace.core.stats import mean_curve, pareto_front, t_interval
+from loraplace.core.stats import mean_curve, paired_comparison, pareto_front, t_interval
 from loraplace.analysis.study import analyze
 from loraplace.analysis.text import interval_text
 from loraplace.store import claims
@@ -13,6 +15,16 @@ from loraplace.store.db import Store
 
 ZS = 3.0  # zero-shot eval loss of the fake base model (nats/token)
 T975_DF2 = 4.302652729911275  # Student t quantile 0.975 with 2 degrees of freedom (tables)
+Z975 = NormalDist().inv_cdf(0.975)  # the normal quantile of a two-sided 95% interval
+
+
+def wilson_by_hand(p: float, n: int) -> tuple[float, float]:
+    """The Wilson score interval from its definition: centre (p + z²/2n) / (1 + z²/n), half-width
+    z / (1 + z²/n) * sqrt(p(1-p)/n + z²/4n²), clipped to [0, 1]."""
+    z2 = Z975 * Z975
+    centre = (p + z2 / (2 * n)) / (1 + z2 / n)
+    half = Z975 / (1 + z2 / n) * math.sqrt(p * (1 - p) / n + z2 / (4 * n * n))
+    return max(0.0, centre - half), min(1.0, centre + half)
 
 
 def add(store, strategy, seed, loss, params, status="done", time_s=10.0, curve=None):
@@ -47,7 +59,7 @@ def test_t_interval_by_hand():
     assert iv.mean == pytest.approx(mean) and iv.n == 3
     assert iv.sd == pytest.approx(math.sqrt(7 / 3))
     assert iv.lo == pytest.approx(mean - half) and iv.hi == pytest.approx(mean + half)
-    assert iv.half == pytest.approx(3.7946, abs=1e-4)
+    assert iv.half == pytest.approx(half)
 
 
 def test_one_value_has_no_interval():
@@ -92,6 +104,30 @@ def test_significant_difference(tmp_path):
     a = study(tmp_path, {"all_linear": (1000, [2.00, 2.10, 2.05]), "tiny": (10, [2.50, 2.61, 2.54])})
     p = a.get("tiny").paired
     assert p.significant is True and p.diff.lo > 0 and p.p_value < 0.05
+
+
+def test_paired_comparison_with_zero_spread_is_consistent():
+    """Every pair differing by the same amount: no t statistic, and no doubt: p 0 and significant when the
+    difference is not 0, p 1 and not significant when it is; one pair: no test at all."""
+    same = paired_comparison({0: 2.5, 1: 3.5, 2: 4.0}, {0: 2.0, 1: 3.0, 2: 3.5})  # exactly +0.5 in every seed
+    assert same.diff.sd == 0 and same.diff.mean == 0.5
+    assert same.p_value == 0.0 and same.significant is True
+    none = paired_comparison({0: 2.0, 1: 3.0}, {0: 2.0, 1: 3.0})
+    assert none.p_value == 1.0 and none.significant is False
+    one = paired_comparison({0: 2.5}, {0: 2.0})
+    assert one.p_value is None and one.significant is None
+    # with spread, p < 0.05 exactly when the interval excludes 0, and p is the paired t-test's
+    rng = random.Random(0)
+    for _ in range(200):
+        n = rng.randint(2, 6)
+        base = {i: rng.gauss(2.0, 0.1) for i in range(n)}
+        other = {i: v + rng.gauss(0.03, 0.05) for i, v in base.items()}
+        p = paired_comparison(other, base)
+        assert (p.p_value < 0.05) == p.significant
+        d = p.diff
+        t = d.mean / (d.sd / math.sqrt(n))
+        if n == 3:  # two-sided p of Student t with 2 degrees of freedom, in closed form
+            assert p.p_value == pytest.approx(1 - abs(t) / math.sqrt(2 + t * t))
 
 
 def test_pareto_front_by_hand():
@@ -287,13 +323,11 @@ def test_baseline_no_better_than_zero_shot_accuracy(tmp_path):
 def test_wilson_interval_by_hand():
     from loraplace.core.stats import wilson_interval
 
-    # 21 of 50 right: z = 1.959964, centre (0.42 + z²/100) / (1 + z²/50) = 0.425707,
-    # half z / (1 + z²/50) * sqrt(0.42 * 0.58 / 50 + z² / 10000) = 0.131957
-    lo, hi = wilson_interval(0.42, 50)
-    assert lo == pytest.approx(0.293750, abs=1e-5) and hi == pytest.approx(0.557664, abs=1e-5)
+    # 21 of 50 right
+    assert wilson_interval(0.42, 50) == pytest.approx(wilson_by_hand(0.42, 50))
     # 0 of 10: the interval is [0, z²/10 / (1 + z²/10)], not empty as the normal approximation's would be
     lo, hi = wilson_interval(0.0, 10)
-    assert lo == 0.0 and hi == pytest.approx(0.277535, abs=1e-5)
+    assert lo == 0.0 and hi == pytest.approx((Z975**2 / 10) / (1 + Z975**2 / 10))
     with pytest.raises(ValueError):
         wilson_interval(0.5, 0)
 
@@ -301,11 +335,11 @@ def test_wilson_interval_by_hand():
 def test_one_seed_accuracy_gets_a_wilson_interval(tmp_path):
     one = {k: (p, losses[:1], accs[:1]) for k, (p, losses, accs) in DISAGREE.items()}
     a = accuracy_study(tmp_path, "accuracy", table=one, n_examples=50)
-    s = a.get("cheap")  # 0.40 on 50 examples: centre 0.407166, half 1.820117 * sqrt(0.0048 + 0.000384) = 0.131050
+    s = a.get("cheap")  # 0.40 on 50 examples
     assert s.accuracy.lo is None
     lo, hi = s.wilson()
-    assert lo == pytest.approx(0.2760, abs=1e-4) and hi == pytest.approx(0.5382, abs=1e-4)
+    assert (lo, hi) == pytest.approx(wilson_by_hand(0.40, 50))
     assert not a.recommendation.decided and a.recommendation.tentative == "mlp"
-    assert any("95% Wilson 27.6-53.8%, n=50 examples" in e for e in a.recommendation.evidence)
+    assert any(f"95% Wilson {100 * lo:.1f}-{100 * hi:.1f}%, n=50 examples" in e for e in a.recommendation.evidence)
     multi = accuracy_study(tmp_path / "m", "accuracy")
     assert multi.get("cheap").wilson() is None  # several seeds: the t-interval across seeds instead

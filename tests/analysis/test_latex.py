@@ -13,7 +13,8 @@ from fake_study import PLAN, ZS, make_study
 from loraplace.analysis import figures
 from loraplace.analysis.latex import escape, params
 from loraplace.analysis.report import write_report
-from loraplace.analysis.study import analyze_store
+from loraplace.analysis.from_store import analyze_store
+from loraplace.core.text import lr_text
 from loraplace.store.db import Store
 
 PDFLATEX = shutil.which("pdflatex")
@@ -41,7 +42,7 @@ def test_every_number_in_tables_tex_is_the_analysis(tmp_path):
     results = _rows(tex, "tab:loraplace-results")
     header = tex.split("\\toprule", 1)[1].split("\\\\", 1)[0]
     cols = [c.strip() for c in header.split("&")][1:]
-    assert cols[:3] == ["Params", "Eval loss", "Accuracy (\\%)"] and "Retained (\\%)" in cols
+    assert cols[:4] == ["Params", "LR", "Eval loss", "Accuracy (\\%)"] and "Retained (\\%)" in cols
     assert set(results) == {escape(s.strategy) for s in a.strategies}
     best_loss = min(a.strategies, key=lambda s: s.eval_loss.mean).strategy
     for s in a.strategies:
@@ -112,7 +113,7 @@ def test_methods_paragraph_is_read_from_the_store(tmp_path):
     with Store.open(tmp_path, create=False) as store:
         cfg = store.study_config()
     assert f"{cfg.train.steps} optimizer steps of {cfg.train.batch_size} examples" in md
-    assert f"peak learning rate {cfg.train.lr:g}" in md and "3 seeds (0, 1, 2)" in md
+    assert f"peak learning rate {lr_text(cfg.train.lr)}, shared by every strategy and not tuned" in md and "3 seeds (0, 1, 2)" in md
     assert f"(the base model's: {ZS:.4f} nats/token)" in md
     for name, (_, _, n, _, _) in PLAN.items():
         assert f"`{name}` ({n:,} trainable parameters" in md

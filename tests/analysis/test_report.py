@@ -2,6 +2,7 @@
 and a headless-Chromium rendering of report.html (skipped where Chromium is not installed)."""
 
 import base64
+import html
 import math
 import re
 import shutil
@@ -10,8 +11,9 @@ import subprocess
 import pytest
 from PIL import Image
 
+from loraplace.analysis.decision import cost_rule
 from loraplace.analysis.report import write_report
-from loraplace.analysis.study import analyze_store
+from loraplace.analysis.from_store import analyze_store
 from loraplace.analysis.tables import summary_table, summary_text
 from loraplace.store.db import Store, StoreError
 from fake_study import ACC, PLAN, T975_DF2, ZA, ZS, make_study  # noqa: F401
@@ -37,6 +39,12 @@ def test_report_files_and_embedded_figures(tmp_path):
     md = paths["markdown"].read_text()
     assert "![pareto](pareto.png)" in md and "| Strategy | Seeds |" in md
     assert "## Recommendation" in md and "failed: RuntimeError: out of memory" in md
+    # what "cheaper" meant, right under the recommendation, and in the methods paragraph
+    lines = md.splitlines()
+    rec = lines.index("## Recommendation")
+    assert lines[rec + 2].startswith("**Use ") and lines[rec + 4] == f"*{cost_rule()}*"
+    assert f'<p class="cost">{html.escape(cost_rule())}</p>' in page
+    assert cost_rule() in paths["methods"].read_text()
 
 
 def test_figures_are_not_blank(tmp_path):

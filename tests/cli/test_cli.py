@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import subprocess
+import sys
 
 import pytest
 import tiny_models
@@ -50,7 +52,7 @@ def test_study_status_report_export(capsys, model_dir, tmp_path):
     rc, out, _ = _run(capsys, "status", str(out_dir))
     assert rc == 0 and out.count("done") >= 4 and "4 done" in out
     rc, out, _ = _run(capsys, "status", str(out_dir), "--csv")
-    assert out.splitlines()[0].startswith("trial_id,strategy,seed,status") and len(out.splitlines()) == 5
+    assert out.splitlines()[0].startswith("trial_id,strategy,seed,phase,lr,status") and len(out.splitlines()) == 5
     rc, out, _ = _run(capsys, "report", str(out_dir))
     assert rc == 0 and (out_dir / "report" / "report.html").is_file()
     rc, out, _ = _run(capsys, "export", str(out_dir), "--strategy", "mlp_only", "--format", "peft")
@@ -111,6 +113,20 @@ def test_bad_dataset_lines_and_unwritable_output(capsys, model_dir, tmp_path):
     blocker.write_text("not a directory")
     rc, _, err = _run(capsys, "study", f"model={model_dir}", f"out={blocker / 'sub'}")
     assert rc == 2 and "cannot use study directory" in err and "Traceback" not in err
+
+
+def test_report_writes_almost_nothing_to_stderr(tmp_path):
+    """Only loraplace's own messages at INFO: matplotlib's PDF backend subsets fonts through fontTools, which logs
+    some 330 lines per report at INFO. A fresh process, since pytest's own log handlers hide what a user sees."""
+    from fake_study import make_study
+
+    study = make_study(tmp_path / "s")
+    proc = subprocess.run([sys.executable, "-m", "loraplace", "report", str(study), "--format", "png,pdf"],
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert (study / "report" / "pareto.pdf").is_file()  # the fonts were subset
+    assert len(proc.stderr.splitlines()) <= 3, proc.stderr[:2000]
+    assert "Recommendation:" in proc.stdout
 
 
 def test_status_shows_which_process_holds_a_running_trial(capsys, tmp_path):

@@ -17,13 +17,15 @@ import loraplace
 TORCH_FREE_PACKAGES = ("loraplace.core", "loraplace.analysis", "loraplace.cli", "loraplace.store")
 # Torch-free modules of the packages that also hold torch code.
 TORCH_FREE_MODULES = (
-    "loraplace", "loraplace.model", "loraplace.model.estimate", "loraplace.model.conditioning",
+    "loraplace", "loraplace.model", "loraplace.model.estimate", "loraplace.model.conditioning", "loraplace.model.quantize",
     "loraplace.placement", "loraplace.placement.strategy", "loraplace.placement.resolve",
     "loraplace.placement.select", "loraplace.placement.record", "loraplace.placement.export", "loraplace.placement.peft",
+    "loraplace.placement.variants", "loraplace.placement.variants.dora", "loraplace.placement.variants.pissa",
+    "loraplace.placement.variants.adalora",
     "loraplace.data", "loraplace.data.examples", "loraplace.data.sources", "loraplace.data.builtin",
     "loraplace.data.tokenize", "loraplace.data.answers",
-    "loraplace.train", "loraplace.train.schedule",
-    "loraplace.study", "loraplace.study.plan", "loraplace.measure", "loraplace.measure.probe_scores", "loraplace.study.tracking", "loraplace.study.race",
+    "loraplace.train", "loraplace.train.schedule", "loraplace.train.result", "loraplace.train.progress",
+    "loraplace.study", "loraplace.study.plan", "loraplace.study.tune", "loraplace.measure", "loraplace.measure.probe_scores", "loraplace.measure.kappa", "loraplace.study.tracking", "loraplace.study.race",
 )
 BLOCKED = ("torch", "transformers", "peft", "accelerate")
 
@@ -77,11 +79,12 @@ def test_every_module_is_on_one_side_or_imports_torch():
     not what a read-only command may import)."""
     listed = set(_modules())
     torch_side = {"loraplace.model.anatomy", "loraplace.model.loading", "loraplace.data.batches",
-                  "loraplace.train.trial", "loraplace.train.adalora", "loraplace.train.pissa", "loraplace.train.loss", "loraplace.train.sequential", "loraplace.train.fused",
+                  "loraplace.train.trial", "loraplace.train.checkpoint", "loraplace.train.loss", "loraplace.train.sequential", "loraplace.train.fused",
                   "loraplace.train.prefix", "loraplace.train.memory", "loraplace.train.guard", "loraplace.train.generate",
                   "loraplace.train.segments", "loraplace.measure.forgetting",
-                  "loraplace.study.workspace", "loraplace.study.executor", "loraplace.study.run", "loraplace.measure.probe",
-                      "loraplace.measure.eva"}
+                  "loraplace.study.workspace", "loraplace.study.executor", "loraplace.study.run", "loraplace.study.session",
+                  "loraplace.study.phases", "loraplace.measure.probe",
+                      "loraplace.measure.eva", "loraplace.measure.zero_shot"}
     every = {m.name for m in pkgutil.walk_packages(loraplace.__path__, "loraplace.") if not m.name.endswith("__main__")}
     assert every - listed - torch_side == set(), "place the new module(s) in TORCH_FREE_MODULES or torch_side"
     assert not listed & torch_side

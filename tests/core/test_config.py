@@ -48,12 +48,20 @@ def test_overrides_are_coerced_to_the_field_types(override, path, value):
     ("seeds=[0, 0]", "seeds: duplicates"),
     ("noequals", "expected key=value"),
     ("train.steps.x=1", "train.steps: expected an integer"),
+    ("auto.budget=same:auto", "auto.budget: 'same:auto' names a strategy placed per study"),
+    ("auto.budget=same:random:2", "auto.budget: 'same:random:2' names a strategy placed per study"),
 ])
 def test_bad_values_name_the_field(override, message):
     with pytest.raises(ConfigError, match=message.replace("[", r"\[").replace("{", r"\{")) as err:
         StudyConfig.load(overrides=[override])
     assert "\n" not in str(err.value)
     assert isinstance(err.value, LoraplaceError)  # the CLI's one error class
+
+
+def test_auto_budget_may_name_a_fixed_strategy_or_a_count():
+    """The check that refuses a placed-per-study strategy (above) leaves the budgets auto can be filled to."""
+    for budget in ("same:attention_only", "same:my_fixed", "1.5M", "250000"):
+        assert StudyConfig.load(overrides=[f"auto.budget={budget}"]).auto.budget == budget
 
 
 def test_yaml_file_errors(tmp_path):

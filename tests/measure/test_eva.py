@@ -15,7 +15,6 @@ from loraplace.core.config import ConfigError, StudyConfig
 from loraplace.placement.peft import lora_layers
 from loraplace.placement.record import PlacementRecord
 from loraplace.placement.resolve import BUDGET_TOLERANCE, resolve
-from loraplace.placement.select import candidates
 from loraplace.placement.strategy import get_strategy
 from loraplace.measure import eva as E
 from loraplace.study.plan import eva_placement
@@ -38,7 +37,7 @@ def test_eva_redistributes_the_rank_sum_meets_the_budget_and_is_kept(ws, tmp_pat
     target = resolve(get_strategy("all_linear"), anat, rank=4).trainable_params // 2
     with Store.open(cfg.out) as store:
         init = E.eva_init(cfg, ws, store, target)
-        assert sorted(init.base) == candidates(anat) and max(init.base.values()) - min(init.base.values()) <= 1
+        assert sorted(init.base) == anat.adaptable() and max(init.base.values()) - min(init.base.values()) <= 1
         assert sum(init.ranks.values()) == sum(init.base.values())  # EVA keeps the rank sum
         assert all(r <= round(cfg.eva.rho * init.base[n]) for n, r in init.ranks.items())
         assert len(set(init.ranks.values())) > 1
@@ -67,7 +66,7 @@ def test_a_trial_starts_where_peft_own_eva_loader_starts(ws, tmp_path):
     finally:
         ws.eva = None
     theirs = get_peft_model(copy.deepcopy(ws.model), LoraConfig(
-        r=4, lora_alpha=8, target_modules=candidates(ws.anatomy), init_lora_weights="eva",
+        r=4, lora_alpha=8, target_modules=ws.anatomy.adaptable(), init_lora_weights="eva",
         eva_config=EvaConfig(rho=cfg.eva.rho)))
     initialize_lora_eva_weights(theirs, eva_state_dict={f"base_model.model.{n}": w.clone() for n, w in init.weights.items()},
                                 show_progress_bar=False)

@@ -154,7 +154,7 @@ def test_forgetting_from_a_file_is_the_rise_in_loss_on_its_text(tmp_path):
 def test_max_forgetting_leaves_strategies_out_of_the_recommendation(tmp_path):
     from fake_study import FORGET, make_study
 
-    from loraplace.analysis.study import analyze_store
+    from loraplace.analysis.from_store import analyze_store
 
     with Store.open(make_study(tmp_path / "free", forgetting=True), create=False) as store:
         free = analyze_store(store)

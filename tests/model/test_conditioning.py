@@ -16,7 +16,7 @@ from loraplace.model.conditioning import kappa_order
 from loraplace.placement.peft import lora_layers
 from loraplace.placement.record import PlacementRecord
 from loraplace.placement.resolve import BUDGET_TOLERANCE, resolve
-from loraplace.placement.select import candidates, kappa_placement
+from loraplace.placement.select import kappa_placement
 from loraplace.placement.strategy import PlacementError, get_strategy
 from loraplace.study.plan import resolve_placements
 from loraplace.store.db import Store
@@ -31,9 +31,23 @@ def test_kappa_order_is_every_adaptable_module_by_increasing_condition_number():
     model = tiny_models.build("llama")
     anat = analyze(model)
     order, seconds = kappa_order(model, anat)
-    assert sorted(order) == sorted(candidates(anat)) and seconds >= 0  # the head and embeddings are not candidates
+    assert sorted(order) == anat.adaptable() and seconds >= 0  # the head and embeddings are not candidates
     kappas = [_kappa(model.get_submodule(n).weight) for n in order]
     assert all(a <= b * (1 + 1e-4) for a, b in zip(kappas, kappas[1:])), kappas
+
+
+@pytest.mark.parametrize("arch", ["llama", "gpt2"])
+def test_the_adaptable_modules_are_the_block_linears_of_known_role(arch):
+    """What kappa orders, EVA and the probe cover and auto and random:K choose from: all_linear's modules."""
+    from dataclasses import replace
+
+    from loraplace.model.anatomy import Layer
+
+    anat = analyze(tiny_models.build(arch))
+    assert anat.adaptable() == sorted(resolve(get_strategy("all_linear"), anat, rank=4).modules)
+    assert not {l.name for l in anat.outside} & set(anat.adaptable())  # embeddings and the head are not
+    unknown = Layer(f"{anat.blocks_path}.0.extra", 0, "other", "Linear", 8, 8, 64)
+    assert replace(anat, layers=anat.layers + (unknown,)).adaptable() == anat.adaptable()
 
 
 def test_kappa_takes_peft_share_at_the_rank_or_scaled_to_the_budget():

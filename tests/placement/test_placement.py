@@ -20,7 +20,7 @@ def _strategies_for(anat) -> list[Strategy]:
     """Built-ins that apply to this architecture (qv_only needs separate q and v)."""
     present = set(anat.roles_present())
     out = [s for n, s in BUILTIN.items() if (n != "qv_only" or {"attn.q", "attn.v"} <= present)
-           and s.variant != "adalora"]  # placed by AdaLoRA while training: tests/train/test_adalora.py
+           and s.variant != "adalora"]  # placed by AdaLoRA while training: tests/placement/variants/test_adalora.py
     out.append(Strategy("mixed", "all", "0", rank={"attn": 2, "mlp": 3}))
     return out
 

@@ -1,4 +1,4 @@
-"""A strategy's variant (lora | dora | rslora): PEFT's own DoRA and rsLoRA on exactly the placed modules, counted in
+"""A strategy's variant (placement.variants): PEFT's own DoRA and rsLoRA on exactly the placed modules, counted in
 the budget, trained on either engine's path, stored in the placement record and exported."""
 
 from __future__ import annotations
@@ -17,7 +17,8 @@ from loraplace.placement.export import ExportError, export
 from loraplace.placement.peft import apply, lora_layers
 from loraplace.placement.record import PlacementRecord
 from loraplace.placement.resolve import match_budget, resolve
-from loraplace.placement.strategy import VARIANTS, PlacementError, Strategy, get_strategy
+from loraplace.placement.strategy import PlacementError, Strategy, get_strategy
+from loraplace.placement.variants import VARIANTS
 from loraplace.study.run import run_study
 
 
@@ -47,6 +48,22 @@ def test_a_variant_is_peft_own_on_exactly_the_placed_modules_and_counted():
             assert trainable == p.trainable_params
         finally:
             peft_model.unload()
+
+
+def test_every_variant_counts_what_peft_trains():
+    """A placement's count (LoRA's r x (in + out) plus what its variant says it trains beside A and B) is PEFT's,
+    which apply verifies, for every variant but AdaLoRA (placed with its allocation: placement/variants/test_adalora)."""
+    for name, variant in VARIANTS.items():
+        if name == "adalora":
+            continue
+        model = _model()
+        anat = analyze(model)
+        p = resolve(Strategy("mixed", "all", rank={"attn": 2, "mlp": 4}, variant=name), anat, rank=4, alpha=8)
+        plain = resolve(Strategy("mixed", "all", rank={"attn": 2, "mlp": 4}), anat, rank=4, alpha=8)
+        extra = sum(variant.extra_params(anat.layer(n), r) for n, r in p.modules.items())
+        assert p.trainable_params == plain.trainable_params + extra
+        peft_model = apply(model, p)  # raises unless PEFT trains exactly p.trainable_params
+        peft_model.unload()
 
 
 def test_budget_matching_counts_dora_magnitudes():

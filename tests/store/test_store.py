@@ -161,14 +161,15 @@ def test_a_database_from_before_claims_opens_and_migrates(tmp_path):
             created_at TEXT NOT NULL, started_at TEXT, finished_at TEXT);
         CREATE TABLE meta (key TEXT PRIMARY KEY, value_json TEXT NOT NULL);
         INSERT INTO trials(trial_id, strategy, seed, status, config_json, metrics_json, created_at)
-            VALUES ('old', 'all_linear', 0, 'done', '{}', '{"eval_loss": 2.0}', '2025-01-01T00:00:00+00:00');
+            VALUES ('old', 'all_linear', 0, 'done', '{}', '{"eval_loss": 2.0, "steps": 30}', '2025-01-01T00:00:00+00:00');
         INSERT INTO trials(trial_id, strategy, seed, status, config_json, created_at)
             VALUES ('crashed', 'mlp_only', 0, 'running', '{}', '2025-01-01T00:00:00+00:00');
     """)
     conn.close()
     with Store.open(tmp_path, create=False) as store:
         old = store.get("old")
-        assert (old.status, old.metrics, old.owner) == ("done", {"eval_loss": 2.0}, "")
+        assert (old.status, old.metrics, old.owner) == ("done", {"eval_loss": 2.0, "steps": 30}, "")
+        assert old.step == 30  # the step racing counts it at: its metrics' steps
         assert claims.claim_is_dead(store.get("crashed"))  # running without an owner: left by an old version
         assert claims.claim(store, "crashed") and store.get("crashed").owner_pid == os.getpid()
     with Store.open(tmp_path, create=False) as store:  # opening again does not migrate twice
@@ -199,3 +200,14 @@ def test_processes_opening_a_new_study_at_once_all_succeed(tmp_path):
             p.join(60)
         assert [p.exitcode for p in procs] == [0] * 4
         assert errors.empty(), errors.get()
+
+
+def test_a_probe_seed_is_stored_all_or_nothing(tmp_path):
+    """put_probe replaces a seed's rows and info in one transaction: a failure halfway keeps the earlier ones."""
+    with Store.open(tmp_path) as store:
+        store.put_probe("k", 0, [(0, "attn.q", "m.q", "lora_drop", 1.5)], {"time_s": 1.0})
+        with pytest.raises(ValueError):  # the second row's block is no integer: after the old rows were deleted
+            store.put_probe("k", 0, [(0, "attn.q", "m.q", "lora_drop", 2.5), ("x", "attn.k", "m.k", "lora_drop", 1.0)],
+                            {"time_s": 2.0})
+        assert store.probe_rows("k") == [(0, 0, "attn.q", "m.q", "lora_drop", 1.5)]
+        assert store.get_meta("probe:k") == {"seeds": {"0": {"time_s": 1.0}}}

@@ -34,7 +34,8 @@ def test_the_rule_stops_what_cannot_clear_the_threshold_and_nothing_on_too_littl
     spec = RaceSpec(at=[0.25], slack=0.2, confidence=0.95)
     # zero-shot 3.0; baseline 2.0: a gain of 1.0. x at 2.9 keeps ~10%: far below 95% - 0.2 x 0.75^2 at a quarter
     d = decide(_values(2.0, 2.9), "all_linear", 3.0, 0.95, spec, 0.25, 8)
-    assert list(d.stopped) == ["x"] and "upper 95% bound" in d.stopped["x"] and d.bar == pytest.approx(0.8375)
+    bar = 0.95 - spec.slack * (1 - 0.25) ** 2  # the bar's definition: threshold - slack x (remaining share)^2
+    assert list(d.stopped) == ["x"] and "upper 95% bound" in d.stopped["x"] and d.bar == pytest.approx(bar)
     assert d.kept["all_linear"] == "the baseline is never stopped"
     # x at 2.15 keeps ~85%: above the bar at a quarter of the steps (83.75%), so it goes on ...
     assert not decide(_values(2.0, 2.15), "all_linear", 3.0, 0.95, spec, 0.25, 8).stopped
@@ -112,7 +113,9 @@ def test_a_raced_study_stops_the_clearly_worse_and_keeps_the_full_studys_numbers
             _same_numbers(ref[key], r)  # a survivor is bit for bit the full study's trial
     with Store.open(tmp / "raced", create=False) as store:
         ds = race.decisions(store)
-        assert [d.step for d in ds] == [2, 4] and list(ds[0].stopped) == ["weak"] and not ds[1].stopped
+        cfg = _cfg(tmp, "raced", race={"at": [0.25, 0.5], "slack": 0.2})
+        assert [d.step for d in ds] == rung_steps(cfg.race.at, cfg.train.steps)
+        assert list(ds[0].stopped) == ["weak"] and not ds[1].stopped
     checkpoints = tmp / "raced" / "checkpoints"
     assert not checkpoints.exists() or not any(checkpoints.iterdir())  # removed as trials finished or stopped
     # rerunning finds its decisions and changes nothing
@@ -141,10 +144,14 @@ def test_an_interrupted_race_resumes_from_its_checkpoints_with_the_same_decision
     tmp, ref = full
     cfg = _cfg(tmp, "interrupted", race={"at": [0.25, 0.5], "slack": 0.2})
     real, steps = T.Trial.update, []
+    rung1, rung2 = rung_steps(cfg.race.at, cfg.train.steps)
+    trials = len(cfg.strategies) * len(cfg.seeds)
+    # every trial's steps to rung 1; then two survivors' steps to rung 2, the second dying at its last one
+    dies_at = trials * rung1 + 2 * (rung2 - rung1)
 
     def counting(self, *a, **k):
         steps.append(self.placement.strategy.name)
-        if len(steps) == 22:  # 18 steps to rung 1; then the second survivor's second step to rung 2: the process dies
+        if len(steps) == dies_at:
             raise KeyboardInterrupt
         return real(self, *a, **k)
 
@@ -152,9 +159,11 @@ def test_an_interrupted_race_resumes_from_its_checkpoints_with_the_same_decision
     with pytest.raises(KeyboardInterrupt):
         run_study(cfg, _model())
     with Store.open(cfg.out, create=False) as store:
-        assert [d.step for d in race.decisions(store)] == [2]  # the first rung was decided before it died
+        assert [d.step for d in race.decisions(store)] == [rung1]  # the first rung was decided before it died
         at = {t.trial_id: t.step for t in store.trials() if t.status in ("paused", "pending") and t.checkpoint_path}
-        assert sorted(at.values()) == [2, 2, 2, 2, 2, 4]  # one survivor reached rung 2, the one it was training did not
+        survivors = trials - len(cfg.seeds)  # weak's seeds stopped at rung 1
+        # one survivor reached rung 2, the one it was training did not
+        assert sorted(at.values()) == [rung1] * (survivors - 1) + [rung2]
     before = len(steps)
     records = run_study(cfg, _model())
     survivors = [r for r in records if r.status == "done"]
@@ -187,16 +196,16 @@ def test_a_store_from_before_racing_opens_and_takes_the_new_statuses(tmp_path):
             created_at TEXT NOT NULL, started_at TEXT, finished_at TEXT);
         CREATE TABLE meta (key TEXT PRIMARY KEY, value_json TEXT NOT NULL);
         INSERT INTO trials(trial_id, strategy, seed, status, config_json, metrics_json, created_at)
-            VALUES ('t1', 'all_linear', 0, 'done', '{}', '{"eval_loss": 2.5}', '2026-11-01T00:00:00+00:00');
+            VALUES ('t1', 'all_linear', 0, 'done', '{}', '{"eval_loss": 2.5, "steps": 30}', '2026-11-01T00:00:00+00:00');
     """)
     conn.commit()
     conn.close()
     with Store.open(tmp_path) as store:
         t = store.get("t1")
-        assert (t.status, t.metrics, t.evals, t.step) == ("done", {"eval_loss": 2.5}, [], None)
+        assert (t.status, t.metrics, t.evals, t.step) == ("done", {"eval_loss": 2.5, "steps": 30}, [], 30)  # step: its steps
         store.add_pending("t2", "mlp_only", 0, {})
         store.conn.execute("UPDATE trials SET status='stopped' WHERE trial_id='t2'")
         assert store.get("t2").status == "stopped"
         sql = store.conn.execute("SELECT sql FROM sqlite_master WHERE name='trials'").fetchone()[0]
         assert "'stopped'" in sql and "'paused'" in sql
-    assert json.loads(json.dumps(t.metrics)) == {"eval_loss": 2.5}
+    assert json.loads(json.dumps(t.metrics)) == {"eval_loss": 2.5, "steps": 30}

@@ -138,7 +138,7 @@ def test_trial_ids_ignore_int_vs_float_spelling(tmp_path):
 
 
 def test_analysis_counts_only_the_latest_configs_trials(tmp_path):
-    from loraplace.analysis.study import analyze_store
+    from loraplace.analysis.from_store import analyze_store
 
     with Store.open(tmp_path) as store:
         for tid, strategy, seed, loss in [("old", "all_linear", 0, 3.0), ("new0", "all_linear", 0, 2.0),
@@ -185,7 +185,7 @@ def test_zero_shot_accuracy_is_measured_once_and_reused(tmp_path, monkeypatch):
     assert calls[n:] == [("LlamaForCausalLM", 6)]
     with Store.open(cfg.out, create=False) as store:
         again = store.get_meta("zero_shot")
-        from loraplace.analysis.study import analyze_store
+        from loraplace.analysis.from_store import analyze_store
 
         a = analyze_store(store, metric="accuracy")
     assert again["accuracy_n"] == 6 and again["key"] == zero["key"] and again["eval_loss"] == zero["eval_loss"]
@@ -201,3 +201,35 @@ def test_accuracy_metric_needs_accuracy(tmp_path):
         StudyConfig.load(overrides=["analysis.metric=f1"])
     cfg = StudyConfig.load(overrides=["analysis.metric=accuracy", "eval.accuracy=true"])
     assert cfg.analysis.metric == "accuracy" and StudyConfig.from_dict(cfg.to_dict()) == cfg
+
+
+def test_a_rerun_in_bfloat16_measures_the_zero_shot_loss_again(tmp_path, monkeypatch):
+    """The zero-shot loss is the reference of every retained improvement: a directory rerun in another dtype
+    measures it again (its key holds train.dtype) instead of reusing the float32 one; the same dtype reuses it."""
+    from toys import tiny_study
+
+    from loraplace.measure import zero_shot as Z
+
+    calls = []
+    real = Z.evaluate
+
+    def counting(model, *a, **k):
+        calls.append(type(model).__name__)
+        return real(model, *a, **k)
+
+    monkeypatch.setattr(Z, "evaluate", counting)
+    fp32 = tiny_study(tmp_path, ["all_linear"])
+    S.run_study(fp32, _model())
+    S.run_study(fp32, _model())  # a rerun: nothing to measure again
+    assert calls == ["LlamaForCausalLM"]
+    with Store.open(fp32.out, create=False) as store:
+        first = store.get_meta("zero_shot")
+    bf16 = tiny_study(tmp_path, ["all_linear"], train={"dtype": "bfloat16"})
+    model, tok = _model()
+    S.run_study(bf16, (model.to(torch.bfloat16), tok))  # as Workspace.build loads it in train.dtype
+    assert calls == ["LlamaForCausalLM"] * 2
+    with Store.open(bf16.out, create=False) as store:
+        again = store.get_meta("zero_shot")
+    ws = W.Workspace.build(bf16, (model, tok))
+    assert again["key"] != first["key"] and again["eval_loss"] != first["eval_loss"]
+    assert again["eval_loss"] == real(model, ws.eval_set, bf16.eval.batch_size, tok.pad_token_id, "cpu")["eval_loss"]

@@ -57,7 +57,7 @@ def test_a_study_trains_on_messages_and_evaluates_on_the_fixed_eval_file(tmp_pat
     # every example is kept; the eval targets are the assistant replies plus one <|im_end|> per reply
     replies = [t["content"] for i in range(100, 110) for t in _conversation(i)["messages"] if t["role"] == "assistant"]
     assert data == {"source": str(train), "eval_source": str(test), "train_examples": 40, "eval_examples": 10,
-                    "eval_tokens": sum(len(r) + 1 for r in replies), "dropped": 0}
+                    "eval_tokens": sum(len(r) + 1 for r in replies), "dropped": 0, "selection_examples": 0}
     assert zero["eval_tokens"] == data["eval_tokens"]
 
     # another eval set is another study: new trial ids and a new zero-shot loss

@@ -64,7 +64,7 @@ def test_trials_are_wandb_runs_that_match_the_store(model_dir, tmp_path, fake_wa
             assert run.init["project"] == "my-project"  # tracking_uri names the W&B project
             assert run.init["name"] == f"{rec.strategy}-s0" and run.init["notes"] == rec.trial_id
             assert run.init["config"]["strategy"] == rec.strategy and run.init["config"]["train.lr"] == "0.01"
-            assert run.init["tags"] == ["done"] and run.exit_code == 0
+            assert run.init["tags"] == ["done", "final"] and run.exit_code == 0
             losses = [(step, v["train_loss"]) for step, v in run.logged if "train_loss" in v]
             assert [s for s, _ in losses] == [s for s, _ in rec.curve] and [v for _, v in losses] == [v for _, v in rec.curve]
             assert {k: v for k, v in run.summary.items() if k not in ("trial_id", "status")} == numeric(rec.metrics)

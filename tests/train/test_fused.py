@@ -8,21 +8,15 @@ import pytest
 import tiny_models
 import torch
 
-from toys import (SPEC, assert_same_adapter, close, deep, gpt2_without_dropout, prefix_runs, setup,
-                  steps_with_new_examples, toy_set, upper)
+from toys import (SPEC, assert_same_adapter, close, deep, gpt2_without_dropout, prefix_runs, run,
+                  steps_with_new_examples, toy_set, toy_workspace, upper)
 
 from loraplace.core.config import ConfigError, StudyConfig, TrainSpec
 from loraplace.model.anatomy import analyze
 from loraplace.placement.resolve import Placement, resolve
 from loraplace.placement.strategy import Strategy
 from loraplace.train import fused
-from loraplace.train.sequential import run_trial
-from loraplace.train.trial import TrialError, TrialResult
-
-
-
-
-
+from loraplace.train.result import TrialResult
 
 
 def _model(arch):
@@ -38,20 +32,21 @@ def _strategies():
     ]
 
 
+def _sequential(model, placements, seeds, ts, spec, dirs=None) -> list:
+    """Each trial alone through the executor (``run_one``), recomputing the frozen prefix every step."""
+    return run(toy_workspace(model, ts, spec, prefix_cache_bytes=0), placements, seeds, dirs)
 
 
+def _fused(model, placements, seeds, ts, spec, dirs=None, **setup_fields) -> list:
+    """The trials as one fused group through the executor (``run_group``)."""
+    return run(toy_workspace(model, ts, spec, **setup_fields), placements, seeds, dirs, fuse=True)
 
 
-def _sequential(model, placements, seeds, ts, spec, dirs):
-    out = []
-    for p, s, d in zip(placements, seeds, dirs):
-        try:
-            out.append(run_trial(setup(model, ts, spec, prefix_cache_bytes=0), p, seed=s, adapter_dir=d))  # recomputes the prefix
-        except TrialError as e:
-            out.append(e)
-    return out
-
-
+def _same_curve(s: TrialResult, f: TrialResult, rel: float | None = None) -> bool:
+    """The same steps, each loss within ``rel`` (toys.REL by default): an empty or short curve never passes."""
+    return (len(f.curve) == len(s.curve) > 0 and [st for st, _ in f.curve] == [st for st, _ in s.curve]
+            and all(close(lf, ls) if rel is None else math.isclose(lf, ls, rel_tol=rel)
+                    for (_, ls), (_, lf) in zip(s.curve, f.curve)))
 
 
 @pytest.mark.parametrize("arch,dropout", [("llama", 0.0), ("llama", 0.1), ("gpt2", 0.0), ("qwen2", 0.0)])
@@ -65,15 +60,16 @@ def test_fused_group_equals_sequential_trials(tmp_path, arch, dropout):
     ts = toy_set(21)
     spec = TrainSpec(**SPEC, dropout=dropout)
     seq = _sequential(model, placements, seeds, ts, spec, [tmp_path / f"seq{i}" for i in range(4)])
-    got = fused.run_fused_trials(setup(model, ts, spec), placements, seeds,
-                                 adapter_dirs=[tmp_path / f"fused{i}" for i in range(4)])
+    got = _fused(model, placements, seeds, ts, spec, [tmp_path / f"fused{i}" for i in range(4)])
     assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())  # base pristine
     assert all(p.grad is None for p in model.parameters())  # the frozen base got no gradients
+    assert len(seq) == len(got) == 4
     for i, (s, f) in enumerate(zip(seq, got)):
         assert isinstance(s, TrialResult) and isinstance(f, TrialResult), (s, f)
         assert [st for st, _ in f.curve] == [st for st, _ in s.curve] == list(range(1, 13))
-        for (_, ls), (_, lf) in zip(s.curve, f.curve):
-            assert close(lf, ls), (i, s.curve, f.curve)
+        assert _same_curve(s, f), (i, s.curve, f.curve)
+        assert [st for st, _ in f.evals] == [st for st, _ in s.evals] == [3, 6]  # the rungs every study records
+        assert all(close(ef["eval_loss"], es["eval_loss"]) for (_, es), (_, ef) in zip(s.evals, f.evals)), i
         assert close(f.metrics["eval_loss"], s.metrics["eval_loss"]), i
         assert s.metrics["eval_loss"] < s.curve[0][1]  # it trained: the comparison is not of untouched adapters
         for k in ("steps", "train_tokens", "padding_frac", "trainable_params", "n_modules", "adapter_bytes", "eval_tokens"):
@@ -92,12 +88,12 @@ def _float64_runs(tmp_path, build_model, pick) -> list[TrialResult]:
         placements, seeds = pick(analyze(model))
         ts, spec = toy_set(21), TrainSpec(**SPEC)
         seq = _sequential(model, placements, seeds, ts, spec, [tmp_path / f"seq{i}" for i in range(4)])
-        got = fused.run_fused_trials(setup(model, ts, spec), placements, seeds,
-                                     adapter_dirs=[tmp_path / f"fused{i}" for i in range(4)])
+        got = _fused(model, placements, seeds, ts, spec, [tmp_path / f"fused{i}" for i in range(4)])
     finally:
         torch.set_default_dtype(torch.float32)
+    assert len(seq) == len(got) == len(placements)
     for s, f in zip(seq, got):
-        assert all(math.isclose(lf, ls, rel_tol=1e-10) for (_, ls), (_, lf) in zip(s.curve, f.curve))
+        assert _same_curve(s, f, rel=1e-10)
         assert math.isclose(f.metrics["eval_loss"], s.metrics["eval_loss"], rel_tol=1e-10)
         assert_same_adapter(s.adapter_dir, f.adapter_dir, rel=1e-10)
     return got
@@ -116,8 +112,8 @@ def test_same_seed_group_adds_no_padding(tmp_path):
     placements = [resolve(Strategy(n, r), anat, rank=4, alpha=8) for n, r in [("a", "all"), ("b", "attn"), ("c", "mlp")]]
     ts = toy_set(21)
     spec = TrainSpec(**SPEC)
-    got = fused.run_fused_trials(setup(model, ts, spec), placements, [3, 3, 3])
-    assert all(r.metrics["fused_padding_frac"] == pytest.approx(r.metrics["padding_frac"]) for r in got)
+    got = _fused(model, placements, [3, 3, 3], ts, spec)
+    assert len(got) == 3 and all(r.metrics["fused_padding_frac"] == pytest.approx(r.metrics["padding_frac"]) for r in got)
 
 
 def test_a_diverging_trial_leaves_the_group_and_the_others_finish_identically(tmp_path):
@@ -132,13 +128,12 @@ def test_a_diverging_trial_leaves_the_group_and_the_others_finish_identically(tm
     placements = [good[0], bad, good[1], good[2]]
     ts = toy_set(21)
     spec = TrainSpec(**SPEC)
-    seq = _sequential(model, placements, seeds, ts, spec, [None] * 4)
-    assert isinstance(seq[1], TrialError) and "non-finite train loss" in str(seq[1])
-    got = fused.run_fused_trials(setup(model, ts, spec), placements, seeds)
-    assert isinstance(got[1], TrialError) and str(got[1]) == str(seq[1])
+    seq = _sequential(model, placements, seeds, ts, spec)
+    assert seq[1] == "TrialError: non-finite train loss (nan) at step 1"  # as the study stores it
+    got = _fused(model, placements, seeds, ts, spec)
+    assert got[1] == seq[1]
     for i in (0, 2, 3):
-        assert len(got[i].curve) == 12
-        assert all(close(lf, ls) for (_, lf), (_, ls) in zip(got[i].curve, seq[i].curve)), i
+        assert len(got[i].curve) == 12 and _same_curve(seq[i], got[i]), i
         assert close(got[i].metrics["eval_loss"], seq[i].metrics["eval_loss"])
 
 
@@ -164,7 +159,7 @@ def test_study_with_fuse_stores_the_numbers_of_the_sequential_study(tmp_path):
     for a, b in zip(off, on):
         assert "fused_trials" not in a.metrics
         assert close(b.metrics["eval_loss"], a.metrics["eval_loss"]), (a.strategy, a.seed)
-        assert all(close(y, x) for (_, x), (_, y) in zip(a.curve, b.curve))
+        assert _same_curve(a, b)
         assert_same_adapter(tmp_path / "off" / a.adapter_path, tmp_path / "on" / b.adapter_path)
 
 
@@ -257,6 +252,7 @@ def test_fused_trials_score_accuracy_like_sequential_ones(tmp_path):
 
     off = S.run_study(cfg("off", "off"), (tiny_models.build("llama"), tiny_models.tokenizer()))
     on = S.run_study(cfg("on", 2), (tiny_models.build("llama"), tiny_models.tokenizer()))
+    assert len(off) == len(on) == 2
     for a, b in zip(off, on):
         assert b.metrics["fused_trials"] == 2 and "accuracy" in a.metrics
         assert b.metrics["accuracy"] == a.metrics["accuracy"]
@@ -283,16 +279,16 @@ def test_frozen_prefix_is_computed_once_and_results_equal_sequential(tmp_path, a
     spec = TrainSpec(**SPEC, gradient_checkpointing=checkpointing)
     seq = _sequential(model, placements, seeds, ts, spec, [tmp_path / f"seq{i}" for i in range(4)])
     runs = prefix_runs(model, anat)
-    got = fused.run_fused_trials(setup(model, ts, spec), placements, seeds,
-                                 adapter_dirs=[tmp_path / f"fused{i}" for i in range(4)])
+    got = _fused(model, placements, seeds, ts, spec, [tmp_path / f"fused{i}" for i in range(4)])
     misses, last = steps_with_new_examples(ts, spec, seeds)
     per_epoch = math.ceil(len(ts) / spec.batch_size)
     assert len(runs) == misses and last <= per_epoch < 12  # the prefix ran in epoch 1 only, once for each such step
+    assert len(seq) == len(got) == 4
     for i, (s, f) in enumerate(zip(seq, got)):
         assert isinstance(s, TrialResult) and isinstance(f, TrialResult), (s, f)
         assert f.metrics["prefix_cached_blocks"] == 2
         assert len(f.curve) == len(s.curve) == 12
-        assert all(close(lf, ls) for (_, ls), (_, lf) in zip(s.curve, f.curve)), (i, s.curve, f.curve)
+        assert _same_curve(s, f), (i, s.curve, f.curve)
         assert close(f.metrics["eval_loss"], s.metrics["eval_loss"]), i
         assert s.metrics["eval_loss"] < s.curve[0][1]
         assert_same_adapter(s.adapter_dir, f.adapter_dir)
@@ -303,15 +299,16 @@ def test_prefix_cache_over_its_cap_is_skipped_with_the_same_results(caplog):
     anat = analyze(model)
     placements, seeds = upper(anat)
     ts, spec = toy_set(21), TrainSpec(**SPEC)
-    seq = _sequential(model, placements, seeds, ts, spec, [None] * 4)
+    seq = _sequential(model, placements, seeds, ts, spec)
     runs = prefix_runs(model, anat)
     with caplog.at_level("INFO", logger="loraplace"):
-        got = fused.run_fused_trials(setup(model, ts, spec, prefix_cache_bytes=1024), placements, seeds)
+        got = _fused(model, placements, seeds, ts, spec, prefix_cache_bytes=1024)
     assert "not caching the frozen prefix (blocks 0-1)" in caplog.text and "over the cap of" in caplog.text
     assert len(runs) == 12  # every step ran the prefix
+    assert len(seq) == len(got) == 4
     for s, f in zip(seq, got):
         assert f.metrics["prefix_cached_blocks"] == 0
-        assert all(close(lf, ls) for (_, ls), (_, lf) in zip(s.curve, f.curve))
+        assert _same_curve(s, f)
         assert close(f.metrics["eval_loss"], s.metrics["eval_loss"])
 
 
@@ -324,14 +321,14 @@ def test_prefix_with_dropout_or_one_epoch_is_not_cached(caplog):
     placements, seeds = upper(anat)
     runs = prefix_runs(model, anat)
     with caplog.at_level("INFO", logger="loraplace"):
-        got = fused.run_fused_trials(setup(model, ts, TrainSpec(**SPEC)), placements, seeds)
+        got = _fused(model, placements, seeds, ts, TrainSpec(**SPEC))
     assert "not caching the frozen prefix" in caplog.text and "config.attention_dropout=0.1" in caplog.text
-    assert len(runs) == 12 and all(r.metrics["prefix_cached_blocks"] == 0 for r in got)
+    assert len(runs) == 12 and len(got) == 4 and all(r.metrics["prefix_cached_blocks"] == 0 for r in got)
 
     model = deep("llama")
     runs = prefix_runs(model, anat)
-    got = fused.run_fused_trials(setup(model, ts, TrainSpec(**{**SPEC, "steps": 6})), placements, seeds)
-    assert len(runs) == 6 and all(r.metrics["prefix_cached_blocks"] == 0 for r in got)
+    got = _fused(model, placements, seeds, ts, TrainSpec(**{**SPEC, "steps": 6}))
+    assert len(runs) == 6 and len(got) == 4 and all(r.metrics["prefix_cached_blocks"] == 0 for r in got)
 
 
 def test_prefix_cache_steps_aside_when_block_k_does_not_read_the_prefix_output(caplog):
@@ -342,18 +339,19 @@ def test_prefix_cache_steps_aside_when_block_k_does_not_read_the_prefix_output(c
     model.get_submodule(anat.blocks_path)[2].register_forward_pre_hook(lambda mod, args: (args[0] * 0.5,) + args[1:])
     placements, seeds = upper(anat)
     ts, spec = toy_set(21), TrainSpec(**SPEC)
-    seq = _sequential(model, placements, seeds, ts, spec, [None] * 4)
+    seq = _sequential(model, placements, seeds, ts, spec)
     runs = prefix_runs(model, anat)
     with caplog.at_level("INFO", logger="loraplace"):
-        got = fused.run_fused_trials(setup(model, ts, spec), placements, seeds)
+        got = _fused(model, placements, seeds, ts, spec)
     assert "does not read block 1's output directly" in caplog.text
     assert len(runs) == 12
+    assert len(seq) == len(got) == 4
     for s, f in zip(seq, got):
         assert f.metrics["prefix_cached_blocks"] == 0
-        assert all(close(lf, ls) for (_, ls), (_, lf) in zip(s.curve, f.curve))
+        assert _same_curve(s, f)
 
 
 def test_prefix_cache_equals_sequential_to_float64_precision(tmp_path):
     """In float64 the kept hidden states are the ones the sequential engine recomputes every epoch."""
     got = _float64_runs(tmp_path, lambda: deep("llama"), upper)
-    assert all(f.metrics["prefix_cached_blocks"] == 2 for f in got)
+    assert len(got) == 4 and all(f.metrics["prefix_cached_blocks"] == 2 for f in got)

@@ -30,3 +30,20 @@ def test_a_changed_base_wins_over_the_runs_own_error_and_is_never_a_recorded_fai
             raise RuntimeError("the trial failed too")
     assert isinstance(e.value.__context__, RuntimeError)
     assert not isinstance(e.value, RECORDED)  # the executor re-raises it instead of storing a failed trial
+
+
+@pytest.mark.parametrize("mode", ["nf4", "int8"])
+def test_the_guard_sees_a_quantized_bases_scales(tmp_path, mode):
+    """bitsandbytes keeps a quantized weight's scales beside it, not in a parameter: the guard checks them too."""
+    pytest.importorskip("bitsandbytes", reason="bitsandbytes is not installed (pip install -e '.[quant]')")
+    from loraplace.model.loading import load
+
+    model, _ = load(tiny_models.save("llama", tmp_path), quantize=mode)
+    with base_unchanged(model, "a harmless run"):
+        with torch.no_grad():
+            model(input_ids=torch.tensor([[1, 5, 7]]))  # an 8-bit layer moves its scales to its state here
+    layer = model.model.layers[0].mlp.down_proj
+    scales = layer.weight.quant_state.state2.absmax if mode == "nf4" else layer.state.SCB  # fp32, not parameters
+    with pytest.raises(BaseWeightsChanged):
+        with base_unchanged(model, "trial z"):
+            scales.mul_(2)

@@ -5,19 +5,20 @@ from __future__ import annotations
 import math
 
 import pytest
-from toys import SPEC, assert_same_adapter, close, deep, prefix_runs, setup, steps_with_new_examples, toy_set
+from toys import SPEC, assert_same_adapter, close, deep, prefix_runs, run, steps_with_new_examples, toy_set, toy_workspace
 
 from loraplace.core.config import TrainSpec
 from loraplace.model.anatomy import analyze
 from loraplace.placement.resolve import resolve
 from loraplace.placement.strategy import Strategy
 from loraplace.train.prefix import lowest_block
-from loraplace.train.sequential import run_trial
-from loraplace.train.trial import TrialResult
+from loraplace.train.result import TrialResult
 
 
 def _trial(model, placement, ts, spec, adapter_dir, cap):
-    return run_trial(setup(model, ts, spec, prefix_cache_bytes=cap), placement, seed=1, adapter_dir=adapter_dir)
+    """One trial through the executor (``run_one``) with the frozen-prefix cache capped at ``cap`` bytes."""
+    [out] = run(toy_workspace(model, ts, spec, prefix_cache_bytes=cap), [placement], [1], [adapter_dir])
+    return out
 
 
 @pytest.mark.parametrize("arch,checkpointing", [("llama", False), ("bloom", False), ("llama", True)])
@@ -34,6 +35,7 @@ def test_sequential_trial_computes_the_prefix_once_with_the_same_numbers(tmp_pat
     assert len(runs) == misses and last <= math.ceil(len(ts) / spec.batch_size) < 12  # epoch 1 only
     assert isinstance(got, TrialResult) and ref.metrics["prefix_cached_blocks"] == 0
     assert got.metrics["prefix_cached_blocks"] == 2
+    assert len(ref.curve) == len(got.curve) == 12
     assert all(close(a, b) for (_, a), (_, b) in zip(ref.curve, got.curve)), (ref.curve, got.curve)
     assert close(got.metrics["eval_loss"], ref.metrics["eval_loss"]) and ref.metrics["eval_loss"] < ref.curve[0][1]
     assert_same_adapter(ref.adapter_dir, got.adapter_dir)

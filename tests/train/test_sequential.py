@@ -7,18 +7,16 @@ import math
 import pytest
 import torch
 from tiny_models import ARCH_NAMES, build
-from toys import PAD, setup, toy_set
+from toys import PAD, run, toy_set, toy_workspace
 
 from loraplace.core.config import EvalSpec, TrainSpec
 from loraplace.core.metrics import IGNORE_INDEX
 from loraplace.data.batches import batches
 from loraplace.model.anatomy import analyze
-from loraplace.placement.resolve import resolve
+from loraplace.placement.resolve import Placement, resolve
 from loraplace.placement.strategy import Strategy, get_strategy
 from loraplace.train.loss import evaluate, target_nll
 from loraplace.train.schedule import lr_factor
-from loraplace.train.sequential import run_trial
-from loraplace.train.trial import TrialError
 
 
 def _toy_set(n: int = 24, seed: int = 0):
@@ -57,6 +55,12 @@ def _specs(**kw):
     return TrainSpec(**train), EvalSpec(batch_size=8)
 
 
+def _trial(model, placement, ts, spec, seed=0, adapter_dir=None, **setup_fields):
+    """One trial through the executor (``run_one``): its TrialResult, or the error text it is stored with."""
+    [out] = run(toy_workspace(model, ts, spec, **setup_fields), [placement], [seed], [adapter_dir])
+    return out
+
+
 def test_trial_trains_restores_base_and_saves_a_loadable_adapter(tmp_path):
     from peft import PeftModel
 
@@ -67,7 +71,7 @@ def test_trial_trains_restores_base_and_saves_a_loadable_adapter(tmp_path):
     ts = _toy_set()
     zero = evaluate(model, ts, 8, PAD)["eval_loss"]
     train, ev = _specs()
-    result = run_trial(setup(model, ts, train), p, seed=0, adapter_dir=tmp_path / "a")
+    result = _trial(model, p, ts, train, adapter_dir=tmp_path / "a")
     m = result.metrics
     # learns the mapping; tiny logits (init std 0.02, tied head) cap how far the loss can fall
     assert m["eval_loss"] < zero - 0.4, (zero, m["eval_loss"])
@@ -88,7 +92,7 @@ def test_same_seed_same_numbers_other_seed_other_numbers():
     p = resolve(get_strategy("attention_only"), analyze(model), rank=4, alpha=8)
     ts = _toy_set()
     train, ev = _specs(dropout=0.1)
-    runs = [run_trial(setup(model, ts, train), p, seed=s).curve for s in (0, 0, 1)]
+    runs = [_trial(model, p, ts, train, seed=s).curve for s in (0, 0, 1)]
     assert runs[0] == runs[1]
     assert runs[0] != runs[2]
 
@@ -96,11 +100,9 @@ def test_same_seed_same_numbers_other_seed_other_numbers():
 def test_non_finite_loss_is_a_trial_error_and_base_is_unwrapped():
     model = build("llama")
     p = resolve(get_strategy("all_linear"), analyze(model), rank=4, alpha=8)
-    with torch.no_grad():
-        model.get_input_embeddings().weight.fill_(float("nan"))
+    blowup = Placement(p.strategy, p.modules, {n: math.inf for n in p.modules}, p.anatomy)  # inf x (B = 0): NaN
     train, ev = _specs()
-    with pytest.raises(TrialError, match="non-finite train loss"):
-        run_trial(setup(model, _toy_set(), train), p, seed=0)
+    assert _trial(model, blowup, _toy_set(), train) == "TrialError: non-finite train loss (nan) at step 1"
     from peft.tuners.lora import LoraLayer
 
     assert not any(isinstance(m, LoraLayer) for m in model.modules())
@@ -122,8 +124,8 @@ def test_gradient_checkpointing_gives_the_same_training(arch):
     ts = _toy_set()
     plain, ev = _specs(steps=4)
     ckpt, _ = _specs(steps=4, gradient_checkpointing=True)
-    a = run_trial(setup(model, ts, plain), p, seed=0)
-    b = run_trial(setup(model, ts, ckpt), p, seed=0)
+    a, b = _trial(model, p, ts, plain), _trial(model, p, ts, ckpt)
+    assert len(a.curve) == len(b.curve) == 4
     assert [l for _, l in a.curve] == pytest.approx([l for _, l in b.curve], rel=1e-5)
     assert b.metrics["eval_loss"] == pytest.approx(a.metrics["eval_loss"], rel=1e-5)
     assert not any(getattr(m, "gradient_checkpointing", False) for m in model.modules())  # off again for the next trial
@@ -138,7 +140,7 @@ def test_gradient_checkpointing_keeps_the_frozen_prefix_out_of_the_backward():
     runs = []
     first.register_forward_hook(lambda mod, args, out: runs.append(mod.training) if torch.is_grad_enabled() else None)
     spec, ev = _specs(steps=4, gradient_checkpointing=True)
-    run_trial(setup(model, _toy_set(), spec, prefix_cache_bytes=0), p, seed=0)  # no cache: every step
+    _trial(model, p, _toy_set(), spec, prefix_cache_bytes=0)  # no cache: every step
     assert runs == [True] * 4
 
 

@@ -13,7 +13,7 @@ from pathlib import Path
 import matplotlib
 from matplotlib.figure import Figure
 
-from loraplace.analysis.study import StudyAnalysis
+from loraplace.analysis.findings import StudyAnalysis
 from loraplace.analysis.style import RC, save, styles
 from loraplace.core.metrics import QUALITY
 from loraplace.core.stats import pareto_front

@@ -21,7 +21,8 @@ from matplotlib.figure import Figure
 from matplotlib.ticker import FuncFormatter, LogLocator, NullFormatter
 
 from loraplace.analysis.decision_figures import decision, forgetting
-from loraplace.analysis.study import StudyAnalysis
+from loraplace.analysis.lr_figure import lr_curves
+from loraplace.analysis.findings import StudyAnalysis
 from loraplace.analysis.style import MIB, RC, count, half_width, save, saving_as, styles
 from loraplace.core.metrics import QUALITY
 from loraplace.core.roles import ROLES  # rows of the block x role map, in data-flow order
@@ -276,4 +277,6 @@ def draw_all(a: StudyAnalysis, out_dir: Path, formats: tuple[str, ...] = ("png",
                 if (name != "accuracy" or a.has_accuracy) and (name != "forgetting" or a.has_forgetting)}
         if getattr(a, "probe", None) is not None:  # the study ran a probe (strategy auto)
             figs["probe"] = probe_heatmap(a, out_dir / "probe.png")
+        if a.tuning is not None and a.tuning.curves:  # the study searched the learning rate
+            figs["lr"] = lr_curves(a.tuning, a.metric, out_dir / "lr.png")
     return figs

@@ -2,7 +2,7 @@
 
 Usage::
 
-    text = tables_tex(a)          # a: analysis.study.StudyAnalysis; two tables, each with a caption and \\label
+    text = tables_tex(a)          # a: analysis.findings.StudyAnalysis; two tables, each with a caption and \\label
     escape("top_half")            # 'top\\_half'
 
 Every number comes from the analysis (``a``), never from another rendering of it, and is written with its
@@ -16,8 +16,9 @@ from __future__ import annotations
 
 import math
 
-from loraplace.analysis.study import StrategyStats, StudyAnalysis
+from loraplace.analysis.findings import StrategyStats, StudyAnalysis
 from loraplace.core.stats import Interval, Paired
+from loraplace.core.text import lr_text
 
 _ESCAPES = {"\\": r"\textbackslash{}", "&": r"\&", "%": r"\%", "$": r"\$", "#": r"\#", "_": r"\_", "{": r"\{",
             "}": r"\}", "~": r"\textasciitilde{}", "^": r"\textasciicircum{}", "|": r"\textbar{}",
@@ -37,6 +38,12 @@ def params(n: float) -> str:
         if n >= div:
             return f"{n / div:.3g}{unit}"
     return f"{n:.0f}"
+
+
+def lr_tex(lr: float) -> str:
+    """A learning rate in math mode: 1.5e-3 -> $1.5\\times10^{-3}$."""
+    mantissa, exp = lr_text(lr).split("e")
+    return f"${mantissa}\\times10^{{{exp}}}$" if mantissa != "1" else f"$10^{{{exp}}}$"
 
 
 def number(iv: Interval | None, fmt: str, scale: float = 1.0, bold: bool = False) -> str:
@@ -87,10 +94,10 @@ def results_table(a: StudyAnalysis, label: str = "tab:loraplace-results") -> str
     cols = [c for c in _RESULTS if any(_value(s, c[1]) is not None for s in rows)]
     best = {c[1]: _best(rows, c[1], c[4], a.baseline) for c in cols}
     lines = [r"\begin{table}[t]", r"\centering", r"\small", r"\setlength{\tabcolsep}{4pt}",
-             r"\begin{tabular}{l" + "r" * (1 + len(cols)) + "}", r"\toprule",
-             " & ".join(["Strategy", "Params"] + [c[0] for c in cols]) + r" \\", r"\midrule"]
+             r"\begin{tabular}{l" + "r" * (2 + len(cols)) + "}", r"\toprule",
+             " & ".join(["Strategy", "Params", "LR"] + [c[0] for c in cols]) + r" \\", r"\midrule"]
     for s in rows:
-        cells = [escape(s.strategy), params(s.mean("trainable_params"))]
+        cells = [escape(s.strategy), params(s.mean("trainable_params")), "--" if s.lr is None else lr_tex(s.lr)]
         for header, metric, fmt, scale, better in cols:
             if metric == "retained" and s.strategy == a.baseline:
                 cells.append("100 (ref.)")
@@ -101,7 +108,8 @@ def results_table(a: StudyAnalysis, label: str = "tab:loraplace-results") -> str
     seeds = sorted({len(s.seeds) for s in rows}) or [0]
     n = f"{seeds[0]} seed{'s' if seeds[0] != 1 else ''}" if len(seeds) == 1 else f"{seeds[0]}-{seeds[-1]} seeds"
     caption = (f"Results per strategy: mean $\\pm$ half-width of the 95\\% Student-t interval across seeds "
-               f"({n}; a value without $\\pm$ had one seed or no spread). Params: trainable LoRA parameters. Bold: the best "
+               f"({n}; a value without $\\pm$ had one seed or no spread). Params: trainable LoRA parameters. LR: the peak "
+               "learning rate the strategy trained at. Bold: the best "
                "strategy of a column (lower eval loss, perplexity and forgetting; higher accuracy and retained "
                f"improvement). Retained: the share of {escape(a.baseline)}'s improvement over the base model in "
                f"{escape(a.metric.replace('_', ' '))}, per seed.")

@@ -2,7 +2,7 @@
 
 Usage::
 
-    md, tex = methods(a, store)      # a: analysis.study.StudyAnalysis of the open ``store``
+    md, tex = methods(a, store)      # a: analysis.findings.StudyAnalysis of the open ``store``
 
 Every number is read from the store (the stored config, the ``anatomy``, ``data``, ``zero_shot`` and
 ``forgetting`` meta, the trials' placements and environment) or from the analysis built from it, so the
@@ -11,10 +11,13 @@ paragraph, the tables and the report cannot disagree. The Markdown and the LaTeX
 
 from __future__ import annotations
 
+from loraplace.analysis.decision import cost_rule
 from loraplace.analysis.latex import escape
-from loraplace.analysis.study import StudyAnalysis
+from loraplace.analysis.findings import StudyAnalysis
 from loraplace.core.names import is_auto, is_selected
+from loraplace.core.text import lr_text
 from loraplace.placement.resolve import BUDGET_TOLERANCE
+from loraplace.placement.variants import VARIANTS
 from loraplace.store.db import DONE
 
 
@@ -23,8 +26,8 @@ def _ranks(s) -> str:
         return "?"
     ranks = sorted({m.rank for m in s.placement.modules.values()})
     text = f"rank {ranks[0]}" if len(ranks) == 1 else f"ranks {ranks[0]}-{ranks[-1]}"
-    variant = {"dora": "DoRA", "rslora": "rsLoRA (scale alpha/sqrt(r))", "adalora": "AdaLoRA", "pissa": "PiSSA"}.get(s.placement.variant)
-    return f"{text}, {variant}" if variant else text
+    variant = VARIANTS.get(s.placement.variant)  # a name this version does not know: said as plain ranks
+    return f"{text}, {variant.methods_label}" if variant and variant.methods_label else text
 
 
 def _chosen(a: StudyAnalysis, store) -> list[str]:
@@ -44,24 +47,11 @@ def _chosen(a: StudyAnalysis, store) -> list[str]:
                    f"{len(base)} modules redistributed by explained variance (at most {a.config.eva.rho:g} times a "
                    f"module's even share; {len(ranks)} modules kept, ranks {min(ranks)}-{max(ranks)}, alpha scaled with "
                    f"the rank), B at zero; EVA took {eva['time_s']:.1f} s, once per study.")
-    ada = [s for s in a.strategies if s.placement is not None and s.placement.variant == "adalora"]
-    if ada:
-        c = a.config.adalora
-        share = max(s.mean("method_time_s", 0.0) / max(s.mean("train_time_s", 0.0), 1e-9) for s in ada)
-        out.append(f"{', '.join(f'`{s.strategy}`' for s in ada)} trained PEFT's AdaLoRA: SVD-form adapters started at "
-                   f"rank {c.init_r if a.config.budget is None else 'scaled from ' + str(c.init_r) + ':' + str(c.target_r)} "
-                   f"on every module and pruned by PEFT's sensitivity scores (EMA {c.beta1:g}/{c.beta2:g}, every "
-                   f"{c.delta_t} step(s) after {c.tinit}, fixed {c.tfinal} step(s) before the end, orthogonality "
-                   f"penalty {c.orth_reg_weight:g})"
-                   + (", the final rank-triplet budget chosen so the count meets the study's budget" if a.config.budget
-                      else "") + f"; each trial stores the ranks it kept (they differ by seed; the placement map shows the first "
-                   f"seed's); the allocation took up to {100 * share:.1f}% of a trial's training time.")
-    pissa = [s for s in a.strategies if s.placement is not None and s.placement.variant == "pissa"]
-    if pissa:
-        out.append(f"{', '.join(f'`{s.strategy}`' for s in pissa)} started A and B from each adapted weight's top-r "
-                   "singular part (PEFT's PiSSA) and trained on the residual weight; the SVDs took "
-                   f"{min(s.mean('method_time_s', 0.0) for s in pissa):.1f}-{max(s.mean('method_time_s', 0.0) for s in pissa):.1f} s "
-                   "per trial; the saved adapters are PEFT's conversion to LoRA adapters of the original base (rank 2r).")
+    trained: dict[str, list] = {}  # variant -> its strategies, in the study's order
+    for s in a.strategies:
+        if s.placement is not None:
+            trained.setdefault(s.placement.variant, []).append(s)
+    out += [text for v, strategies in trained.items() if v in VARIANTS and (text := VARIANTS[v].methods(strategies, a.config))]
     autos = sorted(n for n in names if is_auto(n))
     if autos and a.probe is not None:
         how = "; ".join(f"`{n}` {'spread ranks over every module in proportion to' if a.config.auto.settings(n)[0] == 'rank' else 'took the modules with the highest'} "
@@ -69,6 +59,17 @@ def _chosen(a: StudyAnalysis, store) -> list[str]:
         out.append(f"A probe (rank {a.config.probe.rank}, {a.config.probe.steps} steps, seeds "
                    f"{', '.join(map(str, a.probe.seeds))}; {a.probe.time_s:.0f} s) scored every module: {how}.")
     return out
+
+
+def _rate(a: StudyAnalysis, lr: float) -> str:
+    """The peak learning rate: the shared one, or each strategy's chosen one and how it was chosen."""
+    t = a.tuning
+    if t is None:
+        return f"peak learning rate {lr_text(lr)}, shared by every strategy and not tuned"
+    chosen = "; ".join(f"`{s}` {lr_text(c.lr)}" for s, c in t.choices.items() if c.lr is not None)
+    return (f"peak learning rate chosen per strategy from {', '.join(lr_text(x) for x in t.grid)} by the lowest mean "
+            f"loss on a selection split of {t.selection} training examples (not the evaluation set) over tuning "
+            f"seed{'s' if len(t.seeds) != 1 else ''} {', '.join(map(str, t.seeds))}; {t.rule}: {chosen}")
 
 
 def sentences(a: StudyAnalysis, store) -> list[str]:
@@ -104,7 +105,7 @@ def sentences(a: StudyAnalysis, store) -> list[str]:
     out += _chosen(a, store)
     length = f"{t.epochs:g} epochs" if t.epochs is not None else f"{t.steps} optimizer steps"
     warm = f"{t.warmup:g} of the steps" if t.warmup < 1 else f"{t.warmup:g} steps"
-    out.append(f"Each trial trained for {length} of {t.batch_size} examples with AdamW (peak learning rate {t.lr:g}, "
+    out.append(f"Each trial trained for {length} of {t.batch_size} examples with AdamW ({_rate(a, t.lr)}, "
                f"{t.schedule} decay after a linear warm-up over {warm}, weight decay {t.weight_decay:g}, gradient "
                f"clipping at {t.max_grad_norm:g}), LoRA alpha {t.alpha:g} (scale alpha/r), LoRA dropout "
                f"{t.dropout:g}, in {t.dtype} on {env.get('gpu') or env.get('device', '?')}; the loss was the token-"
@@ -125,6 +126,7 @@ def sentences(a: StudyAnalysis, store) -> list[str]:
                f"`{a.baseline}` are paired by seed (paired t-test). Retained improvement is the share of the "
                f"baseline's improvement over the base model in {a.metric.replace('_', ' ')}, per seed; the recommended "
                f"strategy is the cheapest whose whole interval of it is at least {100 * a.threshold:.0f}%.")
+    out.append(cost_rule())
     if cfg.race.at:
         out.append(f"Trials raced: at {', '.join(f'{100 * f:.0f}%' for f in cfg.race.at)} of the steps, strategies whose "
                    f"upper {100 * cfg.race.confidence:.0f}% bound of retained improvement was below the threshold less "

@@ -9,13 +9,17 @@ A full study evaluates every trial at ``race.record`` rungs: at each, the rankin
 seeds) is compared with the final one (Kendall's tau), the recommendation is computed as if the rung were the
 end, and the racing rule (``study.race.decide``, with the study's settings) is replayed rung after rung; racing
 would have been safe when the final recommendation without the strategies it would have stopped is the one the
-full study gives.
+full study gives. Every recommendation here is ``decision.recommend_for`` with the analysis's own settings
+(threshold, metric, analysis.max_forgetting, ...), the function the study's own recommendation comes from.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field, replace
 
+from loraplace.analysis.decision import recommend_for
+from loraplace.analysis.findings import StudyAnalysis
+from loraplace.analysis.study import reanalyze
 from loraplace.analysis.text import pct
 from loraplace.core.metrics import QUALITY
 from loraplace.core.stats import kendall_tau
@@ -58,9 +62,8 @@ def _mean(d: dict[int, float]) -> float:
     return sum(d.values()) / len(d)
 
 
-def racing(a, trials: list[TrialRecord], decisions: list[Decision]) -> Racing | None:
-    """The racing section of a study analysis ``a`` (``analysis.study.StudyAnalysis``), or None when the study has
-    no rung evaluations to speak of."""
+def racing(a: StudyAnalysis, trials: list[TrialRecord], decisions: list[Decision]) -> Racing | None:
+    """The racing section of a study analysis ``a``, or None when the study has no rung evaluations to speak of."""
     cfg = a.config
     if cfg is None:
         return None
@@ -101,7 +104,7 @@ def racing(a, trials: list[TrialRecord], decisions: list[Decision]) -> Racing | 
     return r
 
 
-def _raced(a, trials: list[TrialRecord], decisions: list[Decision], total: int) -> Racing:
+def _raced(a: StudyAnalysis, trials: list[TrialRecord], decisions: list[Decision], total: int) -> Racing:
     r = Racing(True)
     steps = {t.trial_id: int(t.step or t.metrics.get("steps", 0)) for t in trials}
     r.steps_run = sum(steps.values())
@@ -123,10 +126,8 @@ def _raced(a, trials: list[TrialRecord], decisions: list[Decision], total: int) 
     return r
 
 
-def _recommendation_at(a, trials: list[TrialRecord], step: int) -> str | None:
+def _recommendation_at(a: StudyAnalysis, trials: list[TrialRecord], step: int) -> str | None:
     """The recommendation computed as if the study ended at rung ``step`` (the rung's values as final)."""
-    from loraplace.analysis.study import analyze
-
     at = []
     for t in trials:
         ev = dict(t.evals).get(step)
@@ -134,17 +135,13 @@ def _recommendation_at(a, trials: list[TrialRecord], step: int) -> str | None:
             at.append(replace(t, metrics={**t.metrics, **ev}))
     if not at:
         return None
-    b = analyze(at, a.baseline, a.zero_shot_loss, a.threshold, order=a.config.strategies, metric=a.metric,
-                zero_shot_accuracy=a.zero_shot_accuracy)
+    b = reanalyze(a, at)
     return b.recommendation.strategy if b.recommendation.decided else None
 
 
-def _recommendation_without(a, stopped: set[str]) -> tuple[bool, str | None]:
+def _recommendation_without(a: StudyAnalysis, stopped: set[str]) -> tuple[bool, str | None]:
     """The final recommendation when ``stopped`` strategies count as falling short (they were stopped)."""
-    from loraplace.analysis.decision import recommend
-
     rows = [replace(s, stopped={"step": 0, "reason": "would have been stopped"}) if s.strategy in stopped else s
             for s in a.strategies]
-    rec = recommend(rows, a.baseline, a.zero_shot, a.threshold, a.metric)
+    rec = recommend_for(a, rows)
     return rec.decided, rec.strategy if rec.decided else None
-

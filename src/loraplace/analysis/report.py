@@ -19,7 +19,11 @@ import base64
 import html
 from pathlib import Path
 
-from loraplace.analysis.study import StudyAnalysis, analyze_store
+from loraplace.analysis import figures
+from loraplace.analysis.findings import StudyAnalysis
+from loraplace.analysis.from_store import analyze_store
+from loraplace.analysis.latex import tables_tex
+from loraplace.analysis.methods import methods
 from loraplace.analysis.tables import metric_text, probe_section, results_table, table_notes
 from loraplace.core.metrics import METRICS, QUALITY
 from loraplace.store.db import Store
@@ -36,6 +40,10 @@ CAPTIONS = {
                 "zero-shot accuracy on the same examples. With one seed the bars are 95% Wilson intervals over the "
                 "examples.",
     "curves": "Training loss per optimizer step, mean over the seeds that logged each step.",
+    "lr": "The learning-rate search: each strategy's loss on the selection split (training examples held out, never "
+          "the eval set) at the end of training, against the peak learning rate (log scale), mean and 95% interval "
+          "over the tuning seeds; star: the chosen rate; hollow: a rate halving stopped, at its value there; x on the "
+          "axis: a rate that diverged. An optimum at an edge of the grid may lie outside it.",
     "decision": "What the recommendation rests on: each strategy's difference from the baseline and the share of the "
                 "baseline's improvement it keeps, both paired by seed, with 95% intervals across the seeds; dashed: the "
                 "threshold. The paired intervals are much narrower than the per-strategy intervals of the Pareto figure, "
@@ -83,6 +91,16 @@ def _metric_defs(a: StudyAnalysis) -> list[tuple[str, str, str]]:
     return [(k, unit or "—", meaning) for k, (unit, meaning) in METRICS.items() if k in used]
 
 
+def _rate_sections(a: StudyAnalysis) -> list[tuple[str, list[str]]]:
+    """The learning-rate search and its comparison at the baseline's rate, as (title, sentences); none untuned."""
+    out = []
+    if a.tuning is not None:
+        out.append(("Learning rate", a.tuning.lines))
+    if a.lr_comparison is not None:
+        out.append(("Does the learning rate change the answer?", a.lr_comparison.lines))
+    return out
+
+
 def _problems(a: StudyAnalysis) -> list[str]:
     out = [f"{f.strategy} seed {f.seed} failed: {f.error}" for f in a.failed]
     out += [f"{f.strategy} seed {f.seed} is {f.status} (not counted)" for f in a.unfinished]
@@ -94,6 +112,7 @@ def render_markdown(a: StudyAnalysis, figs: dict[str, Path]) -> str:
     md = ["# LoRA placement study report", ""]
     md += [f"- **{k}:** {v}" for k, v in _context(a)] + ["", "## Recommendation", "",
                                                               ("**" + rec.text + "**"), ""]
+    md += [f"*{rec.cost}*", ""] if rec.cost else []
     md += ["Evidence:", ""] + [f"- {e}" for e in rec.evidence] + ["", "## Results", ""]
     headers, rows = results_table(a)
     md += ["| " + " | ".join(headers) + " |", "|" + "|".join(["---"] + ["---:"] * (len(headers) - 1)) + "|"]
@@ -104,6 +123,8 @@ def render_markdown(a: StudyAnalysis, figs: dict[str, Path]) -> str:
         md += [f"- {x}" for x in evidence] + [""]
         if ptable:
             md += ["```", ptable, "```", ""]
+    for title, lines in _rate_sections(a):
+        md += [f"## {title}", ""] + [f"- {x}" for x in lines] + [""]
     if a.racing is not None:
         md += ["## Racing" if a.racing.raced else "## Would racing have been safe?", ""]
         md += [f"- {x}" for x in a.racing.lines] + [""]
@@ -125,6 +146,7 @@ h1{font-size:1.7em;margin-bottom:.3em}h2{border-bottom:1px solid #ccc;padding-bo
 dl.ctx{display:grid;grid-template-columns:max-content auto;gap:2px 16px}dl.ctx dt{font-weight:600}dl.ctx dd{margin:0}
 .rec{border-left:6px solid #0072B2;background:#eef5fb;padding:10px 16px;margin:12px 0}
 .rec.undecided{border-left-color:#D55E00;background:#fdf1ea}.rec p{font-size:1.1em;font-weight:600;margin:.3em 0}
+.rec p.cost{font-size:.9em;font-weight:400;color:#444}
 .scroll{overflow-x:auto}table{border-collapse:collapse;font-size:.88em;margin:8px 0}
 th,td{border:1px solid #bbb;padding:4px 8px}th{background:#f0f0f0}td:first-child{white-space:nowrap}
 td.num{text-align:right;font-variant-numeric:tabular-nums;white-space:nowrap}
@@ -145,7 +167,8 @@ def render_html(a: StudyAnalysis, figs: dict[str, Path]) -> str:
            "<h1>LoRA placement study report</h1>", '<dl class="ctx">']
     out += [f"<dt>{e(k)}</dt><dd>{e(v)}</dd>" for k, v in _context(a)] + ["</dl>"]
     out += ["<h2>Recommendation</h2>", f'<div class="rec{"" if rec.decided else " undecided"}">',
-            f"<p>{e(rec.text)}</p>", "<ul>"] + [f"<li>{e(x)}</li>" for x in rec.evidence] + ["</ul></div>"]
+            f"<p>{e(rec.text)}</p>"] + ([f'<p class="cost">{e(rec.cost)}</p>'] if rec.cost else [])
+    out += ["<ul>"] + [f"<li>{e(x)}</li>" for x in rec.evidence] + ["</ul></div>"]
     headers, rows = results_table(a)
     out += ["<h2>Results</h2>", '<div class="scroll"><table><thead><tr>']
     out += [f"<th>{e(h)}</th>" for h in headers] + ["</tr></thead><tbody>"]
@@ -160,6 +183,8 @@ def render_html(a: StudyAnalysis, figs: dict[str, Path]) -> str:
                 "<ul>"] + [f"<li>{e(x)}</li>" for x in evidence] + ["</ul></div>"]
         if ptable:
             out.append(f'<div class="scroll"><pre>{e(ptable)}</pre></div>')
+    for title, lines in _rate_sections(a):
+        out += [f"<h2>{e(title)}</h2>", "<ul>"] + [f"<li>{e(x)}</li>" for x in lines] + ["</ul>"]
     if a.racing is not None:
         out += [f"<h2>{'Racing' if a.racing.raced else 'Would racing have been safe?'}</h2>", "<ul>"]
         out += [f"<li>{e(x)}</li>" for x in a.racing.lines] + ["</ul>"]
@@ -188,10 +213,6 @@ def write_report(study_dir: str | Path, threshold: float | None = None, metric: 
     {"dir", "markdown", "html", "tables", "methods", "methods_tex", figure name: its PNG path, ...}.
     Raises store.StoreError when study_dir has no study database, config.ConfigError when
     metric=accuracy and no finished trial has an accuracy."""
-    from loraplace.analysis import figures  # matplotlib loads only when figures are drawn
-    from loraplace.analysis.latex import tables_tex
-    from loraplace.analysis.methods import methods
-
     study_dir = Path(study_dir)
     with Store.open(study_dir, create=False) as store:
         a = analyze_store(store, threshold, metric)

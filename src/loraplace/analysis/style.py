@@ -14,7 +14,7 @@ from pathlib import Path
 
 from matplotlib.figure import Figure
 
-from loraplace.analysis.study import StrategyStats
+from loraplace.analysis.findings import StrategyStats
 from loraplace.core.config import ConfigError
 
 COLOURS = ["#0072B2", "#D55E00", "#009E73", "#CC79A7", "#E69F00", "#56B4E9", "#000000", "#F0E442"]

@@ -2,7 +2,7 @@
 
 Usage::
 
-    headers, rows = results_table(a)      # a: analysis.study.StudyAnalysis; ± = 95% interval across seeds
+    headers, rows = results_table(a)      # a: analysis.findings.StudyAnalysis; ± = 95% interval across seeds
     print(summary_text(a))                # table, legend, the recommendation, failures
 """
 
@@ -10,10 +10,10 @@ from __future__ import annotations
 
 import math
 
-from loraplace.analysis.study import StudyAnalysis
+from loraplace.analysis.findings import StudyAnalysis
 from loraplace.analysis.text import NONE, accuracy_cell, interval_cell, paired_cell, retained_cell
 from loraplace.core.metrics import QUALITY
-from loraplace.core.text import text_table
+from loraplace.core.text import lr_text, text_table
 
 MIB = 2**20  # bytes per MiB
 
@@ -40,7 +40,7 @@ def results_table(a: StudyAnalysis) -> tuple[list[str], list[list[str]]]:
     Accuracy columns appear when the trials carry accuracy; retained improvement and † follow
     the analysis metric (``a.metric``)."""
     acc = a.has_accuracy
-    headers = ["Strategy", "Seeds", "Trainable params (% of base)", "Eval loss (nats/tok)", "Perplexity",
+    headers = ["Strategy", "Seeds", "Trainable params (% of base)", "LR", "Eval loss (nats/tok)", "Perplexity",
                "Δ loss vs baseline"]
     headers += ["Accuracy", "Δ accuracy vs baseline"] if acc else []
     forgets = a.has_forgetting
@@ -58,7 +58,7 @@ def results_table(a: StudyAnalysis) -> tuple[list[str], list[list[str]]]:
             row = [name + " (stopped)", str(len(s.seeds)),
                    NONE if math.isnan(params) else f"{params:,.0f}" + (
                        f" ({s.mean('trainable_pct'):.3f}%)" if "trainable_pct" in s.metrics else ""),
-                   f"stopped at step {s.stopped['step']} ({rung} there)", NONE, NONE]
+                   lr_cell(s), f"stopped at step {s.stopped['step']} ({rung} there)", NONE, NONE]
             row += [NONE, NONE] if acc else []
             row += [NONE, NONE] if forgets else []
             row += ["stopped", interval_cell(s.metrics.get("train_time_s"), "{:.1f}"),
@@ -71,6 +71,7 @@ def results_table(a: StudyAnalysis) -> tuple[list[str], list[list[str]]]:
             str(len(s.seeds)),
             NONE if math.isnan(params) else f"{params:,.0f}" + (
                 f" ({s.mean('trainable_pct'):.3f}%)" if "trainable_pct" in s.metrics else ""),
+            lr_cell(s),
             interval_cell(s.eval_loss, "{:.4f}"),
             interval_cell(s.metrics.get("perplexity"), "{:.3f}"),
             "(baseline)" if baseline else paired_cell(s.paired),
@@ -88,6 +89,11 @@ def results_table(a: StudyAnalysis) -> tuple[list[str], list[list[str]]]:
         row += [method_cost_cell(a, s)] if costs else []
         rows.append(row)
     return headers, rows
+
+
+def lr_cell(s) -> str:
+    """The peak learning rate a strategy's trials trained at (its chosen one in a tuned study)."""
+    return NONE if s.lr is None else lr_text(s.lr)
 
 
 def has_method_cost(a: StudyAnalysis) -> bool:
@@ -156,6 +162,10 @@ def summary_text(a: StudyAnalysis) -> str:
         parts.append("Forgetting: " + a.least_forgetting)
     if a.verdict is not None:
         parts.append("Probe verdict: " + a.verdict.text)
+    if a.tuning is not None:
+        parts += ["Learning rate: " + line.removeprefix("Learning rate: ") for line in a.tuning.lines]
+    if a.lr_comparison is not None:
+        parts += ["Learning rate and the answer: " + line for line in a.lr_comparison.lines]
     if a.racing is not None:
         parts += ["Racing: " + line for line in a.racing.lines]
     if a.failed:

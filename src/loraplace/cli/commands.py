@@ -10,7 +10,7 @@ import logging
 import os
 import sys
 
-from loraplace.core.text import fmt_bytes, fmt_gflop, fmt_int, text_table
+from loraplace.core.text import fmt_bytes, fmt_gflop, fmt_int, lr_text, text_table
 
 log = logging.getLogger("loraplace")
 
@@ -91,6 +91,8 @@ def cmd_plan(args) -> int:
               f"{fmt_bytes(max(per.values()))} a trial, {fmt_bytes(every)} while every trial waits at a rung "
               f"({len(cfg.seeds)} seeds); removed as trials finish or stop"
               + ("" if not cfg.race.keep_checkpoints else " (race.keep_checkpoints=true: kept)"))
+    if cfg.tune.active:
+        print("\n" + _tuning_plan(cfg, len(placements)))
     for name, why in skipped.items():
         print(f"skipped {name}: {why}")
     for name, p in placements.items():
@@ -111,6 +113,24 @@ def cmd_plan(args) -> int:
         if is_auto(name) and probe is not None:
             print(auto_why(p, probe, cfg.auto.settings(name)[1]))
     return 0
+
+
+def _tuning_plan(cfg, n_strategies: int) -> str:
+    """The learning-rate search before it runs: the grid, its trials and rungs, and what it costs against the
+    untuned study (in whole-trial lengths: the optimizer steps of one trial = 1)."""
+    from loraplace.study.tune import cost, rule_text
+
+    t, c = cfg.tune, cost(cfg.tune, n_strategies, len(cfg.seeds))
+    grid = ", ".join(lr_text(x) for x in t.grid())
+    sel = f"{t.selection:g} examples" if t.selection >= 1 else f"{100 * t.selection:g}% of the training examples"
+    lines = [f"Learning-rate search: {len(t.grid())} rates ({grid}) x {n_strategies} strategies x tuning seed(s) "
+             f"{', '.join(map(str, t.seeds))} = {c.tuning_trials} tuning trials on the training data less a selection "
+             f"split of {sel}; {rule_text(t)}.",
+             f"Cost in trial lengths: the search {c.tuning:g} (an exhaustive grid: {c.exhaustive:g}), the study's "
+             f"trials {c.final:g}" + (f", the comparison at the baseline's rate at most {c.compare:g}" if t.compare else "")
+             + f": at most {c.ratio:.2f}x the untuned study ({c.final:g})"
+             + (", plus the selection-split evaluations at the tuning rungs." if t.rungs() else ".")]
+    return "\n".join(lines)
 
 
 def _stored_meta(cfg, key: str):
@@ -252,7 +272,7 @@ def _config_error(msg: str):
 
 
 def _summary(study_dir: str, threshold: float | None = None, metric: str | None = None) -> str:
-    from loraplace.analysis.study import analyze_store
+    from loraplace.analysis.from_store import analyze_store
     from loraplace.analysis.tables import summary_text
     from loraplace.store.db import Store
 
@@ -276,7 +296,8 @@ def cmd_status(args) -> int:
     rows, gone = [], 0
     for t in trials:
         m = t.metrics
-        rows.append([t.strategy, str(t.seed), t.status, "" if t.step is None else str(t.step),
+        rows.append([t.strategy, str(t.seed), t.phase, "" if t.lr is None else lr_text(t.lr), t.status,
+                     "" if t.step is None else str(t.step),
                      f"{m['eval_loss']:.4f}" if "eval_loss" in m else "",
                      f"{m['train_time_s']:.0f} s" if "train_time_s" in m else "", t.trial_id, _holder(t),
                      (t.error or "")[:70]])
@@ -284,8 +305,8 @@ def cmd_status(args) -> int:
     if not rows:
         print(f"{args.study_dir}: no trials yet")
         return 0
-    print(text_table(["strategy", "seed", "status", "step", "eval loss", "train time", "trial", "held by", "error"], rows,
-                     {1, 3, 4, 5}))
+    print(text_table(["strategy", "seed", "phase", "lr", "status", "step", "eval loss", "train time", "trial", "held by",
+                      "error"], rows, {1, 3, 5, 6, 7}))
     counts = {s: sum(t.status == s for t in trials) for s in (DONE, STOPPED, FAILED, RUNNING, PAUSED, PENDING)}
     assert set(counts) == set(STATUSES)
     print("\n" + ", ".join(f"{n} {s}" for s, n in counts.items() if n))
@@ -323,25 +344,27 @@ def cmd_report(args) -> int:
 
 
 def cmd_export(args) -> int:
+    from loraplace.analysis.tuning import final_trials
     from loraplace.placement.export import export
+    from loraplace.placement.variants import get_variant
     from loraplace.store.results import placement_for
     from loraplace.store.db import DONE, Store
 
     with Store.open(args.study_dir, create=False) as store:
-        trials = store.current_trials()
+        tune = store.get_meta("tune")
+        trials = final_trials(store.current_trials(), tune)  # a tuned study: each strategy's trials at its rate
         placement = placement_for(trials, args.strategy)
         eva = store.get_meta("eva") if placement.init == "eva" else None
-    print(export(placement, args.format))
-    if placement.variant == "adalora":  # the ranks one seed's AdaLoRA kept, trained here as its SVD triplets
-        kept = {t.seed: t.placement.get("modules") for t in trials if t.strategy == args.strategy and t.status == DONE}
-        seed = next(s for s, m in kept.items() if m == placement.to_dict()["modules"])
-        differ = len({json.dumps(m, sort_keys=True) for m in kept.values()}) > 1
-        print(f"note: {args.strategy} was trained with PEFT's AdaLoRA, which pruned rank while training; this config "
-              f"is plain LoRA at the ranks it kept in seed {seed}"
-              + (" (other seeds kept other ranks: see the report's placement map)" if differ else "")
-              + ". To rerun AdaLoRA itself: AdaLoraConfig(init_r=..., target_r=..., tinit=..., tfinal=..., deltaT=..., "
-              "total_step=...) with the adalora settings in the study's config.yaml, calling "
-              "model.base_model.update_and_allocate(step) after every optimizer step", file=sys.stderr)
+    lr = next((t.lr for t in trials if t.strategy == args.strategy and t.status == DONE), None)
+    print(export(placement, args.format, lr))
+    if lr is not None and (tune or args.format == "peft"):
+        how = "chosen for it by the study's learning-rate search" if tune else "the study's shared train.lr"
+        where = "in this config" if args.format != "peft" else "(a LoraConfig has no learning rate: set it in your trainer)"
+        print(f"note: {args.strategy} trained at peak learning rate {lr_text(lr)}, {how}; {where}", file=sys.stderr)
+    kept = {t.seed: t.placement.get("modules") for t in trials if t.strategy == args.strategy and t.status == DONE}
+    note = get_variant(placement.variant).export_note(args.strategy, kept, placement.to_dict()["modules"])
+    if note:  # e.g. AdaLoRA's: the ranks one seed kept, trained as its SVD triplets
+        print(f"note: {note}", file=sys.stderr)
     if eva:  # the config rebuilds the modules and ranks; EVA's A matrices come from the data
         base = sorted(set(eva["base"].values()))
         print(f"note: {args.strategy}'s A matrices started from PEFT's EVA on the study's train data (rank sum "

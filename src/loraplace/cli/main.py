@@ -21,7 +21,7 @@ from loraplace.placement.export import FORMATS
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="loraplace", description="Where should the LoRA adapters go? Controlled placement studies.")
     p.add_argument("--version", action="version", version=f"loraplace {__version__}")
-    p.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    p.add_argument("-v", "--verbose", action="store_true", help="debug logging (loraplace's own messages)")
     sub = p.add_subparsers(dest="command", required=True)
 
     s = sub.add_parser("inspect", help="show a model's anatomy: blocks x roles, shapes, parameter counts")
@@ -79,7 +79,10 @@ def main(argv: list[str] | None = None) -> int:
     # transformers' per-load "Loading weights" bars would drown our own progress bars
     os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
     warnings.filterwarnings("ignore", message="`is_gradient_checkpointing` is deprecated")  # peft on transformers 5
-    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO, format="%(message)s")
+    # loraplace's own messages at INFO (DEBUG with -v); other libraries' only from WARNING up: at INFO, e.g.
+    # fontTools logs hundreds of lines per `report` while matplotlib's PDF backend subsets fonts
+    logging.basicConfig(level=logging.WARNING, format="%(message)s")
+    logging.getLogger("loraplace").setLevel(logging.DEBUG if args.verbose else logging.INFO)
     for noisy in ("transformers", "peft", "httpx", "huggingface_hub"):
         logging.getLogger(noisy).setLevel(logging.ERROR)
     try:

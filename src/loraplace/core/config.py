@@ -8,7 +8,8 @@ Usage::
 The field names are the YAML keys and the CLI override paths (``train.steps=60``); the comment beside
 each field is its documentation (``examples/study.yaml`` lists them all with their defaults). Nothing in
 a config is executed: values are parsed with ``yaml.safe_load`` and checked against the field types
-(``core.typed``); an error names the field, the bad value and what is valid.
+(``core.typed``); an error names the field, the bad value and what is valid. The sections of the methods
+chosen per study and of AdaLoRA (``probe``, ``auto``, ``kappa``, ``eva``, ``adalora``) are ``core.methods``.
 """
 
 from __future__ import annotations
@@ -20,8 +21,9 @@ from typing import ClassVar
 
 import yaml
 
+from loraplace.core.methods import AdaLoraSpec, AutoSpec, EvaSpec, KappaSpec, ProbeSpec, check_auto_name
 from loraplace.core.metrics import DTYPE_BYTES, METRIC_CHOICES
-from loraplace.core.names import ALLOCATIONS, AUTO_PREFIX, auto_parts, is_selected
+from loraplace.core.names import AUTO_PREFIX, is_selected
 from loraplace.core.typed import (ConfigError, apply_override, build, check_choice, check_finite,  # noqa: F401
                                   check_positive)
 
@@ -161,125 +163,6 @@ class EvalSpec:
             raise ConfigError("eval.forgetting_source: empty; give base, a data file, or hub:NAME")
 
 
-PROBE_CRITERIA = ("lora_drop", "grad_norm", "fisher")  # documented in measure/probe.py and docs/results.md
-
-
-@dataclass
-class ProbeSpec:
-    """The probe (``loraplace probe``, and ``study`` before placing ``auto``): a short uniform low-rank run on
-    every module a strategy can adapt (the block linears whose role is known) that scores each; see measure/probe.py."""
-
-    steps: int = 20  # optimizer steps per probe seed (a trial has train.steps)
-    rank: int = 4  # uniform LoRA rank of the probe adapter (alpha keeps the trials' alpha/rank scale)
-    seeds: list[int] = field(default_factory=lambda: [0, 1])  # probe seeds: the spread and rank correlation need >= 2
-    lr: float | None = None  # peak learning rate; None: train.lr
-    score_batches: int = 4  # train batches the LoRA-drop norm is averaged over after the probe steps
-
-    def check(self) -> None:
-        check_positive("probe.steps", self.steps)
-        check_positive("probe.rank", self.rank)
-        check_positive("probe.score_batches", self.score_batches)
-        if self.lr is not None:
-            check_positive("probe.lr", self.lr)
-        if not self.seeds:
-            raise ConfigError("probe.seeds: empty; give at least one seed, e.g. probe.seeds=[0,1]")
-        if len(set(self.seeds)) != len(self.seeds):
-            raise ConfigError(f"probe.seeds: duplicates in {self.seeds}")
-
-
-@dataclass
-class AutoSpec:
-    """Strategy ``auto``: the modules the probe scores highest, at train.rank, until the budget is met
-    (``allocate: subset``), or every module with ranks proportional to the scores (``allocate: rank``)."""
-
-    score: str = "lora_drop"  # lora_drop | grad_norm | fisher (the probe's criteria)
-    budget: str | None = None  # "same:STRATEGY" or a count; None: the study's budget
-    allocate: str = "subset"  # subset | rank; auto:rank, auto:subset:grad_norm, ... override it per strategy
-
-    def check(self) -> None:
-        check_choice("auto.score", self.score, PROBE_CRITERIA)
-        check_choice("auto.allocate", self.allocate, ALLOCATIONS)
-
-    def settings(self, name: str = "auto") -> tuple[str, str]:
-        """(allocation, score) of auto strategy ``name``: what its name says (auto:rank:grad_norm), else these."""
-        allocate, score = auto_parts(name)
-        return allocate or self.allocate, score or self.score
-        if self.budget is not None and str(self.budget).startswith("same:") and is_selected(str(self.budget)[5:]):
-            raise ConfigError(f"auto.budget: {self.budget!r} refers to itself; use same:STRATEGY of a fixed strategy "
-                              "or a count")
-
-
-def check_auto_name(name: str) -> None:
-    """auto:ALLOCATE, auto:SCORE or auto:ALLOCATE:SCORE with known parts, else a one-line ConfigError."""
-    form = f"auto:ALLOCATE, auto:SCORE or auto:ALLOCATE:SCORE (ALLOCATE: {', '.join(ALLOCATIONS)}; SCORE: {', '.join(PROBE_CRITERIA)})"
-    try:
-        _, score = auto_parts(name)
-    except ValueError:
-        raise ConfigError(f"strategy {name!r}: expected {form}") from None
-    if score is not None and score not in PROBE_CRITERIA:
-        raise ConfigError(f"strategy {name!r}: {score!r} is not a probe score; expected {form}")
-
-
-@dataclass
-class KappaSpec:
-    """Strategy ``kappa`` (PEFT's KappaTune): the modules whose weights have the lowest condition number."""
-
-    top_p: float = 0.2  # share of the adaptable modules it adapts (PEFT's default); ranks: train.rank, or the budget's
-
-    def check(self) -> None:
-        check_finite("kappa.top_p", self.top_p)
-        if not 0 < self.top_p <= 1:
-            raise ConfigError(f"kappa.top_p: must be a share in (0, 1], got {self.top_p}")
-
-
-@dataclass
-class EvaSpec:
-    """Strategy ``eva`` (PEFT's EVA, measure/eva.py): ranks and A matrices from an SVD of each module's inputs."""
-
-    rho: float = 2.0  # a module gets at most rho x r0 ranks (PEFT's default; 1: no redistribution)
-    tau: float = 0.99  # the SVD stops when consecutive right-singular vectors agree to this cosine (PEFT's default)
-
-    def check(self) -> None:
-        check_finite("eva.rho", self.rho)
-        check_finite("eva.tau", self.tau)
-        if self.rho < 1:
-            raise ConfigError(f"eva.rho: must be >= 1 (the largest rank is rho x r0), got {self.rho}")
-        if not 0 < self.tau <= 1:
-            raise ConfigError(f"eva.tau: must be in (0, 1], got {self.tau}")
-
-
-@dataclass
-class AdaLoraSpec:
-    """Variant ``adalora`` (strategy ``adalora``: every linear layer): PEFT's AdaLoRA prunes and reallocates rank
-    while training. PEFT's defaults; with a study budget the final count is matched to it (``target_r`` becomes the
-    budget's even rank, ``init_r`` scales with it) and the schedule's steps are optimizer steps of the trial."""
-
-    init_r: int = 12  # rank every module starts with
-    target_r: int = 8  # average rank per module at the end (without a budget)
-    tinit: int = 0  # steps before pruning starts
-    tfinal: int = 0  # steps at the end with the final allocation fixed (0: it is fixed after the last step)
-    delta_t: int = 1  # steps between reallocations (PEFT's deltaT)
-    beta1: float = 0.85  # EMA of the sensitivity
-    beta2: float = 0.85  # EMA of its uncertainty
-    orth_reg_weight: float = 0.5  # weight of the orthogonality penalty on A and B
-
-    def check(self) -> None:
-        for key in ("init_r", "target_r", "delta_t"):
-            check_positive(f"adalora.{key}", getattr(self, key))
-        for key in ("tinit", "tfinal"):
-            if getattr(self, key) < 0:
-                raise ConfigError(f"adalora.{key}: must be >= 0 steps, got {getattr(self, key)}")
-        if self.target_r > self.init_r:
-            raise ConfigError(f"adalora.target_r: {self.target_r} exceeds adalora.init_r {self.init_r} (AdaLoRA only prunes)")
-        for key in ("beta1", "beta2"):
-            check_finite(f"adalora.{key}", getattr(self, key))
-            if not 0 < getattr(self, key) < 1:
-                raise ConfigError(f"adalora.{key}: must be in (0, 1), got {getattr(self, key)}")
-        check_finite("adalora.orth_reg_weight", self.orth_reg_weight)
-        if self.orth_reg_weight < 0:
-            raise ConfigError(f"adalora.orth_reg_weight: must be >= 0, got {self.orth_reg_weight}")
-
-
 @dataclass
 class AnalysisSpec:
     """How the study's trials are compared (changes no trial: only the summary and the report)."""
@@ -295,6 +178,16 @@ class AnalysisSpec:
                 raise ConfigError(f"analysis.max_forgetting: must be >= 0 nats/token, got {self.max_forgetting}")
 
 
+def check_fractions(name: str, values: list[float]) -> None:
+    """Rung fractions: each in (0, 1), none twice."""
+    for v in values:
+        check_finite(name, v)
+        if not 0 < v < 1:
+            raise ConfigError(f"{name}: {v} is not a fraction of the steps in (0, 1), e.g. {name}=[0.25,0.5]")
+    if len(set(values)) != len(values):
+        raise ConfigError(f"{name}: duplicates in {values}")
+
+
 @dataclass
 class RaceSpec:
     """Racing (study/race.py): every trial is evaluated at rungs, fractions of its steps; at the racing rungs
@@ -308,14 +201,8 @@ class RaceSpec:
     keep_checkpoints: bool = False  # keep each trial's last checkpoint (checkpoints/) after it finishes or stops
 
     def check(self) -> None:
-        for name in ("at", "record"):
-            values = getattr(self, name)
-            for v in values:
-                check_finite(f"race.{name}", v)
-                if not 0 < v < 1:
-                    raise ConfigError(f"race.{name}: {v} is not a fraction of the steps in (0, 1), e.g. race.{name}=[0.25,0.5]")
-            if len(set(values)) != len(values):
-                raise ConfigError(f"race.{name}: duplicates in {values}")
+        check_fractions("race.at", self.at)
+        check_fractions("race.record", self.record)
         if not 0.5 <= self.confidence < 1:
             raise ConfigError(f"race.confidence: must be in [0.5, 1), got {self.confidence}")
         check_finite("race.slack", self.slack)
@@ -327,7 +214,65 @@ class RaceSpec:
         return sorted(set(self.at) | set(self.record))
 
 
+@dataclass
+class TuneSpec:
+    """The learning-rate search (study/tune.py): every strategy trained at each rate of the grid on the training data
+    less a selection split, evaluated on that split (never the eval set), the clearly worse rates of a strategy
+    stopped at the tuning rungs (successive halving); each strategy's final trials then train at its best rate."""
+
+    lr: list[float] = field(default_factory=list)  # the grid of peak learning rates; []: no search (train.lr for all)
+    lr_range: list[float] | None = None  # [low, high]: instead of lr, `points` rates evenly spaced on a log scale
+    points: int = 5  # rates in lr_range
+    selection: float = 64  # examples of the training data held out to choose on: a count (>= 1) or a fraction (< 1)
+    seeds: list[int] = field(default_factory=lambda: [0])  # tuning seeds: a rate's selection loss is their mean
+    at: list[float] = field(default_factory=lambda: [0.25, 0.5])  # tuning rungs (fractions of the steps); []: the whole grid
+    keep: float = 0.5  # share of a strategy's rates still in the search that go on at each tuning rung ...
+    min_keep: int = 2  # ... but at least this many
+    record: list[float] = field(default_factory=lambda: [0.25, 0.5])  # rungs evaluated in every tuning trial
+    compare: bool = True  # also train every strategy at the baseline's chosen rate ("Does the learning rate change the answer?")
+
+    def grid(self) -> list[float]:
+        """The rates searched, ascending: ``lr``, or ``points`` log-spaced rates over ``lr_range`` (3 significant
+        digits)."""
+        if self.lr_range:
+            lo, hi = self.lr_range
+            n = self.points
+            return [float(f"{lo * (hi / lo) ** (i / (n - 1)):.3g}") for i in range(n)] if n > 1 else [float(lo)]
+        return sorted(float(x) for x in self.lr)
+
+    @property
+    def active(self) -> bool:
+        return bool(self.grid())
+
+    def rungs(self) -> list[float]:
+        """Every fraction at which tuning trials are evaluated on the selection split."""
+        return sorted(set(self.at) | set(self.record))
+
+    def check(self) -> None:
+        for v in self.lr:
+            check_positive("tune.lr", v)
+        if len(set(self.lr)) != len(self.lr):
+            raise ConfigError(f"tune.lr: duplicates in {self.lr}")
+        if self.lr_range is not None:
+            if self.lr:
+                raise ConfigError("tune.lr_range: give either tune.lr (the rates) or tune.lr_range (and tune.points), not both")
+            if len(self.lr_range) != 2 or not 0 < self.lr_range[0] < self.lr_range[1]:
+                raise ConfigError(f"tune.lr_range: expected [low, high] with 0 < low < high, got {self.lr_range}")
+            check_positive("tune.points", self.points)
+        check_positive("tune.selection", self.selection)
+        if not self.seeds:
+            raise ConfigError("tune.seeds: empty; give at least one tuning seed, e.g. tune.seeds=[0]")
+        if len(set(self.seeds)) != len(self.seeds):
+            raise ConfigError(f"tune.seeds: duplicates in {self.seeds}")
+        check_fractions("tune.at", self.at)
+        check_fractions("tune.record", self.record)
+        if not 0 < self.keep <= 1:
+            raise ConfigError(f"tune.keep: must be a share in (0, 1], got {self.keep}")
+        check_positive("tune.min_keep", self.min_keep)
+
+
 DEFAULT_STRATEGIES = ["all_linear", "attention_only", "mlp_only", "top_half"]
+QUANTIZE_MODES = ("nf4", "fp4", "int8")  # bitsandbytes bases (model/quantize.py): QLoRA's NF4, FP4, LLM.int8()
 
 
 @dataclass
@@ -335,6 +280,7 @@ class StudyConfig:
     """A whole study: one model, one dataset, strategies x seeds, shared settings."""
 
     model: str = "smollm2-135m"  # alias, local HF directory, .gguf file, or hub id
+    quantize: str | None = None  # nf4 | fp4 | int8: a frozen bitsandbytes base (the quant extra); null: float (train.dtype)
     data: DataSpec = field(default_factory=DataSpec)
     train: TrainSpec = field(default_factory=TrainSpec)
     eval: EvalSpec = field(default_factory=EvalSpec)
@@ -356,6 +302,7 @@ class StudyConfig:
     adalora: AdaLoraSpec = field(default_factory=AdaLoraSpec)  # variant adalora: PEFT's AdaLoRA ranks and schedule
     analysis: AnalysisSpec = field(default_factory=AnalysisSpec)
     race: RaceSpec = field(default_factory=RaceSpec)  # racing: stop strategies early that cannot become the answer
+    tune: TuneSpec = field(default_factory=TuneSpec)  # the learning-rate search: each strategy at its own best rate
     max_retries: int = 1  # executor=ray: reruns of a trial whose worker died, before it is recorded as failed
     track: str | None = None  # experiment tracking besides the store: mlflow | wandb (needs that package)
     tracking_uri: str | None = None  # mlflow: tracking server or store (None: sqlite:///OUT/mlflow.db); wandb: the project
@@ -366,6 +313,7 @@ class StudyConfig:
         self.eval.check()
         self.analysis.check()
         self.race.check()
+        self.tune.check()
         if self.analysis.metric == "accuracy" and not self.eval.accuracy:
             raise ConfigError("analysis.metric=accuracy needs eval.accuracy=true (accuracy is not measured otherwise)")
         if not self.strategies:
@@ -376,6 +324,8 @@ class StudyConfig:
             raise ConfigError("seeds: empty; give at least one seed, e.g. seeds=[0]")
         if len(set(self.seeds)) != len(self.seeds):
             raise ConfigError(f"seeds: duplicates in {self.seeds}")
+        if self.quantize is not None:
+            check_choice("quantize", self.quantize, QUANTIZE_MODES)
         check_choice("executor", self.executor, ("local", "ray"))
         check_positive("cpus_per_trial", self.cpus_per_trial)
         check_finite("gpus_per_trial", self.gpus_per_trial)

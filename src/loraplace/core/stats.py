@@ -15,6 +15,9 @@ Definitions (all intervals are two-sided 95% Student-t intervals across seeds):
 * Paired comparison: for each seed run by both the strategy and the baseline,
   d_i = value(strategy, seed i) - value(baseline, seed i); interval of the d_i as above, p-value of
   the paired t-test (H0: mean d = 0). Significant means the interval excludes 0 (equivalently p < 0.05).
+  With zero spread (>= 2 pairs, every d_i the same) the t statistic is undefined; the data leave no doubt
+  either way, so p = 0.0 when that common d is non-zero (significant) and 1.0 when it is 0 (not significant);
+  with one pair there is no test: p None, significant None.
 * Retained improvement per paired seed: (metric_strategy - zero_shot) / (metric_baseline - zero_shot),
   i.e. (zero_shot - loss_s) / (zero_shot - loss_b) for loss and (acc_s - acc_zero) / (acc_b - acc_zero)
   for accuracy; its mean and interval across seeds. 1.0 = keeps all of the baseline's gain over the
@@ -89,7 +92,7 @@ class Paired:
     """Strategy minus baseline over seeds run by both (eval loss: positive = worse; accuracy: positive = better)."""
 
     diff: Interval
-    p_value: float | None  # paired t-test; None with < 2 pairs or zero spread
+    p_value: float | None  # paired t-test; None with < 2 pairs; zero spread: 0.0 (all d the same, != 0) or 1.0 (all 0)
     seeds: tuple[int, ...]
 
     @property
@@ -106,8 +109,10 @@ def paired_comparison(strategy: dict[int, float], baseline: dict[int, float]) ->
     diffs = [strategy[s] - baseline[s] for s in seeds]
     iv = t_interval(diffs)
     p = None
-    if iv.n >= 2 and iv.sd and iv.sd > 0:
-        p = float(stats.ttest_rel([strategy[s] for s in seeds], [baseline[s] for s in seeds]).pvalue)
+    if iv.n >= 2 and len(set(diffs)) == 1:  # zero spread: no t statistic; [d, d] excludes 0 exactly when d != 0
+        p = 0.0 if diffs[0] != 0 else 1.0
+    elif iv.n >= 2:  # the paired t-test, on the interval's own sd: p < 0.05 exactly when the interval excludes 0
+        p = float(2 * stats.t.sf(abs(iv.mean) / (iv.sd / math.sqrt(iv.n)), iv.n - 1))
     return Paired(iv, p, seeds)
 
 

@@ -39,3 +39,9 @@ def fmt_gflop(flops: float) -> str:
     """FLOPs as GFLOP: thousands separators from 10 GFLOP on, two significant digits below."""
     g = flops / 1e9
     return f"{g:,.0f}" if g >= 10 else f"{g:.2g}"
+
+
+def lr_text(lr: float) -> str:
+    """A learning rate as people write it: 0.0005 -> '5e-4', 0.0015 -> '1.5e-3', 0.01 -> '1e-2'."""
+    mantissa, exp = f"{float(lr):.6e}".split("e")
+    return f"{float(mantissa):g}e{int(exp)}"

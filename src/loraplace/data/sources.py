@@ -4,6 +4,7 @@ Usage::
 
     examples = load_examples(spec)                    # all of spec.source, in file order
     train, evals = train_eval_examples(spec)          # a seeded split, or spec.eval_source as the eval set
+    tune_train, selection = selection_split(train, 64) # the learning-rate search's split of the training set
 
 Sources (``spec.source``): ``builtin`` (the default, ``data.builtin``), a local ``.json`` (array of
 objects, or JSON lines), ``.jsonl``, ``.csv`` or ``.parquet`` file, or ``hub:NAME[:CONFIG]`` (needs the
@@ -63,6 +64,16 @@ def train_eval_examples(spec: DataSpec) -> tuple[list[Example], list[Example]]:
         log.warning("data: %d of the %d eval examples (%s) are also in the train set (%s)", shared, len(evals),
                     spec.eval_source, spec.source)
     return train, evals
+
+
+def selection_split(train: list[Example], n: int) -> tuple[list[Example], list[Example]]:
+    """(what tuning trials train on, the selection split): the last ``n`` examples of the training set (itself in
+    the seeded shuffle's order, so they are a random subset) are held out to choose the learning rate on; the
+    eval set is never used for it."""
+    if not 0 < n < len(train):
+        raise DataError(f"tune.selection: {n} examples of a training set of {len(train)}; it needs at least one "
+                        "example and must leave one to train on")
+    return train[:-n], train[-n:]
 
 
 def _file_rows(path: Path) -> list[tuple[str, dict]]:

@@ -36,12 +36,11 @@ import torch
 
 from loraplace.core.config import StudyConfig
 from loraplace.core.files import atomic_dir
-from loraplace.core.identity import digest
 from loraplace.data.batches import batches
 from loraplace.data.tokenize import pad_id
 from loraplace.placement.resolve import BUDGET_TOLERANCE, lora_params
-from loraplace.placement.select import candidates
 from loraplace.placement.strategy import PlacementError
+from loraplace.store import keys
 
 log = logging.getLogger("loraplace")
 
@@ -58,11 +57,6 @@ class EvaInit:
     ranks: dict[str, int]  # module -> rank (modules EVA gave no rank are left out)
     weights: dict[str, torch.Tensor]  # module -> A init, (rank, in_features)
     time_s: float  # seconds of EVA's activation passes and SVDs, every attempt
-
-
-def _key(cfg: StudyConfig, target: int | None) -> str:
-    return digest({"model": cfg.model, "data": cfg.to_dict()["data"], "batch_size": cfg.train.batch_size,
-                   "eva": cfg.to_dict()["eva"], "target": target, "rank": cfg.train.rank, "alpha": cfg.train.alpha})
 
 
 def base_ranks(names: list[str], total: int) -> dict[str, int]:
@@ -100,12 +94,12 @@ ATTEMPTS = 3  # EVA runs at most, correcting the rank sum in proportion to the c
 def eva_init(cfg: StudyConfig, ws, store, target: int | None) -> EvaInit:
     """EVA on this study (read back when the study already has it for these settings); ``target``: the
     trainable count to meet (None: train.rank on every module, EVA's own rank sum)."""
-    key = _key(cfg, target)
+    key = keys.key("eva", cfg, device=ws.device, target=target)
     stored = load(store, key)
     if stored is not None:
         return stored
     anat = ws.anatomy
-    names = candidates(anat)
+    names = anat.adaptable()
     width = sum(lora_params(anat.layer(n), 1) for n in names)  # parameters per unit of uniform rank
     total = len(names) * (cfg.train.rank if target is None else max(1, round(target / width)))
     t0 = time.perf_counter()

@@ -33,10 +33,10 @@ import time
 from dataclasses import dataclass
 
 from loraplace.core.config import DataSpec, StudyConfig
-from loraplace.core.identity import digest
 from loraplace.core.metrics import IGNORE_INDEX
 from loraplace.data.sources import load_examples
 from loraplace.data.tokenize import TokenizedSet, pad_id
+from loraplace.store import keys
 from loraplace.store.db import DONE, Store
 from loraplace.train.generate import sample
 from loraplace.train.loss import evaluate
@@ -51,7 +51,7 @@ META = "forgetting"
 class ForgettingSet:
     """The sequences every trial of a study is scored on, and the base model's loss on them."""
 
-    key: str  # a hash of the model, the source and the sizes (the sequences follow from them)
+    key: str  # a hash of what the sequences and the base loss follow from (``key``)
     source: str
     sequences: list[list[int]]
     base_loss: float  # nats/token
@@ -80,10 +80,10 @@ class ForgettingSet:
                 "forgetting_time_s": time.perf_counter() - t0}
 
 
-def key(cfg: StudyConfig) -> str:
-    e = cfg.eval
-    return digest({"model": cfg.model, "source": e.forgetting_source, "size": e.forgetting_size,
-                   "length": e.forgetting_length, "seed": SEED, "dtype": cfg.train.dtype})
+def key(cfg: StudyConfig, device: str) -> str:
+    """The forgetting set's key (``store.keys.KINDS["forgetting"]``): the model, the source, the sizes, the
+    sampling seed, ``train.dtype`` and the device type (sampling draws from the device's random stream)."""
+    return keys.key("forgetting", cfg, device=device, seed=SEED)
 
 
 def forgetting_set(cfg: StudyConfig, ws, store: Store) -> ForgettingSet | None:
@@ -96,7 +96,7 @@ def forgetting_set(cfg: StudyConfig, ws, store: Store) -> ForgettingSet | None:
     stored = load(cfg, ws, store)
     if stored is not None:
         return stored
-    k, tok, pad = key(cfg), ws.tokenizer, pad_id(ws.tokenizer)
+    k, tok, pad = key(cfg, ws.device), ws.tokenizer, pad_id(ws.tokenizer)
     t0 = time.perf_counter()
     if e.forgetting_source == "base":
         start = tok.bos_token_id if tok.bos_token_id is not None else tok.eos_token_id
@@ -120,7 +120,7 @@ def forgetting_set(cfg: StudyConfig, ws, store: Store) -> ForgettingSet | None:
 def load(cfg: StudyConfig, ws, store: Store) -> ForgettingSet | None:
     """The study's stored forgetting set for these settings, or None (off, or not built yet)."""
     stored = store.get_meta(META)
-    if not cfg.eval.forgetting or not stored or stored.get("key") != key(cfg):
+    if not cfg.eval.forgetting or not stored or stored.get("key") != key(cfg, ws.device):
         return None
     return ForgettingSet(stored["key"], stored["source"], stored["sequences"], stored["base_loss"], stored["tokens"],
                          cfg.eval.batch_size, pad_id(ws.tokenizer), ws.device, stored.get("sample_time_s", 0.0))

@@ -13,18 +13,15 @@ Torch-free (the report reads probe scores); running the probe is ``measure.probe
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 
-from loraplace.core.config import PROBE_CRITERIA
 from loraplace.core.errors import LoraplaceError
-from loraplace.core.identity import digest
+from loraplace.core.methods import PROBE_CRITERIA
 from loraplace.core.roles import role_rank
 from loraplace.core.text import text_table
+from loraplace.store.keys import key
 
 CRITERIA = PROBE_CRITERIA  # lora_drop, grad_norm, fisher: defined in measure/probe.py's docstring
-# Training settings the probe sets itself (probe.steps, no epochs, no dropout, one alpha/rank for every module):
-# left out of its key. Every other setting of the trials' identity enters it.
-PROBE_OWN = ("steps", "epochs", "dropout", "alpha_per_rank")
 
 
 class ProbeError(LoraplaceError, RuntimeError):
@@ -141,15 +138,9 @@ def spearman(a: list[float], b: list[float]) -> float:
 
 
 def probe_key(cfg) -> str:
-    """Hash of what can change a probe's scores: model, data, probe settings (not its seeds), and the trials'
-    training identity (``TrainSpec.identity``) less what the probe sets itself (``PROBE_OWN``)."""
-    settings = {
-        "model": cfg.model,
-        "data": asdict(cfg.data),
-        "probe": {k: v for k, v in asdict(cfg.probe).items() if k != "seeds"},
-        "train": {k: v for k, v in cfg.train.identity().items() if k not in PROBE_OWN},
-    }
-    return digest(settings, plain_numbers=False)  # as first stored: keeps existing probes valid
+    """Hash of what can change a probe's scores (``store.keys.KINDS["probe"]``): model, data, probe settings (not
+    its seeds), and the trials' training identity less what the probe sets itself (``store.keys.PROBE_OWN``)."""
+    return key("probe", cfg)
 
 
 def load(store, key: str | None = None) -> ProbeScores | None:

@@ -91,6 +91,11 @@ class Anatomy:
             out[f.role] = out.get(f.role, 0) + f.params
         return out
 
+    def adaptable(self) -> list[str]:
+        """The modules a strategy can adapt (every block linear whose role is known: what a strategy with roles all
+        and blocks all adapts), by name."""
+        return sorted(l.name for l in self.layers if l.role in ROLES and l.block >= 0)
+
     def roles_present(self) -> tuple[str, ...]:
         present = {l.role for l in self.layers}
         return tuple(r for r in ROLES if r in present)
@@ -143,6 +148,13 @@ def _base(m: nn.Module) -> nn.Module:
             return m
 
 
+def _numel(p: torch.Tensor) -> int:
+    """Elements of a parameter as the float model has them: a bitsandbytes 4-bit weight (``Params4bit``) packs two
+    per byte into a (n/2, 1) tensor, and its ``quant_state.shape`` keeps the float (out, in) shape."""
+    qs = getattr(p, "quant_state", None)
+    return math.prod(qs.shape) if qs is not None and getattr(qs, "shape", None) is not None else p.numel()
+
+
 def _walk(module: nn.Module, prefix: str = "", seen: set | None = None):
     """named_modules(): same names, order and de-duplication, but PEFT wrappers are leaves (adapters are not layers)."""
     seen = set() if seen is None else seen
@@ -161,13 +173,13 @@ def _entry(name: str, m: nn.Module) -> _E | None:
     b = _base(m)
     if isinstance(b, Conv1D):  # transformers Conv1D stores weight as (in, out)
         kind, inn, out = "Conv1D", b.weight.shape[0], b.weight.shape[1]
-    elif isinstance(b, nn.Linear):
+    elif isinstance(b, nn.Linear):  # bitsandbytes Linear4bit / Linear8bitLt too (nn.Linear subclasses)
         kind, inn, out = "Linear", b.in_features, b.out_features
     elif isinstance(b, nn.Embedding):
         kind, inn, out = "Embedding", b.num_embeddings, b.embedding_dim
     else:
         return None
-    return _E(name, m, kind, int(inn), int(out), sum(p.numel() for p in b.parameters(recurse=False)))
+    return _E(name, m, kind, int(inn), int(out), sum(_numel(p) for p in b.parameters(recurse=False)))
 
 
 def _find_blocks(mods: list, lin: dict) -> tuple[str, nn.ModuleList]:
@@ -376,6 +388,6 @@ def analyze(model: nn.Module, trace: bool = True) -> Anatomy:
         for p in (_base(m).parameters() if _base(m) is not m else m.parameters(recurse=False)):
             if id(p) not in seen:
                 seen.add(id(p))
-                base_params += p.numel()
+                base_params += _numel(p)
     return Anatomy(getattr(cfg, "model_type", "") or "", blocks_path, len(blocks), tuple(layers), tuple(outside),
                    base_params, tuple(fixed))

@@ -26,10 +26,8 @@ def kappa_order(model: "torch.nn.Module", anat: Anatomy) -> tuple[list[str], flo
     """(adaptable modules by increasing condition number, as PEFT orders them; seconds the SVDs took)."""
     from peft.helpers import find_kappa_target_modules
 
-    from loraplace.placement.select import candidates
-
     t0 = time.perf_counter()
     order = find_kappa_target_modules(model, top_p=1.0, show_progress=False)["target_modules"]  # every module
     seconds = time.perf_counter() - t0
-    adaptable = set(candidates(anat))
+    adaptable = set(anat.adaptable())
     return [n for n in order if n in adaptable], seconds

@@ -25,13 +25,8 @@ built on the meta device. What it models is what a training step (``train.sequen
   Frozen layers keep nothing for their own weights: PyTorch saves an input only for a weight that
   needs its gradient. With ``gradient_checkpointing`` only each active block's input (H) is kept,
   plus one block's activations while it is recomputed in the backward.
-- DoRA (``variant: dora``, PEFT's ``DoraLinearLayer``) saves more per adapted module, counted in
-  ``activations``: the base output and the scaled LoRA output (2 x tokens x out) and a few fp32 vectors
-  of out (the magnitude's scale): within 1% of what a step adds on tiny Llama-style models
-  (tests/model/test_estimate.py). Its weight-norm pass (an identity matrix through the adapter: in x in,
-  then out x in) is detached and freed at once: a transient, not kept.
-- PiSSA (``variant: pissa``) trains on a residual copy of each adapted weight (the shared base stays as it
-  is), counted in ``weights``: in x out per adapted module.
+- A variant keeps its own extra, by term (``Variant.memory``, ``placement.variants``): DoRA's saved tensors in
+  ``activations``, PiSSA's residual copy of each adapted weight in ``weights``.
 - ``logits``: the output head runs only on target positions (``train.loss.target_nll``): the saved
   log-softmax (targets x vocab, fp32) and, in the head's backward, two gradient buffers of the
   same shape: 3 x targets x vocab x 4 bytes. ``target_frac`` (default 1: every position is a
@@ -180,32 +175,20 @@ def estimate(placement, batch_size: int, seq_len: int, dtype: str = "float32", g
                   for b in range(first, anat.n_blocks)]
         full = sum(blocks) + s.hidden + 1  # + the final norm
         elems = s.hidden * len(blocks) + max(blocks) + s.hidden + 1 if gradient_checkpointing else full
-    if getattr(placement.strategy, "variant", "lora") == "dora":
-        extra = {}  # block -> DoRA's saved elements: per token, and token-free (fp32)
-        for name in placement.modules:
-            l = anat.layer(name)
-            per_tok, fixed = extra.get(l.block, (0, 0))
-            extra[l.block] = (per_tok + 2 * l.out_features, fixed + 3 * l.out_features)
-        dora = {b: t * tokens * act_bytes + f * ADAPTER_BYTES for b, (t, f) in extra.items()}
-        dora_bytes = max(dora.values()) if gradient_checkpointing else sum(dora.values())
-    else:
-        dora_bytes = 0
+    extra = placement.variant.memory(placement, tokens, act_bytes, gradient_checkpointing)  # by term, bytes
     targets = int(round(tokens * target_frac))
-    residual = 0  # PiSSA: the trial's residual copy of each adapted weight while it trains (train.pissa)
-    if getattr(placement.strategy, "variant", "lora") == "pissa":
-        residual = sum(anat.layer(n).in_features * anat.layer(n).out_features for n in placement.modules) * act_bytes
     terms = {
-        "weights": anat.base_params * act_bytes + residual,
+        "weights": anat.base_params * act_bytes + extra.get("weights", 0),
         "adapters": n_lora * ADAPTER_BYTES,
         "adapter_grads": n_lora * ADAPTER_BYTES,
         "adamw": 2 * n_lora * 4,
-        "activations": elems * tokens * act_bytes + dora_bytes,
+        "activations": elems * tokens * act_bytes + extra.get("activations", 0),
         "logits": 3 * targets * s.vocab * 4 if per_block else 0,
     }
     flops = train_flops(anat.base_params, n_lora, tokens)
     peak = sum(terms.values())
     if gradient_checkpointing:
-        rss = peak + int(GLIBC_HEAP_CHECKPOINTING * (full * tokens * act_bytes + dora_bytes))
+        rss = peak + int(GLIBC_HEAP_CHECKPOINTING * (full * tokens * act_bytes + extra.get("activations", 0)))
     else:
         rss = terms["weights"] + int(GLIBC_RSS_FACTOR * (peak - terms["weights"]))
     checkpoint = terms["adapters"] + terms["adamw"] + CHECKPOINT_OVERHEAD

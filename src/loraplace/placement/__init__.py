@@ -9,6 +9,7 @@ Usage::
 
 Modules: ``strategy`` (the vocabulary: roles x blocks x rank), ``resolve`` (a strategy on one model, budget
 matching), ``select`` (``auto`` and ``random:K``: module sets filled to a budget), ``record`` (the stored
-placement and the one PEFT ``LoraConfig``), ``peft`` (wrapping a model, imports peft), ``export`` (configs
-for other tools). All but ``peft`` are torch-free.
+placement and the one PEFT ``LoraConfig``), ``variants`` (what each variant is: LoRA, DoRA, rsLoRA, PiSSA,
+AdaLoRA), ``peft`` (wrapping a model), ``export`` (configs for other tools). All torch-free at import: ``peft``
+and the variants import torch and peft inside the functions that use them.
 """

@@ -19,8 +19,10 @@ in one line, what the tool cannot express:
   same module short names; otherwise full module names (axolotl hands ``lora_target_modules`` to
   PEFT's ``target_modules``, which accepts full names). One ``lora_r``/``lora_alpha``: ranks must be uniform.
 * llamafactory: ``lora_target`` short names applied to every block, uniform rank.
-* The variant: ``use_dora`` / ``use_rslora`` (peft, LLaMA-Factory), ``peft_use_dora`` / ``peft_use_rslora``
-  (axolotl), ``use_dora`` (torchtune, which has no rsLoRA switch).
+* The variant: its PEFT switches in peft's config, each tool's own switch for it (``Variant.export_switch``,
+  ``placement.variants``: e.g. ``peft_use_dora`` in axolotl), or ExportError where the tool has none.
+* The learning rate the placement trained at (``export(..., lr=)``): ``learning_rate`` (axolotl, LLaMA-Factory),
+  ``optimizer.lr`` (torchtune); PEFT's LoraConfig has none (``loraplace export`` says it on stderr).
 * torchtune: ``lora_attn_modules`` / ``apply_lora_to_mlp`` mapped from roles (Llama-family roles
   only, all blocks, uniform rank; the MLP's three projections together or not at all, and at least
   one attention projection, since its builders reject an empty ``lora_attn_modules``).
@@ -36,6 +38,7 @@ from loraplace.core.errors import LoraplaceError
 from loraplace.core.identity import plain
 from loraplace.core.roles import role_rank
 from loraplace.placement.record import PlacementRecord
+from loraplace.placement.variants import VARIANTS, get_variant
 
 FORMATS = ("peft", "axolotl", "llamafactory", "torchtune")
 
@@ -50,14 +53,21 @@ class ExportError(LoraplaceError, ValueError):
     """The placement cannot be expressed in the requested tool's vocabulary (one-line message)."""
 
 
-def export(placement: PlacementRecord, fmt: str) -> str:
-    """The config text for ``fmt`` (one of FORMATS); raises ExportError when it cannot be exact."""
+def export(placement: PlacementRecord, fmt: str, lr: float | None = None) -> str:
+    """The config text for ``fmt`` (one of FORMATS); raises ExportError when it cannot be exact. ``lr``: the peak
+    learning rate the placement trained at (a tuned study's chosen rate), written where the tool takes one
+    (axolotl and LLaMA-Factory ``learning_rate``, torchtune's ``optimizer.lr``; a PEFT config has none)."""
     writers = {"peft": _peft, "axolotl": _axolotl, "llamafactory": _llamafactory, "torchtune": _torchtune}
     if fmt not in writers:
         raise ExportError(f"unknown format {fmt!r}; choose one of {', '.join(FORMATS)}")
     if not placement.modules:
         raise ExportError("the placement adapts no modules; nothing to export")
-    return writers[fmt](placement)
+    text = writers[fmt](placement)
+    if lr is None or fmt == "peft":
+        return text
+    if fmt == "torchtune":  # a section of its own beside model: (the recipe's optimizer keeps its _component_)
+        return text + "# merge into the recipe's optimizer: section\n" + _yaml({"optimizer": {"lr": float(lr)}})
+    return text + _yaml({"learning_rate": float(lr)})
 
 
 # -- helpers ---------------------------------------------------------------------------------------
@@ -65,13 +75,14 @@ def _short(name: str) -> str:
     return name.rsplit(".", 1)[-1]
 
 
-def _variant(placement: PlacementRecord, keys: dict[str, str], tool: str) -> dict:
-    """The tool's switch for the placement's variant ({} for plain LoRA); ExportError where it has none."""
-    if placement.variant in ("lora", "adalora"):  # AdaLoRA: plain LoRA at the ranks it kept
-        return {}
-    if placement.variant not in keys:
-        raise ExportError(f"{tool} has no switch for {placement.variant} (export to peft, which has use_dora, use_rslora and init_lora_weights)")
-    return {keys[placement.variant]: True}
+def _variant(placement: PlacementRecord, fmt: str, tool: str) -> dict:
+    """The tool's switch for the placement's variant ({} when it exports as plain LoRA); ExportError where it has none."""
+    switch = get_variant(placement.variant).export_switch(fmt)
+    if switch is None:
+        keys = [k for v in VARIANTS.values() for k in v.switches]
+        raise ExportError(f"{tool} has no switch for {placement.variant} (export to peft, which has "
+                          f"{', '.join(keys[:-1])} and {keys[-1]})")
+    return switch
 
 
 def _dropout(placement: PlacementRecord, key: str) -> dict:
@@ -160,7 +171,7 @@ def _axolotl(placement: PlacementRecord) -> str:
     sets = _block_sets(placement, "short")
     blocks = sorted(sets)
     config = {"adapter": "lora", "lora_r": r, "lora_alpha": alpha, **_dropout(placement, "lora_dropout"),
-              **_variant(placement, {"dora": "peft_use_dora", "rslora": "peft_use_rslora"}, "axolotl")}
+              **_variant(placement, "axolotl", "axolotl")}
     if all(s == sets[blocks[0]] for s in sets.values()):
         shorts, blocks, all_blocks = _blocks_shape(placement, "short", "axolotl", need_all_blocks=False)
         config["lora_target_modules"] = shorts
@@ -176,7 +187,7 @@ def _llamafactory(placement: PlacementRecord) -> str:
     shorts, _, _ = _blocks_shape(placement, "short", "LLaMA-Factory lora_target", need_all_blocks=True)
     config = {"finetuning_type": "lora", "lora_target": ",".join(shorts), "lora_rank": r,
               "lora_alpha": alpha, **_dropout(placement, "lora_dropout"),
-              **_variant(placement, {"dora": "use_dora", "rslora": "use_rslora", "pissa": "pissa_init"}, "LLaMA-Factory")}
+              **_variant(placement, "llamafactory", "LLaMA-Factory")}
     return _header(placement, "LLaMA-Factory") + _yaml(config)
 
 
@@ -202,6 +213,6 @@ def _torchtune(placement: PlacementRecord) -> str:
     model = {"lora_attn_modules": attn,
              "apply_lora_to_mlp": bool(mlp), "apply_lora_to_output": False,
              "lora_rank": r, "lora_alpha": alpha, **_dropout(placement, "lora_dropout"),
-             **_variant(placement, {"dora": "use_dora"}, "torchtune")}
+             **_variant(placement, "torchtune", "torchtune")}
     note = "# merge into the recipe's model: section (keep its _component_ builder)\n"
     return _header(placement, "torchtune") + note + _yaml({"model": model})

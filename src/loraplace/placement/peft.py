@@ -38,37 +38,15 @@ def lora_layers(peft_model) -> dict[str, object]:
 
 def apply(model: "torch.nn.Module", placement: Placement, dropout: float = 0.0, total_steps: int | None = None,
           initialise: bool = True):
-    """Wrap ``model`` with PEFT LoRA on exactly ``placement.modules`` and verify the result. Variant adalora:
-    PEFT's AdaLoRA (``adalora_config``; its schedule needs the run's ``total_steps``). ``initialise=False``:
-    PEFT's plain initialisation whatever the variant's (PiSSA's SVDs), for tensors that are replaced anyway."""
+    """Wrap ``model`` with PEFT on exactly ``placement.modules`` as its variant configures it
+    (``Variant.peft_config``: AdaLoRA's schedule needs the run's ``total_steps``) and verify the result.
+    ``initialise=False``: PEFT's plain initialisation whatever the variant's (PiSSA's SVDs), for tensors that are
+    replaced anyway."""
     from peft import get_peft_model
 
-    if placement.allocation is not None:
-        config = adalora_config(placement, dropout, total_steps)
-    else:
-        config = placement.record(dropout).lora_config()
-        if not initialise:
-            config.init_lora_weights = True
-    peft_model = get_peft_model(model, config)
+    peft_model = get_peft_model(model, placement.variant.peft_config(placement, dropout, total_steps, initialise))
     verify(peft_model, placement)
     return peft_model
-
-
-def adalora_config(placement: Placement, dropout: float, total_steps: int | None):
-    """PEFT's ``AdaLoraConfig`` of an adalora placement (``placement.resolve.adalora_placement``): explicit module
-    names, one starting rank, the schedule in optimizer steps of a ``total_steps`` run."""
-    from peft import AdaLoraConfig
-
-    a = placement.allocation
-    if not total_steps or a["tinit"] + 2 > total_steps - a["tfinal"]:
-        raise PlacementError(f"strategy {placement.strategy.name!r}: AdaLoRA's schedule (adalora.tinit {a['tinit']}, "
-                             f"tfinal {a['tfinal']}) leaves no step to allocate in a {total_steps}-step run")
-    record = placement.record(dropout)
-    return AdaLoraConfig(
-        target_modules=record.names(), init_r=a["init_r"], target_r=max(1, a["triplets"] // len(placement.modules)),
-        lora_alpha=record.alpha, lora_dropout=dropout, tinit=a["tinit"], tfinal=a["tfinal"], deltaT=a["delta_t"],
-        beta1=a["beta1"], beta2=a["beta2"], orth_reg_weight=a["orth_reg_weight"], total_step=total_steps,
-        fan_in_fan_out=record.fan_in_fan_out, bias="none", task_type="CAUSAL_LM")
 
 
 def verify(peft_model, placement: Placement) -> None:

@@ -13,7 +13,8 @@ from dataclasses import dataclass, field
 
 from loraplace.core.identity import plain
 from loraplace.core.roles import role_rank
-from loraplace.placement.strategy import VARIANTS, PlacementError
+from loraplace.placement.strategy import PlacementError
+from loraplace.placement.variants import VARIANTS
 
 
 @dataclass(frozen=True)
@@ -39,12 +40,12 @@ class PlacementRecord:
     modules: dict[str, ModuleSpec]  # full module name -> spec, sorted by name
     model_type: str = ""
     n_blocks: int | None = None
-    trainable_params: int | None = None  # sum of r * (in + out), plus out per module under DoRA
+    trainable_params: int | None = None  # sum of r * (in + out), plus what the variant trains beside A and B
     base_params: int | None = None  # base model, adapters excluded, tied weights once
     definition: dict = field(default_factory=dict)  # the strategy as defined (roles, blocks, rank, description)
     dropout: float | None = None  # LoRA dropout used in training
     fan_in_fan_out: bool = False  # GPT-2 style Conv1D layers store weights as (in, out)
-    variant: str = "lora"  # lora | dora | rslora (placement.strategy.VARIANTS): how each adapter learns
+    variant: str = "lora"  # how each adapter learns: a name in placement.variants.VARIANTS
     init: str = "default"  # how A started: PEFT's default (seeded random), or "eva" (PEFT's EVA, measure.eva)
 
     @property
@@ -114,7 +115,7 @@ class PlacementRecord:
             kw["fan_in_fan_out"] = True
         if self.variant not in VARIANTS:
             raise PlacementError(f"stored placement of {self.strategy!r} has an unknown variant {self.variant!r}")
-        kw.update(VARIANTS[self.variant])
+        kw.update(VARIANTS[self.variant].switches)
         return kw
 
     def lora_config(self):

@@ -7,8 +7,8 @@ Usage::
     p.trainable_params, p.record(dropout=0.0)
 
 A module's LoRA adapter trains ``lora_params(layer, r)`` = r x (in + out) parameters (A is r x in, B is
-out x r; no bias), its rank at most min(in, out), plus ``out`` for DoRA's magnitude vector and ``r`` for
-AdaLoRA's singular values (``variant_params``): the one formula every count here uses.
+out x r; no bias), its rank at most min(in, out), plus what its variant trains beside A and B (``variant_params``:
+DoRA's magnitude vector, AdaLoRA's singular values; ``placement.variants``): the one formula every count here uses.
 """
 
 from __future__ import annotations
@@ -20,6 +20,7 @@ from typing import TYPE_CHECKING
 from loraplace.core.names import is_selected
 from loraplace.placement.record import ModuleSpec, PlacementRecord
 from loraplace.placement.strategy import ADALORA, PlacementError, Strategy, _check_rank_keys, _rank_for, get_strategy, parse_blocks, parse_roles
+from loraplace.placement.variants import Variant, get_variant
 
 if TYPE_CHECKING:  # torch-free: an Anatomy is only read
     from loraplace.model.anatomy import Anatomy, Layer
@@ -39,11 +40,8 @@ def lora_params(layer: Layer, rank: int) -> int:
 
 
 def variant_params(layer: Layer, variant: str, rank: int = 0) -> int:
-    """Parameters a variant trains on a module beside A and B: DoRA's magnitude vector (out_features), AdaLoRA's
-    singular values E (one per rank)."""
-    if variant == "dora":
-        return layer.out_features
-    return min(rank, max_rank(layer)) if variant == ADALORA else 0
+    """Parameters ``variant`` trains on a module beside A and B at ``rank`` (capped at ``max_rank``)."""
+    return get_variant(variant).extra_params(layer, min(rank, max_rank(layer)))
 
 
 @dataclass(frozen=True)
@@ -60,9 +58,14 @@ class Placement:
         return list(self.modules)
 
     @property
+    def variant(self) -> Variant:
+        """How its adapters learn (``placement.variants``)."""
+        return get_variant(self.strategy.variant)
+
+    @property
     def trainable_params(self) -> int:
-        """sum of r * (in + out): LoRA's A is (r, in), B is (out, r); no bias is trained; DoRA adds out per module,
-        AdaLoRA r (its singular values)."""
+        """sum of r * (in + out): LoRA's A is (r, in), B is (out, r); no bias is trained; plus what the variant
+        trains beside them (``variant_params``)."""
         v = self.strategy.variant
         return sum(lora_params(self.anatomy.layer(n), r) + variant_params(self.anatomy.layer(n), v, r)
                    for n, r in self.modules.items())
@@ -106,9 +109,7 @@ def resolve(
     as budget matching does. With ``alpha_per_rank`` each module keeps alpha/r = alpha/rank; ``alphas``
     (full name -> lora_alpha) overrides that (EVA's rescaled alphas); ``init`` names how A starts; ``allocation``
     is AdaLoRA's (``adalora_placement``), without which a variant-adalora strategy is refused."""
-    if strategy.variant == ADALORA and allocation is None:
-        raise PlacementError(f"strategy {strategy.name!r} runs PEFT's AdaLoRA, which allocates rank while training: "
-                             "resolve it with adalora_placement, or through the study")
+    get_variant(strategy.variant).check(strategy, allocation)
     roles = parse_roles(strategy.roles)
     blocks = set(parse_blocks(strategy.blocks, anat.n_blocks))
     _check_rank_keys(strategy.rank, strategy.name)

@@ -18,7 +18,6 @@ import random
 from typing import TYPE_CHECKING
 
 from loraplace.core.names import AUTO, KAPPA, RANDOM_PREFIX
-from loraplace.core.roles import ROLES
 from loraplace.placement.resolve import BUDGET_TOLERANCE, Placement, lora_params, max_rank, resolve, scale_ranks
 from loraplace.placement.strategy import PlacementError, selected_strategy
 
@@ -47,18 +46,13 @@ def fill_budget(order: list[str], anat: Anatomy, target: int, rank: int) -> dict
     return chosen
 
 
-def candidates(anat: Anatomy) -> list[str]:
-    """Every module a strategy with roles all and blocks all adapts, by name."""
-    return sorted(l.name for l in anat.layers if l.role in ROLES and l.block >= 0)
-
-
 def auto_placement(anat: Anatomy, scores: dict[str, float], target: int, rank: int = 16, alpha: float = 32,
                    alpha_per_rank: bool = False, allocate: str = "subset", name: str = AUTO,
                    score: str | None = None) -> Placement:
     """Strategy ``auto`` (named ``name``; ``score`` names the criterion of ``scores`` for its description).
     ``allocate="subset"``: the highest-scored modules (ties by name) at ``rank``, filled to ``target`` (see
     ``fill_budget``). ``"rank"``: every module, ranks proportional to its score, scaled to ``target``."""
-    cands = candidates(anat)
+    cands = anat.adaptable()
     missing = [n for n in cands if n not in scores]
     if missing:
         raise PlacementError(f"probe scores miss {len(missing)} module(s) of this model (e.g. {missing[0]}); "
@@ -77,7 +71,7 @@ def kappa_placement(anat: Anatomy, order: list[str], top_p: float, target: int |
     """Strategy ``kappa``: the first ``top_p`` share of ``order`` (adaptable modules by increasing condition
     number, ``model.conditioning.kappa_order``), counted as PEFT counts it (int(n x top_p), at least one), at
     ``rank``; with a ``target`` count their uniform rank is scaled to it (``scale_ranks``)."""
-    missing = sorted(set(candidates(anat)) - set(order))
+    missing = sorted(set(anat.adaptable()) - set(order))
     if missing:
         raise PlacementError(f"kappa's condition numbers miss {len(missing)} module(s) of this model (e.g. {missing[0]}); "
                              "they were computed on another model")
@@ -90,8 +84,9 @@ def kappa_placement(anat: Anatomy, order: list[str], top_p: float, target: int |
 
 
 def random_order(anat: Anatomy, draw: int) -> list[str]:
-    """The candidate modules in a random order seeded by ``draw`` (the same on every run and machine)."""
-    order = candidates(anat)
+    """The adaptable modules (``Anatomy.adaptable``) in a random order seeded by ``draw`` (the same on every run
+    and machine)."""
+    order = anat.adaptable()
     random.Random(f"loraplace-random-{draw}").shuffle(order)
     return order
 

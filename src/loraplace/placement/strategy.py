@@ -23,15 +23,7 @@ BLOCKS_HELP = (
 )
 
 
-# How each placed adapter learns (PEFT's own implementations; ``variant`` of a strategy): the LoraConfig switches
-# that give it. DoRA also trains a magnitude vector of out_features per module (counted in the budget); rsLoRA
-# scales by alpha/sqrt(r), not alpha/r. PiSSA starts A and B from each weight's top-r singular part and trains on
-# the residual weight (train.pissa keeps the shared base pristine). AdaLoRA trains PEFT's SVD-form adapters
-# (AdaLoraConfig, placement.peft) that prune rank while training; it is exported as plain LoRA at the ranks it kept.
-VARIANTS = {"lora": {}, "dora": {"use_dora": True}, "rslora": {"use_rslora": True},
-            "pissa": {"init_lora_weights": "pissa"}, "adalora": {}}
-PISSA = "pissa"
-ADALORA = "adalora"
+ADALORA = "adalora"  # the variant (placement.variants.adalora) and the built-in strategy that trains it
 
 
 class PlacementError(LoraplaceError, ValueError):
@@ -45,18 +37,20 @@ class Strategy:
     blocks: str = "all"  # see BLOCKS_HELP
     rank: int | dict | None = None  # None: the study's default rank; dict: per role or role group
     description: str = ""
-    variant: str = "lora"  # one of VARIANTS: plain LoRA, DoRA or rsLoRA on the same modules
-
-    def __post_init__(self):
-        if self.variant not in VARIANTS:
-            raise PlacementError(f"strategy {self.name!r}: variant {self.variant!r} is not one of {', '.join(VARIANTS)}")
+    variant: str = "lora"  # how the adapters learn: a name in placement.variants.VARIANTS (checked by from_dict)
 
     @classmethod
     def from_dict(cls, name: str, data: dict) -> "Strategy":
+        from loraplace.placement.variants import get_variant  # the variants import PlacementError from here
+
         keys = ("roles", "blocks", "rank", "description", "variant")
         unknown = sorted(set(data) - set(keys))
         if unknown:
             raise PlacementError(f"strategy {name!r}: unknown key {unknown[0]!r}; valid: {', '.join(keys)}")
+        try:
+            get_variant(str(data.get("variant", "lora")))
+        except PlacementError as e:
+            raise PlacementError(f"strategy {name!r}: {e}") from None
         blocks = data.get("blocks", "all")
         if isinstance(blocks, (list, tuple)):
             blocks = ",".join(str(b) for b in blocks)

@@ -1,4 +1,5 @@
-"""The study database: its schema, the trial records, which process runs which trial, and the flat exports.
+"""The study database: its schema, the trial records, which process runs which trial, the keys of the values a
+study caches, and the flat exports.
 
 Torch-free: the read-only commands (``status``, ``report``, ``export``) read it without importing torch.
 """

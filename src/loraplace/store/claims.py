@@ -9,7 +9,7 @@ Usage::
     release(store, hb.held)                     # stopping early: give back what is still held
 
 Several processes (on one machine or on several sharing the directory) may run one study: a
-process *claims* a pending trial in one ``BEGIN IMMEDIATE`` transaction, and others skip it. A
+process *claims* a pending trial in one write transaction (``store.schema.transaction``), and others skip it. A
 ``running`` claim whose owner is gone (no heartbeat for ``CLAIM_TIMEOUT_S``, or a dead pid on
 this host) may be claimed again.
 """
@@ -22,7 +22,8 @@ import sqlite3
 import threading
 from pathlib import Path
 
-from loraplace.store.db import FAILED, PENDING, RUNNING, Store, TrialRecord, _record, now
+from loraplace.store.db import FAILED, PENDING, RUNNING, Store, TrialRecord, now
+from loraplace.store.schema import transaction
 
 CLAIM_TIMEOUT_S = 120.0  # a running trial whose owner has not beaten for this long may be claimed again
 HEARTBEAT_S = 15.0  # how often a process refreshes the claims it holds
@@ -56,14 +57,10 @@ def claimable(t: TrialRecord | None) -> bool:
 
 
 def claim(store: Store, trial_id: str, timeout_s: float = CLAIM_TIMEOUT_S) -> bool:
-    """Take a trial for this process if it is ``pending`` or its owner is gone; one transaction
-    (``BEGIN IMMEDIATE``), so of several processes exactly one gets it. False: leave it alone."""
-    conn = store.conn
-    conn.execute("BEGIN IMMEDIATE")
-    try:
-        cur = conn.execute("SELECT * FROM trials WHERE trial_id=?", (trial_id,))
-        row = cur.fetchone()
-        rec = _record(dict(zip([c[0] for c in cur.description], row))) if row else None
+    """Take a trial for this process if it is ``pending`` or its owner is gone; one write transaction, so of
+    several processes exactly one gets it. False: leave it alone."""
+    with transaction(store.conn) as conn:
+        rec = store.get(trial_id)
         ok = rec is not None and (rec.status == PENDING or claim_is_dead(rec, timeout_s))
         if ok:
             stamp = now()
@@ -72,11 +69,7 @@ def claim(store: Store, trial_id: str, timeout_s: float = CLAIM_TIMEOUT_S) -> bo
                 " owner_host=?, heartbeat_at=? WHERE trial_id=?",
                 (RUNNING, stamp, os.getpid(), HOST, stamp, trial_id),
             )
-        conn.execute("COMMIT")
-        return ok
-    except BaseException:
-        conn.execute("ROLLBACK")
-        raise
+    return ok
 
 
 def heartbeat(store: Store, trial_ids) -> None:
@@ -99,17 +92,12 @@ def requeue_failed(store: Store, trial_ids) -> int:
 def reset_interrupted(store: Store, timeout_s: float = CLAIM_TIMEOUT_S) -> int:
     """Trials left ``running`` by a process that is gone (``claim_is_dead``) go back to ``pending``; a live
     process's trials are left alone. Returns how many."""
-    conn, n = store.conn, 0
-    conn.execute("BEGIN IMMEDIATE")
-    try:
+    n = 0
+    with transaction(store.conn) as conn:
         for t in store.trials(status=RUNNING):
             if claim_is_dead(t, timeout_s):
                 conn.execute("UPDATE trials SET status=?, started_at=NULL WHERE trial_id=?", (PENDING, t.trial_id))
                 n += 1
-        conn.execute("COMMIT")
-    except BaseException:
-        conn.execute("ROLLBACK")
-        raise
     return n
 
 
@@ -118,9 +106,7 @@ def _update_ids(store: Store, set_where: str, args: tuple, trial_ids) -> int:
     ids = list(trial_ids)
     if not ids:
         return 0
-    with store.conn:
-        cur = store.conn.execute(f"UPDATE trials {set_where} AND trial_id IN ({','.join('?' * len(ids))})",
-                                 (*args, *ids))
+    cur = store.conn.execute(f"UPDATE trials {set_where} AND trial_id IN ({','.join('?' * len(ids))})", (*args, *ids))
     return cur.rowcount
 
 

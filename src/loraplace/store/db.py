@@ -23,17 +23,13 @@ import sqlite3
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from loraplace.core.errors import LoraplaceError
 from loraplace.core.files import write_text_atomic
-from loraplace.store.schema import (  # noqa: F401  (the statuses are the store's vocabulary: imported from here)
-    DONE, FAILED, LOCK_WAIT_S, PAUSED, PENDING, RUNNING, SCHEMA, STATUSES, STOPPED, UNFINISHED, UPSERT_META, migrate,
-    use_wal)
+from loraplace.store.schema import (  # noqa: F401  (the statuses and StoreError: the store's vocabulary, from here)
+    DONE, FAILED, LOCK_WAIT_S, PAUSED, PENDING, RUNNING, SCHEMA, STATUSES, STOPPED, UNFINISHED, UPSERT_META, StoreError,
+    migrate, transaction, use_wal)
 
 DB_NAME = "study.db"
-
-
-class StoreError(LoraplaceError, RuntimeError):
-    """The study directory or its database cannot be used."""
+TUNE, FINAL = "tune", "final"  # a trial's phase: the learning-rate search (study.tune) or the study's answer
 
 
 @dataclass
@@ -61,6 +57,18 @@ class TrialRecord:
     checkpoint_path: str | None = None
     step: int | None = None
     measured: dict = field(default_factory=dict)  # {"forgetting": key of the set it was measured on}
+
+    @property
+    def phase(self) -> str:
+        """``tune`` for a trial of the learning-rate search (its config says so), else ``final``: every trial of an
+        untuned study, and every trial stored before the search existed."""
+        return TUNE if self.config.get("phase") == TUNE else FINAL
+
+    @property
+    def lr(self) -> float | None:
+        """The peak learning rate the trial trains at (its config's ``train.lr``); None when it does not say."""
+        lr = (self.config.get("train") or {}).get("lr")
+        return None if lr is None else float(lr)
 
     @property
     def owner(self) -> str:
@@ -99,7 +107,7 @@ class Store:
             conn.execute("PRAGMA synchronous=NORMAL")
             conn.executescript(SCHEMA)
             migrate(conn)
-        except (OSError, sqlite3.Error) as e:
+        except (OSError, sqlite3.Error, StoreError) as e:
             raise StoreError(f"cannot use study directory {directory}: {e}") from None
         return cls(directory, conn)
 
@@ -116,10 +124,9 @@ class Store:
     def db_path(self) -> Path:
         return self.directory / DB_NAME
 
-    # -- writes: each one statement or one transaction ----------------------------------------
+    # -- writes: each one statement (autocommit: its own transaction) or one ``transaction`` -----------
     def _exec(self, sql: str, args: tuple = ()) -> sqlite3.Cursor:
-        with self.conn:
-            return self.conn.execute(sql, args)
+        return self.conn.execute(sql, args)
 
     def put_meta(self, key: str, value) -> None:
         self._exec(UPSERT_META, (key, json.dumps(value, sort_keys=True)))
@@ -130,7 +137,7 @@ class Store:
 
     def put_study_config(self, cfg, trial_ids: list[str]) -> None:
         """The study's typed config (``core.config.StudyConfig``) and the ids of the trials it plans."""
-        with self.conn:  # both or neither
+        with transaction(self.conn):  # both or neither
             for key, value in (("study_config", cfg.to_dict()), ("trial_ids", list(trial_ids))):
                 self.conn.execute(UPSERT_META, (key, json.dumps(value, sort_keys=True)))
 
@@ -199,17 +206,11 @@ class Store:
     def update_metrics(self, trial_id: str, metrics: dict, measured: dict) -> None:
         """Add or replace some of a finished trial's metrics (a measurement made after it finished), in one
         transaction: the rest of its row is kept."""
-        conn = self.conn
-        conn.execute("BEGIN IMMEDIATE")
-        try:
+        with transaction(self.conn) as conn:
             row = conn.execute("SELECT metrics_json, measured_json FROM trials WHERE trial_id=?", (trial_id,)).fetchone()
             m, w = {**json.loads(row[0]), **metrics}, {**json.loads(row[1] or "{}"), **measured}
             conn.execute("UPDATE trials SET metrics_json=?, measured_json=? WHERE trial_id=?",
                          (json.dumps(m, sort_keys=True), json.dumps(w, sort_keys=True), trial_id))
-            conn.execute("COMMIT")
-        except BaseException:
-            conn.execute("ROLLBACK")
-            raise
 
     def mark_paused(self, trial_id: str, step: int, evals: list, checkpoint_path: str, curve: list,
                     metrics: dict, placement: dict) -> None:
@@ -238,7 +239,7 @@ class Store:
     def put_probe(self, probe_key: str, seed: int, rows: list[tuple[int, str, str, str, float]], info: dict) -> None:
         """One probe seed's scores, rows (block, role, module, criterion, score), and its ``info`` (settings,
         time) under meta ``probe:<probe_key>`` -> {"seeds": {seed: info}}: all in one transaction."""
-        with self.conn:
+        with transaction(self.conn):
             self.conn.execute("DELETE FROM probe_scores WHERE probe_key=? AND seed=?", (probe_key, int(seed)))
             self.conn.executemany(
                 "INSERT INTO probe_scores(probe_key, seed, block, role, module, criterion, score) VALUES(?,?,?,?,?,?,?)",

@@ -24,7 +24,8 @@ def to_rows(trials: list[TrialRecord]) -> list[dict]:
     """One flat dict per trial: identity columns then ``metrics`` flattened."""
     rows = []
     for t in trials:
-        row = {"trial_id": t.trial_id, "strategy": t.strategy, "seed": t.seed, "status": t.status, "error": t.error or "",
+        row = {"trial_id": t.trial_id, "strategy": t.strategy, "seed": t.seed, "phase": t.phase,
+               "lr": "" if t.lr is None else t.lr, "status": t.status, "error": t.error or "",
                "step": "" if t.step is None else t.step}
         row.update(t.metrics)
         rows.append(row)
@@ -32,7 +33,7 @@ def to_rows(trials: list[TrialRecord]) -> list[dict]:
 
 
 def export_json(trials: list[TrialRecord]) -> str:
-    return json.dumps([asdict(t) for t in trials], indent=2, sort_keys=True)
+    return json.dumps([{**asdict(t), "phase": t.phase, "lr": t.lr} for t in trials], indent=2, sort_keys=True)
 
 
 def export_csv(trials: list[TrialRecord]) -> str:

@@ -1,8 +1,11 @@
-"""The study database's schema: trial statuses, the tables, switching to WAL, and bringing an older file up to date.
+"""The study database's schema: trial statuses, the tables, switching to WAL, write transactions, and bringing an
+older file up to date.
 
 Usage::
 
-    conn = sqlite3.connect(path); use_wal(conn); conn.executescript(SCHEMA); migrate(conn)
+    conn = sqlite3.connect(path, isolation_level=None); use_wal(conn); conn.executescript(SCHEMA); migrate(conn)
+    with transaction(conn):             # BEGIN IMMEDIATE ... COMMIT, or ROLLBACK on any exception
+        ...
 
 Schema of table ``trials`` (one row per trial, keyed by a hash of its resolved config; docs/results.md
 documents every column):
@@ -35,8 +38,12 @@ Table ``meta`` holds study-wide key/JSON-value pairs; table ``probe_scores`` the
 
 from __future__ import annotations
 
+import json
 import sqlite3
 import time
+from contextlib import contextmanager
+
+from loraplace.core.errors import LoraplaceError
 
 PENDING, RUNNING, DONE, FAILED, PAUSED, STOPPED = "pending", "running", "done", "failed", "paused", "stopped"
 # A trial's life: pending -> running -> done | failed; with racing, running -> paused at a rung (checkpointed,
@@ -90,6 +97,24 @@ CREATE TABLE IF NOT EXISTS probe_scores (
 UPSERT_META = "INSERT INTO meta(key, value_json) VALUES(?, ?) ON CONFLICT(key) DO UPDATE SET value_json=excluded.value_json"
 
 
+class StoreError(LoraplaceError, RuntimeError):
+    """The study directory or its database cannot be used."""
+
+
+@contextmanager
+def transaction(conn: sqlite3.Connection):
+    """One write transaction on an autocommit connection (``isolation_level=None``): ``BEGIN IMMEDIATE`` takes the
+    write lock at once, so what is read inside cannot change before it is written (another process waits, up to
+    ``LOCK_WAIT_S``); COMMIT at the end, ROLLBACK on any exception (KeyboardInterrupt too), which goes on up."""
+    conn.execute("BEGIN IMMEDIATE")
+    try:
+        yield conn
+        conn.execute("COMMIT")
+    except BaseException:
+        conn.execute("ROLLBACK")
+        raise
+
+
 def use_wal(conn: sqlite3.Connection, wait_s: float = LOCK_WAIT_S) -> None:
     """Switch the file to WAL (it stays so). SQLite answers "database is locked" at once, without
     its busy handler, when another process opens or switches the same new file at that moment,
@@ -108,35 +133,56 @@ def use_wal(conn: sqlite3.Connection, wait_s: float = LOCK_WAIT_S) -> None:
 
 
 def migrate(conn: sqlite3.Connection) -> None:
-    """Bring a study.db made by an earlier version up to this schema: add the columns added since, and rebuild
-    the table where its status CHECK lacks a status (SQLite cannot alter a CHECK). Checked again inside one
-    write transaction, so two processes opening the same old file do not both migrate it."""
+    """Bring a study.db made by an earlier version up to this schema: add the columns added since, rebuild the
+    table where its status CHECK lacks a status (SQLite cannot alter a CHECK), and give each done trial that
+    finished before column ``step`` existed its metrics' ``steps`` as its step (racing waits for every trial to
+    reach a rung's step); a StoreError when such a trial's metrics have none. Checked again inside one write
+    transaction, so two processes opening the same old file do not both migrate it."""
     if not _outdated(conn):
         return
-    conn.execute("BEGIN IMMEDIATE")
-    try:
-        if _outdated(conn):
-            have = _columns(conn)
-            sql = conn.execute("SELECT sql FROM sqlite_master WHERE type='table' AND name='trials'").fetchone()[0]
-            if any(f"'{s}'" not in sql for s in STATUSES):
-                conn.execute("ALTER TABLE trials RENAME TO trials_old")
-                conn.execute(_TRIALS)
-                keep = [c for c in _columns(conn) if c in have]
-                conn.execute(f"INSERT INTO trials ({', '.join(keep)}) SELECT {', '.join(keep)} FROM trials_old")
-                conn.execute("DROP TABLE trials_old")
-            else:
-                for name, kind in _ADDED_COLUMNS:
-                    if name not in have:
-                        conn.execute(f"ALTER TABLE trials ADD COLUMN {name} {kind}")
-        conn.execute("COMMIT")
-    except BaseException:
-        conn.execute("ROLLBACK")
-        raise
+    with transaction(conn):
+        if not _outdated(conn):
+            return
+        have = _columns(conn)
+        sql = conn.execute("SELECT sql FROM sqlite_master WHERE type='table' AND name='trials'").fetchone()[0]
+        if any(f"'{s}'" not in sql for s in STATUSES):
+            conn.execute("ALTER TABLE trials RENAME TO trials_old")
+            conn.execute(_TRIALS)
+            keep = [c for c in _columns(conn) if c in have]
+            conn.execute(f"INSERT INTO trials ({', '.join(keep)}) SELECT {', '.join(keep)} FROM trials_old")
+            conn.execute("DROP TABLE trials_old")
+        else:
+            for name, kind in _ADDED_COLUMNS:
+                if name not in have:
+                    conn.execute(f"ALTER TABLE trials ADD COLUMN {name} {kind}")
+        _fill_steps(conn, every="step" not in have)
+
+
+# Done trials without a step: those of a store from before the column (or migrated by a version that added it
+# without filling it in). Trials this version finishes get their metrics' steps from mark_done.
+_DONE_WITHOUT_STEP = f"SELECT trial_id, metrics_json FROM trials WHERE status='{DONE}' AND step IS NULL"
+
+
+def _fill_steps(conn: sqlite3.Connection, every: bool) -> None:
+    """Inside the migration's transaction: ``step`` of each done trial that lacks it, from its metrics' ``steps``
+    (the optimizer steps it did); ``every``: the column is new, so every such trial must have them."""
+    for trial_id, metrics in conn.execute(_DONE_WITHOUT_STEP).fetchall():
+        steps = json.loads(metrics or "{}").get("steps")
+        if isinstance(steps, float) and steps.is_integer():
+            steps = int(steps)
+        if isinstance(steps, int) and not isinstance(steps, bool) and steps >= 0:
+            conn.execute("UPDATE trials SET step=? WHERE trial_id=?", (steps, trial_id))
+        elif every:
+            raise StoreError(f"trial {trial_id} finished before trials had a step, and its metrics have no steps to "
+                             f"take it from (steps: {steps!r}); run the study again in a new directory")
 
 
 def _outdated(conn: sqlite3.Connection) -> bool:
     sql = conn.execute("SELECT sql FROM sqlite_master WHERE type='table' AND name='trials'").fetchone()[0]
-    return any(c not in _columns(conn) for c, _ in _ADDED_COLUMNS) or any(f"'{s}'" not in sql for s in STATUSES)
+    if any(c not in _columns(conn) for c, _ in _ADDED_COLUMNS) or any(f"'{s}'" not in sql for s in STATUSES):
+        return True
+    # a done trial without a step whose metrics name its steps (a trial stored without steps leaves nothing to fill)
+    return conn.execute(_DONE_WITHOUT_STEP + " AND metrics_json LIKE '%\"steps\"%' LIMIT 1").fetchone() is not None
 
 
 def _columns(conn: sqlite3.Connection) -> set[str]:

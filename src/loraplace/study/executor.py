@@ -26,12 +26,14 @@ import torch
 
 from loraplace.core.config import ConfigError, StudyConfig
 from loraplace.core.errors import first_line
-from loraplace.study.plan import TrialTask, segment
+from loraplace.placement.variants import Variant, get_variant
+from loraplace.study.plan import TrialTask, rung_spec, segment
 from loraplace.study.workspace import Workspace
-from loraplace.train import fused, segments, sequential
+from loraplace.train import checkpoint, fused, segments, sequential
 from loraplace.train.guard import base_unchanged
 from loraplace.train.memory import release_memory
-from loraplace.train.trial import CHECKPOINT_FILE, TrialError, TrialResult
+from loraplace.train.result import TrialResult
+from loraplace.train.trial import TrialError
 
 log = logging.getLogger("loraplace")
 
@@ -75,12 +77,12 @@ def run_tasks(
             yield from _run_ray(cfg, tasks, on_start)
         return
     variant = {t.trial_id: _variant(ws, t) for t in tasks}
-    alone = [t for t in tasks if variant[t.trial_id] in fused.UNFUSABLE_VARIANTS]
+    alone = [t for t in tasks if variant[t.trial_id].unfusable]
     together = [t for t in tasks if t not in alone]
     size = _group_size(ws, together) if len(together) > 1 else 1
     if size > 1:  # train.fuse: groups of trials in one pass over the base, same results (train.fused)
-        for v in sorted({variant[t.trial_id] for t in alone}):
-            log.info("train.fuse: the %s trials run one after the other: %s", v, fused.UNFUSABLE_VARIANTS[v])
+        for v in sorted({variant[t.trial_id] for t in alone}, key=lambda v: v.name):
+            log.info("train.fuse: the %s trials run one after the other: %s", v.name, v.unfusable)
         for group in plan_groups(together, size):
             group = [task for task in group if on_start(task.trial_id) is not False]  # skip others' claims
             if group:
@@ -96,16 +98,16 @@ def plan_groups(tasks: list[TrialTask], size: int) -> list[list[TrialTask]]:
     """Fused groups: the same piece of work (from the same step to the same step), then seed by seed
     (``train.fused.plan_groups``)."""
     pieces: dict[tuple, list[TrialTask]] = {}
-    for t in tasks:
-        pieces.setdefault((t.start, t.until), []).append(t)
-    return [g for key in sorted(pieces, key=lambda k: (k[0], k[1] or 0)) for g in fused.plan_groups(pieces[key], size)]
+    for t in tasks:  # a group shares its data: trials of one phase (the search trains on less)
+        pieces.setdefault((t.phase, t.start, t.until), []).append(t)
+    return [g for key in sorted(pieces, key=lambda k: (k[0], k[1], k[2] or 0)) for g in fused.plan_groups(pieces[key], size)]
 
 
-def _variant(ws: Workspace, task: TrialTask) -> str:
+def _variant(ws: Workspace, task: TrialTask) -> Variant:
     try:
-        return ws.placement(task).strategy.variant
+        return ws.placement(task).variant
     except RECORDED:  # it fails on its own when run
-        return "lora"
+        return get_variant("lora")
 
 
 def _group_size(ws: Workspace, tasks: list[TrialTask]) -> int:
@@ -159,7 +161,7 @@ def run_group(ws: Workspace, tasks: list[TrialTask]) -> list[Outcome]:
 
 def _checkpoint(task: TrialTask) -> Path | None:
     """The task's checkpoint directory when it holds a checkpoint (a racing trial past a rung), else None."""
-    if task.checkpoint_dir and (Path(task.checkpoint_dir) / CHECKPOINT_FILE).is_file():
+    if task.checkpoint_dir and (Path(task.checkpoint_dir) / checkpoint.CHECKPOINT_FILE).is_file():
         return Path(task.checkpoint_dir)
     return None
 
@@ -168,12 +170,13 @@ def _run(ws: Workspace, tasks: list[TrialTask], fuse: bool) -> list[Outcome]:
     """The piece of work of ``tasks`` (one task unless ``fuse``): from their start (a checkpoint or step 0) to
     their ``until`` step, evaluating at ``evals_at`` on the way; then checkpointed and paused (a racing rung)
     or evaluated and finished (the end: accuracy, the saved adapter)."""
-    setup = ws.setup
+    setup = ws.setup_for(tasks[0])  # what the group shares (a group is of one phase); each trial keeps its own rate
     total = setup.total_steps
-    trials = [segments.begin(setup, ws.placement(t), t.seed, _checkpoint(t)) for t in tasks]
+    trials = [segments.begin(ws.setup_for(t), ws.placement(t), t.seed, _checkpoint(t)) for t in tasks]
     # where each piece really starts is its checkpoint's step (another process may have moved it on since the
     # driver looked): the piece of work follows from there
-    tasks = [segment(t, trial.step, total, ws.cfg.race) if t.checkpoint_dir else t for t, trial in zip(tasks, trials)]
+    tasks = [segment(t, trial.step, total, rung_spec(ws.cfg, t)) if t.checkpoint_dir else t
+             for t, trial in zip(tasks, trials)]
     if fuse and len({(t.start, t.until) for t in tasks}) > 1:
         return [o for t in tasks for o in _run(ws, [t], fuse=False)]
     until = tasks[0].until or total
@@ -194,7 +197,7 @@ def _run(ws: Workspace, tasks: list[TrialTask], fuse: bool) -> list[Outcome]:
                 if trial.error is not None:
                     raise TrialError(trial.error)
                 if trial.step < total:  # a racing rung: checkpoint, then wait for the rung's decision
-                    trial.save(task.checkpoint_dir)
+                    checkpoint.save(trial, task.checkpoint_dir)
                     out.append(Outcome(task, paused=Pause(trial.step, list(trial.evals), list(trial.curve),
                                                           trial.progress(), trial.record(setup).to_dict())))
                 else:

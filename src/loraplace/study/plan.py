@@ -23,6 +23,7 @@ from loraplace.core.names import AUTO, EVA, KAPPA, is_auto, is_random, is_select
 from loraplace.placement.resolve import Placement, adalora_placement, match_budget, parse_budget, resolve
 from loraplace.placement.select import auto_placement, kappa_placement, random_placement
 from loraplace.placement.strategy import ADALORA, PlacementError, Strategy, get_strategy, selected_strategy
+from loraplace.store.db import TUNE
 from loraplace.study.race import rung_steps
 
 if TYPE_CHECKING:  # torch-free: the anatomy is only read
@@ -47,6 +48,9 @@ class TrialTask:
     start: int = 0  # the step its checkpoint is at, where this piece of work begins (0: the start of the run)
     until: int | None = None  # the step this piece of work ends at (None: the end of the run)
     evals_at: tuple[int, ...] = ()  # rung steps to evaluate at on the way (``until`` among them when it is a rung)
+    phase: str = "final"  # "tune": a trial of the learning-rate search (study.tune), on the selection split
+    lr: float | None = None  # its peak learning rate (None: train.lr)
+    races: bool = True  # False: it is evaluated at the recorded rungs but never paused at a racing one
 
 
 def resolve_placements(cfg: StudyConfig, anat: Anatomy, scores: dict[str, dict[str, float]] | None = None,
@@ -172,33 +176,56 @@ def trial_id(config: dict) -> str:
     return digest(config)
 
 
-def plan_trials(cfg: StudyConfig, placements: dict[str, Placement]) -> list[TrialTask]:
-    """Every (strategy, seed) trial, keyed by a hash of what can change its numbers."""
-    shared = cfg.to_dict()
+def trial_config(cfg: StudyConfig, name: str, p: Placement, seed: int, lr: float | None = None) -> dict:
+    """What can change a trial's numbers, as plain data (its id is the hash): the model, the data and eval settings,
+    the training settings (``lr``: its own peak learning rate instead of train.lr), the strategy, its resolved ranks
+    and the seed."""
     train = cfg.train.identity()
+    if lr is not None:
+        train = {**train, "lr": float(lr)}
+    config = {
+        "model": cfg.model,
+        "data": cfg.to_dict()["data"],
+        "train": train,
+        "eval": cfg.eval.identity(),
+        "strategy": name,
+        "definition": p.strategy.to_dict(),
+        "ranks": p.modules,
+        "seed": seed,
+    }
+    if p.init != "default":  # EVA's A matrices and alphas (their key says from what they were computed)
+        config["init"] = {"kind": p.init, "alphas": p.alphas}
+    if p.allocation is not None:  # AdaLoRA's settings and the count it ends at
+        config["allocation"] = p.allocation
+    if cfg.quantize is not None:  # a bitsandbytes base (only then: the ids of float trials stay what they were)
+        config["quantize"] = cfg.quantize
+    return config
+
+
+def plan_trials(cfg: StudyConfig, placements: dict[str, Placement], rates: dict[str, float] | None = None) -> list[TrialTask]:
+    """Every (strategy, seed) trial, keyed by a hash of what can change its numbers; ``rates`` (strategy -> peak
+    learning rate, the learning-rate search's choice) replaces train.lr for the strategies it names."""
     out = []
     for seed in cfg.seeds:  # seed-major order: every strategy gets seed 0 before any gets seed 1
         for name, p in placements.items():
-            config = {
-                "model": cfg.model,
-                "data": shared["data"],
-                "train": train,
-                "eval": cfg.eval.identity(),
-                "strategy": name,
-                "definition": p.strategy.to_dict(),
-                "ranks": p.modules,
-                "seed": seed,
-            }
-            if p.init != "default":  # EVA's A matrices and alphas (their key says from what they were computed)
-                config["init"] = {"kind": p.init, "alphas": p.alphas}
-            if p.allocation is not None:  # AdaLoRA's settings and the count it ends at
-                config["allocation"] = p.allocation
+            lr = (rates or {}).get(name)
+            config = trial_config(cfg, name, p, seed, lr)
             tid = trial_id(config)
             label = f"{name}-s{seed}-{tid[:8]}"
             adapter_dir = str(Path(cfg.out) / "adapters" / label) if cfg.train.save_adapter else None
             checkpoint_dir = str(Path(cfg.out) / CHECKPOINTS / label) if cfg.race.at else None
-            out.append(TrialTask(tid, name, seed, p.modules, adapter_dir, config, checkpoint_dir=checkpoint_dir))
+            out.append(TrialTask(tid, name, seed, p.modules, adapter_dir, config, checkpoint_dir=checkpoint_dir,
+                                 lr=lr))
     return out
+
+
+def rung_spec(cfg: StudyConfig, task: TrialTask):
+    """The rungs a task's trial races and is evaluated at: ``tune`` for a trial of the learning-rate search,
+    ``race`` for the study's own (both have ``at`` and ``rungs()``), without its racing rungs for a trial that does
+    not race (the comparison at the baseline's rate)."""
+    if task.phase == TUNE:
+        return cfg.tune
+    return cfg.race if task.races else replace(cfg.race, at=[])
 
 
 def segment(task: TrialTask, start: int, total: int, race) -> TrialTask:

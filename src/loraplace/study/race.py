@@ -27,11 +27,14 @@ from __future__ import annotations
 import json
 import shutil
 from dataclasses import dataclass, field
+from typing import Callable
 
-from loraplace.core.identity import digest
 from loraplace.core.metrics import QUALITY
 from loraplace.core.stats import retained_ratios, upper_bound
+from loraplace.store import keys
+from loraplace.store.claims import requeue
 from loraplace.store.db import DONE, FAILED, PAUSED, PENDING, STOPPED, UPSERT_META, now
+from loraplace.store.schema import transaction
 
 
 def rung_steps(fractions: list[float], total: int) -> list[int]:
@@ -50,6 +53,10 @@ class Decision:
     stopped: dict[str, str] = field(default_factory=dict)  # strategy -> why (one line, with the numbers)
     kept: dict[str, str] = field(default_factory=dict)  # strategy -> why it goes on
     retained: dict[str, dict] = field(default_factory=dict)  # strategy -> {"mean", "upper", "n"} at the rung
+
+    def reason(self, trial) -> str | None:
+        """Why this decision stops ``trial`` (a ``store.db.TrialRecord``): its strategy's reason, or None."""
+        return self.stopped.get(trial.strategy)
 
     def to_dict(self) -> dict:
         return {"step": self.step, "fraction": self.fraction, "bar": self.bar, "stopped": dict(self.stopped),
@@ -106,76 +113,107 @@ def decide(values: dict[str, dict[int, float]], baseline: str, zero_shot: float 
 
 
 # -- in a study: deciding each racing rung once, when every trial still racing has reached it -------------
+@dataclass
+class Race:
+    """A set of trials racing under one rule: the study's trials under ``race.at`` (``study_race``), or the
+    learning-rate search's under ``tune.at`` (``study.tune``). ``decide(racing, step, fraction)`` gives the
+    decision at a rung from the trials still racing (``store.db.TrialRecord``s paused there); a decision has
+    ``reason(trial)`` (why that trial stops, or None) and ``to_dict()``."""
+
+    meta: str  # the meta key its decisions are kept under
+    key: str  # what its decisions depend on: other settings (or trials) race anew
+    ids: frozenset[str]  # its trials
+    at: list[float]  # its racing rungs, fractions of a trial's steps
+    decide: Callable
+    keep_checkpoints: bool = False
+
+
 def race_key(cfg, trial_ids) -> str:
-    """What a study's decisions depend on: its trials, racing settings and recommendation settings."""
-    return digest({"trials": sorted(trial_ids), "race": {k: getattr(cfg.race, k) for k in ("at", "confidence", "slack")},
-                   "threshold": cfg.threshold, "metric": cfg.analysis.metric, "baseline": cfg.baseline})
+    """What a study's decisions depend on (``store.keys.KINDS["race"]``): its trials, racing settings and
+    recommendation settings."""
+    return keys.key("race", cfg, trials=sorted(trial_ids))
+
+
+def study_race(cfg, trial_ids, zero_shot: float | None) -> Race:
+    """The study's own race: its (final) trials stop by strategy when they cannot become the answer (``decide``)."""
+    metric = cfg.analysis.metric
+
+    def at_rung(racing, step: int, fraction: float) -> Decision:
+        values: dict[str, dict[int, float]] = {}
+        for t in racing:
+            ev = dict(t.evals).get(step)  # a trial past the rung without an evaluation there (other rungs) is left out
+            if ev is not None and metric in ev:
+                values.setdefault(t.strategy, {})[int(t.seed)] = float(ev[metric])
+        return decide(values, cfg.baseline, zero_shot, cfg.threshold, cfg.race, fraction, step, metric)
+
+    return Race("race", race_key(cfg, trial_ids), frozenset(trial_ids), list(cfg.race.at), at_rung,
+                cfg.race.keep_checkpoints)
 
 
 def decisions(store) -> list[Decision]:
     """The study's racing decisions so far, rung by rung (none for a study that does not race)."""
-    meta = store.get_meta("race") or {}
-    return [Decision.from_dict(d) for d in meta.get("decisions", [])]
+    return [Decision.from_dict(d) for d in (store.get_meta("race") or {}).get("decisions", [])]
 
 
-def decide_ready(store, cfg, total: int, zero_shot: float | None) -> list[Decision]:
-    """Decide every racing rung that every trial still racing has reached and that is not decided yet, each in
-    one transaction (so of several processes exactly one decides it): the stopped strategies' trials become
-    ``stopped`` (their checkpoints removed unless ``race.keep_checkpoints``), the paused survivors ``pending``.
+def decide_ready(store, race: Race, total: int) -> list:
+    """Decide every racing rung of ``race`` that every trial still racing has reached and that is not decided yet,
+    each in one transaction (so of several processes exactly one decides it): the trials a decision stops become
+    ``stopped`` (their checkpoints removed unless ``keep_checkpoints``), the paused survivors ``pending``.
     Returns the decisions made now."""
     made = []
-    fractions = {rung_steps([f], total)[0]: f for f in cfg.race.at if rung_steps([f], total)}
-    for step in rung_steps(cfg.race.at, total):
-        conn = store.conn
-        conn.execute("BEGIN IMMEDIATE")
-        try:
-            d = _decide_rung(store, cfg, step, fractions[step], zero_shot)
-            conn.execute("COMMIT")
-        except BaseException:
-            conn.execute("ROLLBACK")
-            raise
+    fractions = {rung_steps([f], total)[0]: f for f in race.at if rung_steps([f], total)}
+    for step in rung_steps(race.at, total):
+        with transaction(store.conn):
+            d = _decide_rung(store, race, step, fractions[step])
         if d is None:
             break  # later rungs wait for this one
         if d is not True:
             made.append(d)
-            _remove_checkpoints(store, cfg, d)
+            _remove_checkpoints(store, race, d)
     return made
 
 
-def _decide_rung(store, cfg, step: int, fraction: float, zero_shot: float | None):
+def restart(store, race: Race) -> None:
+    """A race run again with other settings (or other trials) races anew: its trials stopped or paused under the
+    old decisions go back to pending, from their checkpoints where those are kept."""
+    meta = store.get_meta(race.meta)
+    if not meta or meta.get("key") == race.key:
+        return
+    requeue(store, [t.trial_id for t in _trials(store, race) if t.status in (STOPPED, PAUSED)])
+    store.put_meta(race.meta, {"key": race.key, "decisions": []})
+
+
+def _trials(store, race: Race):
+    return [t for t in store.trials() if t.trial_id in race.ids]
+
+
+def _decide_rung(store, race: Race, step: int, fraction: float):
     """Inside a write transaction: True when rung ``step`` is decided already, None when some trial still racing
-    has not reached it, else the Decision (applied to the trials and kept in meta ``race``)."""
-    key = race_key(cfg, store.trial_ids())
-    meta = store.get_meta("race") or {}
-    if meta.get("key") != key:
-        meta = {"key": key, "decisions": []}
+    has not reached it, else the decision (applied to the trials and kept in meta ``race.meta``)."""
+    meta = store.get_meta(race.meta) or {}
+    if meta.get("key") != race.key:
+        meta = {"key": race.key, "decisions": []}
     if any(int(d["step"]) == step for d in meta["decisions"]):
         return True
-    racing = [t for t in store.current_trials() if t.status not in (FAILED, STOPPED)]
+    racing = [t for t in _trials(store, race) if t.status not in (FAILED, STOPPED)]
     if not racing or any((t.step or 0) < step for t in racing):
         return None  # some trial has not reached the rung yet
-    # a trial already past the rung without an evaluation there (the rungs changed since it ran) is left out
-    at = {t.trial_id: dict(t.evals).get(step) for t in racing if dict(t.evals).get(step) is not None}
-    values: dict[str, dict[int, float]] = {}
+    d = race.decide(racing, step, fraction)
     for t in racing:
-        if cfg.analysis.metric in at.get(t.trial_id, {}):
-            values.setdefault(t.strategy, {})[int(t.seed)] = float(at[t.trial_id][cfg.analysis.metric])
-    d = decide(values, cfg.baseline, zero_shot, cfg.threshold, cfg.race, fraction, step, cfg.analysis.metric)
-    for t in racing:
-        if t.strategy in d.stopped and t.status != DONE:  # a trial finished earlier (another run) keeps its result
+        why = d.reason(t)
+        if why and t.status != DONE:  # a trial finished earlier (another run) keeps its result
             store.conn.execute("UPDATE trials SET status=?, error=?, finished_at=? WHERE trial_id=?",
-                               (STOPPED, f"stopped at step {step}: {d.stopped[t.strategy]}", now(), t.trial_id))
+                               (STOPPED, f"stopped at step {step}: {why}", now(), t.trial_id))
         elif t.status == PAUSED and t.step == step:
             store.conn.execute("UPDATE trials SET status=? WHERE trial_id=?", (PENDING, t.trial_id))
     meta["decisions"].append(d.to_dict())
-    store.conn.execute(UPSERT_META, ("race", json.dumps(meta, sort_keys=True)))
+    store.conn.execute(UPSERT_META, (race.meta, json.dumps(meta, sort_keys=True)))
     return d
 
 
-def _remove_checkpoints(store, cfg, d: Decision) -> None:
-    if cfg.race.keep_checkpoints:
+def _remove_checkpoints(store, race: Race, d) -> None:
+    if race.keep_checkpoints:
         return
-    for t in store.current_trials():
-        if t.strategy in d.stopped and t.checkpoint_path:
+    for t in _trials(store, race):
+        if t.status == STOPPED and d.reason(t) and t.checkpoint_path:
             shutil.rmtree(store.directory / t.checkpoint_path, ignore_errors=True)
-

@@ -68,6 +68,8 @@ def trial_params(cfg: StudyConfig, rec: TrialRecord) -> dict[str, str]:
     params.update({
         "strategy": rec.strategy,
         "seed": rec.seed,
+        "phase": rec.phase,  # tune: a trial of the learning-rate search (on the selection split)
+        "train.lr": rec.lr if rec.lr is not None else cfg.train.lr,  # the trial's own rate (tuned studies differ)
         "placement.n_modules": len(modules),
         "placement.trainable_params": pl.get("trainable_params"),
         "placement.rank": pl.get("rank"),
@@ -86,10 +88,11 @@ def step_metrics(cfg: StudyConfig, rec: TrialRecord) -> list[tuple[str, float, i
     else:
         total = cfg.train.steps if cfg.train.epochs is None else None
     out = []
+    peak = rec.lr if rec.lr is not None else cfg.train.lr
     for step, loss in rec.curve:
         out.append(("train_loss", float(loss), int(step)))
         if total:
-            out.append(("lr", cfg.train.lr * lr_factor(int(step) - 1, int(total), cfg.train), int(step)))
+            out.append(("lr", peak * lr_factor(int(step) - 1, int(total), cfg.train), int(step)))
     for step, ev in rec.evals:
         out += [(f"rung_{k}", float(v), int(step)) for k, v in numeric(ev).items()]
     return out
@@ -151,10 +154,12 @@ class MlflowTracker:
             return
         tags = {"mlflow.parentRunId": self.parent_id, ROLE_TAG: "trial", TRIAL_TAG: rec.trial_id,
                 "loraplace.status": rec.status, "loraplace.strategy": rec.strategy, "loraplace.seed": str(rec.seed),
+                "loraplace.phase": rec.phase,
                 **{f"env.{k}": _text(v) for k, v in rec.env.items()}}
         if rec.error:
             tags["loraplace.error"] = rec.error[:5000]
-        run = self.client.create_run(self.experiment_id, run_name=f"{rec.strategy}-s{rec.seed}", tags=tags)
+        name = f"{rec.strategy}-s{rec.seed}" + (f"-tune-lr{rec.lr:g}" if rec.phase == "tune" else "")
+        run = self.client.create_run(self.experiment_id, run_name=name, tags=tags)
         rid, now = run.info.run_id, int(time.time() * 1000)
         params = [Param(k, v) for k, v in trial_params(self.cfg, rec).items()]
         metrics = [Metric(k, v, now, s) for k, v, s in step_metrics(self.cfg, rec)]
@@ -221,7 +226,7 @@ class WandbTracker:
         try:
             run = wandb.init(project=self.project, group=experiment_name(self.cfg.out), name=f"{rec.strategy}-s{rec.seed}",
                              job_type="trial", config=trial_params(self.cfg, rec), dir=str(self.study_dir),
-                             tags=[rec.status], notes=rec.trial_id)
+                             tags=[rec.status, rec.phase], notes=rec.trial_id)
             for name, value, step in step_metrics(self.cfg, rec):
                 run.log({name: value}, step=step)
             run.summary.update({**numeric(rec.metrics), "trial_id": rec.trial_id, "status": rec.status})

@@ -13,21 +13,23 @@ Where and how trials run is ``study.executor``'s business; what they run on is t
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from functools import cached_property
 
 import torch
 
 from loraplace.core.config import StudyConfig
 from loraplace.data.answers import accuracy_examples
-from loraplace.data.sources import train_eval_examples
+from loraplace.data.sources import selection_split, train_eval_examples
 from loraplace.data.tokenize import TokenizedSet, encode_prompt, tokenize
 from loraplace.model.anatomy import Anatomy, analyze
 from loraplace.model.loading import load
 from loraplace.placement.resolve import Placement, resolve
 from loraplace.core.names import EVA
-from loraplace.placement.strategy import ADALORA, PlacementError
+from loraplace.placement.strategy import PlacementError
+from loraplace.store.db import TUNE
 from loraplace.study.plan import TrialTask, eva_placement, fixed_placement, study_strategy
+from loraplace.study.tune import selection_size
 from loraplace.train.generate import answer_accuracy
 from loraplace.train.memory import pick_device
 from loraplace.train.trial import Setup
@@ -49,16 +51,24 @@ class Workspace:
     device: str
     forgetting: object | None = None  # measure.forgetting.ForgettingSet, set by the study once it has one
     eva: object | None = None  # measure.eva.EvaInit of strategy eva, set by the study (or read back) before trials
+    prefix_cache_bytes: int | None = None  # cap on the frozen-prefix cache (None: a share of free memory; 0: none)
+    tune_train_set: TokenizedSet | None = None  # tune.lr: what tuning trials train on (the training data less ...
+    selection_set: TokenizedSet | None = None  # ... the selection split, which they are evaluated on)
 
     @classmethod
     def build(cls, cfg: StudyConfig, model_and_tokenizer=None) -> "Workspace":
         device = pick_device(cfg.train.device)  # a device this torch lacks is a one-line error, before loading
         if cfg.train.threads:
             torch.set_num_threads(cfg.train.threads)
-        model, tok = model_and_tokenizer or load(cfg.model, dtype=getattr(torch, cfg.train.dtype), device=device)
+        model, tok = model_and_tokenizer or load(cfg.model, dtype=getattr(torch, cfg.train.dtype), device=device,
+                                                     quantize=cfg.quantize)
         train_ex, eval_ex = train_eval_examples(cfg.data)
-        return cls(cfg, model, tok, analyze(model), tokenize(train_ex, tok, cfg.data), tokenize(eval_ex, tok, cfg.data),
-                   eval_ex, device)
+        ws = cls(cfg, model, tok, analyze(model), tokenize(train_ex, tok, cfg.data), tokenize(eval_ex, tok, cfg.data),
+                 eval_ex, device)
+        if cfg.tune.active:  # the learning-rate search's split of the training data (never the eval set)
+            tune_ex, selection = selection_split(train_ex, selection_size(cfg.tune, len(train_ex)))
+            ws.tune_train_set, ws.selection_set = tokenize(tune_ex, tok, cfg.data), tokenize(selection, tok, cfg.data)
+        return ws
 
     @cached_property
     def accuracy_examples(self) -> list:
@@ -79,7 +89,18 @@ class Workspace:
         answer, so both engines score the same."""
         return Setup(self.model, self.train_set, self.eval_set, self.cfg.train, self.cfg.eval,
                      self.tokenizer.pad_token_id, self.device, self.accuracy if self.accuracy_examples else None,
-                     self.forgetting, inits={"eva": self.eva.weights} if self.eva is not None else {})
+                     self.forgetting, self.prefix_cache_bytes,
+                     inits={"eva": self.eva.weights} if self.eva is not None else {})
+
+    def setup_for(self, task: TrialTask) -> Setup:
+        """The Setup a task trains and is evaluated on: a tuning trial on the training data less the selection split,
+        evaluated on the selection split (no accuracy); every trial at its own peak learning rate (``task.lr``)."""
+        setup = self.setup
+        if task.phase == TUNE:
+            if self.tune_train_set is None:
+                raise PlacementError("a tuning trial in a study without tune.lr: this process has no selection split")
+            setup = replace(setup, train_set=self.tune_train_set, eval_set=self.selection_set, accuracy=None)
+        return setup if task.lr is None else replace(setup, train=replace(setup.train, lr=float(task.lr)))
 
     def placement(self, task: TrialTask) -> Placement:
         """The task's placement on this model, at the ranks the driver resolved."""
@@ -89,6 +110,7 @@ class Workspace:
                 raise PlacementError("strategy eva: this process has no EVA result (the study computes it first)")
             return eva_placement(self.cfg, self.anatomy, self.eva)
         strategy = study_strategy(self.cfg, task.strategy)
-        if strategy.variant == ADALORA:  # its starting ranks and the count the driver matched it to
-            return fixed_placement(self.cfg, self.anatomy, strategy, (task.config.get("allocation") or {}).get("target"))
+        allocation = task.config.get("allocation")
+        if allocation is not None:  # allocated while training (AdaLoRA): its start and the count the driver matched
+            return fixed_placement(self.cfg, self.anatomy, strategy, allocation.get("target"))
         return resolve(strategy, self.anatomy, rank=t.rank, alpha=t.alpha, alpha_per_rank=t.alpha_per_rank, ranks=task.ranks)

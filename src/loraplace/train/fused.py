@@ -3,10 +3,9 @@
 Usage::
 
     size = group_size(spec, model, device, placements, max_length)    # train.fuse: auto | off | N
-    for group in plan_groups(tasks, size): ...
-    results = run_fused_trials(setup, placements, seeds, adapter_dirs)   # a TrialResult or TrialError per trial
-    # or in pieces (what racing does): trials = [Trial.start(setup, p, s) ...]
-    advance(setup, trials, 10); evaluate(setup, trials)
+    for group in plan_groups(tasks, size): ...                           # study.executor runs each group
+    trials = [Trial.start(setup, p, s) ...]
+    advance(setup, trials, 10); evaluate(setup, trials)                  # then each trial.finish(...)
 
 How: the group's batches (one per trial, each from its own seed and step) are stacked along the batch
 dimension, trial after trial. Every base linear layer computes its frozen product once over all
@@ -18,6 +17,12 @@ norms), so each trial's gradients are the ones it gets alone. Everything else is
 (``train.trial.Trial``): the adapter initialisation, AdamW, the learning-rate schedule, gradient
 clipping by its own norm, LoRA-dropout masks (each trial keeps its own RNG stream), non-finite-loss
 detection (a failing trial leaves the group, the others go on), and the saved PEFT adapter.
+Only variants whose adapter is plain LoRA's scale x B A x fuse (``Variant.unfusable``: rsLoRA does, its scale
+is read from PEFT; DoRA, PiSSA and AdaLoRA run on the sequential engine).
+
+``train_time_s`` / ``eval_time_s`` of a fused trial are its equal share of each group step (so a study's trials
+still sum to its wall time; they do not tell strategies apart); ``group_train_time_s`` is the group's whole
+training wall time and ``fused_trials`` its size; ``peak_mem_bytes`` is the group's peak.
 
 Trials of the same seed draw identical batches, so a same-seed group adds no padding at all;
 mixed-seed groups pad to the widest batch of the step (``fused_padding_frac``). Not fused
@@ -37,11 +42,9 @@ from __future__ import annotations
 import logging
 import time
 from dataclasses import dataclass
-from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from tqdm.auto import tqdm
 
 from loraplace.core.config import TrainSpec
 from loraplace.core.metrics import IGNORE_INDEX, perplexity
@@ -51,7 +54,8 @@ from loraplace.placement.resolve import Placement
 from loraplace.train import memory as M
 from loraplace.train.loss import head_logits, target_positions
 from loraplace.train.prefix import PrefixCache, base_randomness, lowest_block, prefix_cache
-from loraplace.train.trial import Setup, Trial, TrialError, TrialResult, generator
+from loraplace.train.progress import step_bar
+from loraplace.train.trial import Setup, Trial, TrialError, generator
 
 log = logging.getLogger("loraplace")
 
@@ -59,15 +63,6 @@ AUTO_MEMORY_SHARE = 0.8  # of free CUDA memory that auto-sized groups may fill (
 
 
 # -- how many trials a group holds ------------------------------------------------------------
-# Variants whose adapter is not plain LoRA's scale x B A x (which the fused forward adds): their trials run on the
-# sequential engine, through PEFT. rsLoRA fuses: it only changes the scale, which a trial reads from PEFT.
-UNFUSABLE_VARIANTS = {
-    "dora": "DoRA rescales each weight by its magnitude vector, which the fused forward does not",
-    "adalora": "AdaLoRA's adapters are SVD triplets that PEFT's allocator prunes between steps, not the fused B A",
-    "pissa": "PiSSA trains on a residual base weight of its own, not the base the group shares",
-}
-
-
 def fusable(model: torch.nn.Module, spec: TrainSpec) -> str | None:
     """None when fusing gives the sequential numbers for this model and settings, else why not."""
     why = base_randomness(model)
@@ -217,10 +212,10 @@ def advance(setup: Setup, trials: list[Trial], steps: int, desc: str = "fused",
     ``cache``: the frozen-prefix cache to use; "new" builds one for the group (``train.prefix``), None uses
     none. Returns the cache, so a group advanced in pieces can keep it."""
     spec, model, device = setup.train, setup.model, setup.device
-    unfusable = [t for t in trials if t.placement.strategy.variant in UNFUSABLE_VARIANTS]
+    unfusable = [t for t in trials if t.variant.unfusable]
     if unfusable:  # the executor runs these sequentially; a direct call must not change their numbers silently
-        v = unfusable[0].placement.strategy.variant
-        raise TrialError(f"{v} trials cannot be fused: {UNFUSABLE_VARIANTS[v]}; run them with train.sequential")
+        v = unfusable[0].variant
+        raise TrialError(f"{v.name} trials cannot be fused: {v.unfusable}; run them with train.sequential")
     active = [t for t in trials if not t.done]
     if not active or steps <= 0:
         return None if cache == "new" else cache
@@ -236,54 +231,58 @@ def advance(setup: Setup, trials: list[Trial], steps: int, desc: str = "fused",
     hooks = _Hooks(model, active, spec.dropout, device)
     was_training = model.training
     model.train()
-    M.reset_peak_memory(device)
-    for t in active:
-        t.fused.setdefault("size", len(active))
-    bar = tqdm(total=steps, desc=desc, unit="step", leave=False, dynamic_ncols=True, disable=None)
-    t_group = time.perf_counter()
     try:
-        with M.activation_checkpointing(model, spec.gradient_checkpointing):
-            for _ in range(steps):
-                active = [t for t in active if not t.done]
-                if not active:
-                    break
-                t0 = time.perf_counter()
-                parts = [t.batch(setup, index=cache is not None) for t in active]
-                batch, shape, real = _stack(parts, setup.pad_id)
-                for t in active:
-                    t.fused["slots"] = t.fused.get("slots", 0) + batch["input_ids"].numel()
-                    t.fused["real"] = t.fused.get("real", 0) + real
-                hooks.slots = [_Slot(t, r, w) for t, (r, w) in zip(active, shape)]
-                with PrefixCache.around(cache, parts, batch["input_ids"].shape):
-                    results = _fused_nll(model, batch, len(active))
-                total, alive = None, []
-                for t, part, (nll, n) in zip(active, parts, results):
-                    loss = nll / max(n, 1)
-                    if not torch.isfinite(loss):
-                        t.fail(f"non-finite train loss ({loss.item()}) at step {t.step + 1}")
-                        continue
-                    alive.append((t, part, loss, nll, n))
-                    total = loss if total is None else total + loss
-                if total is not None:
-                    total.backward()
-                for t, part, loss, nll, n in alive:
-                    t.update(setup, loss.item(), nll.item(), n, part)
-                dt = time.perf_counter() - t0
-                for t in active:
-                    t.train_time += dt / len(active)
-                bar.update(1)
+        with M.peak_into(trials, device), step_bar(steps, desc) as bar:
+            for t in active:
+                t.fused.setdefault("size", len(active))
+            t_group = time.perf_counter()
+            try:
+                with M.activation_checkpointing(model, spec.gradient_checkpointing):
+                    for _ in range(steps):
+                        active = [t for t in active if not t.done]
+                        if not active:
+                            break
+                        _step(setup, active, hooks, cache)
+                        bar.update(1)
+            finally:
+                wall = time.perf_counter() - t_group
+                for t in trials:
+                    t.fused["time"] = t.fused.get("time", 0.0) + wall
+                    t.prefix_blocks = max(t.prefix_blocks, PrefixCache.blocks_reused(cache))
     finally:
-        bar.close()
         hooks.remove()
         model.train(was_training)
         for p, flag in frozen:
             p.requires_grad_(flag)
-        wall, peak = time.perf_counter() - t_group, M.peak_memory_bytes(device)
-        for t in trials:
-            t.fused["time"] = t.fused.get("time", 0.0) + wall
-            t.peak = max(t.peak, peak)
-            t.prefix_blocks = max(t.prefix_blocks, PrefixCache.blocks_reused(cache))
     return cache
+
+
+def _step(setup: Setup, active: list[Trial], hooks: _Hooks, cache: PrefixCache | None) -> None:
+    """One optimizer step of every live trial of the group: their batches stacked, one forward, one backward."""
+    t0 = time.perf_counter()
+    parts = [t.batch(setup, index=cache is not None) for t in active]
+    batch, shape, real = _stack(parts, setup.pad_id)
+    for t in active:
+        t.fused["slots"] = t.fused.get("slots", 0) + batch["input_ids"].numel()
+        t.fused["real"] = t.fused.get("real", 0) + real
+    hooks.slots = [_Slot(t, r, w) for t, (r, w) in zip(active, shape)]
+    with PrefixCache.around(cache, parts, batch["input_ids"].shape):
+        results = _fused_nll(setup.model, batch, len(active))
+    total, alive = None, []
+    for t, part, (nll, n) in zip(active, parts, results):
+        loss = nll / max(n, 1)
+        if not t.finite(loss):  # it leaves the group; the others go on
+            continue
+        alive.append((t, part, loss, nll, n))
+        term = loss + t.penalty()  # the variant's penalty (0 for the variants that fuse)
+        total = term if total is None else total + term
+    if total is not None:
+        total.backward()
+    for t, part, loss, nll, n in alive:
+        t.update(setup, loss.item(), nll.item(), n, part)
+    dt = time.perf_counter() - t0
+    for t in active:
+        t.train_time += dt / len(active)
 
 
 @torch.inference_mode()
@@ -316,26 +315,3 @@ def evaluate(setup: Setup, trials: list[Trial]) -> None:
         loss = s / count
         t.eval = {"eval_loss": loss, "perplexity": perplexity(loss), "eval_tokens": count, "step": t.step}
         t.eval_time += dt / len(trials)
-
-
-def run_fused_trials(setup: Setup, placements: list[Placement], seeds: list[int], adapter_dirs: list | None = None,
-                     desc: str = "fused") -> list[TrialResult | TrialError]:
-    """``sequential.run_trial`` for several trials at once: a TrialResult per trial, or the TrialError it failed with.
-
-    ``train_time_s`` / ``eval_time_s`` of a fused trial are its equal share of each group step
-    (so a study's trials still sum to its wall time; they do not tell strategies apart);
-    ``group_train_time_s`` is the group's whole training wall time and ``fused_trials`` its size.
-    ``peak_mem_bytes`` is the group's peak; ``prefix_cached_blocks`` the frozen blocks whose output was
-    reused from the prefix cache (0: none; ``setup.prefix_cache_bytes`` caps the cache).
-    """
-    adapter_dirs = adapter_dirs or [None] * len(placements)
-    trials = [Trial.start(setup, p, s) for p, s in zip(placements, seeds)]
-    advance(setup, trials, setup.total_steps, desc)
-    evaluate(setup, trials)
-    out: list[TrialResult | TrialError] = []
-    for t, target in zip(trials, adapter_dirs):
-        try:
-            out.append(t.finish(setup, Path(target) if target is not None else None))
-        except TrialError as e:
-            out.append(e)
-    return out

@@ -18,9 +18,29 @@ class BaseWeightsChanged(Exception):
 
 
 def weights_fingerprint(model: torch.nn.Module) -> float:
-    """A cheap checksum of every base weight (sum of |w| in float64), to prove runs leave it pristine."""
+    """A cheap checksum of every base weight (sum of |w| in float64), to prove runs leave it pristine; a
+    bitsandbytes base's scales too (``quant_state``), which live beside its quantized weights, not in them."""
     with torch.no_grad():
-        return float(sum(p.detach().double().abs().sum() for p in model.parameters()))
+        tensors = list(model.parameters()) + list(_quant_scales(model))
+        return float(sum(t.detach().double().abs().sum() for t in tensors))
+
+
+def _quant_scales(model: torch.nn.Module):
+    """The scale tensors of a bitsandbytes base: a 4-bit weight's absmax (and with double quantization its
+    second-level absmax and offset); an 8-bit layer's row scales (SCB, on the weight until the first forward
+    moves it to the layer's state)."""
+    for mod in model.modules():
+        weight = getattr(mod, "weight", None)
+        qs = getattr(weight, "quant_state", None)
+        if qs is not None:
+            yield qs.absmax
+            if getattr(qs, "nested", False):
+                yield qs.state2.absmax
+                yield qs.offset
+        scb = getattr(getattr(mod, "state", None), "SCB", None)
+        scb = scb if scb is not None else getattr(weight, "SCB", None)
+        if isinstance(scb, torch.Tensor):
+            yield scb
 
 
 @contextlib.contextmanager

@@ -4,6 +4,7 @@ Usage::
 
     device = pick_device("auto")            # "cuda" when this torch has CUDA, else "cpu"
     reset_peak_memory(device); ...; peak_memory_bytes(device)
+    with peak_into(trials, device): ...     # each trial's ``peak``: at least this piece's peak reading
     with activation_checkpointing(model, on=True): ...   # recompute block activations in the backward
     release_memory(device)                  # what a finished trial left behind goes before the next one
 """
@@ -79,6 +80,19 @@ def reset_peak_memory(device="cpu") -> None:
             f.write("5")
     except OSError:
         pass
+
+
+@contextlib.contextmanager
+def peak_into(trials: list, device):
+    """Around a piece of work on ``trials`` (``train.trial.Trial``): a new peak window, and afterwards (even when
+    it failed) each trial's ``peak`` (bytes) raised to the piece's peak reading."""
+    reset_peak_memory(device)
+    try:
+        yield
+    finally:
+        peak = peak_memory_bytes(device)
+        for t in trials:
+            t.peak = max(t.peak, peak)
 
 
 def release_memory(device) -> None:

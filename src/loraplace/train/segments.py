@@ -2,7 +2,7 @@
 
 Usage::
 
-    trials = [begin(setup, placement, seed, checkpoint=None)]       # step 0, or restored from a checkpoint
+    trials = [begin(setup, placement, seed, saved=None)]            # step 0, or restored from a checkpoint
     run_to(setup, trials, until=15, evals_at=(8, 15), fused=False)  # train to step 15, evaluate at 8 and 15
     trial.evals                                                     # [(8, {...}), (15, {...})]
 
@@ -16,14 +16,16 @@ from __future__ import annotations
 import time
 
 from loraplace.placement.resolve import Placement
+from loraplace.train import checkpoint
 from loraplace.train import fused as F
 from loraplace.train import sequential as S
 from loraplace.train.trial import Setup, Trial
 
 
-def begin(setup: Setup, placement: Placement, seed: int, checkpoint=None) -> Trial:
-    """A trial at step 0 (``checkpoint`` None) or where its checkpoint left it, ready for either engine."""
-    trial = Trial.restore(checkpoint, setup, placement) if checkpoint is not None else Trial.start(setup, placement, seed)
+def begin(setup: Setup, placement: Placement, seed: int, saved=None) -> Trial:
+    """A trial at step 0 (``saved`` None) or where its checkpoint in directory ``saved`` left it, ready for either
+    engine."""
+    trial = Trial.start(setup, placement, seed) if saved is None else checkpoint.restore(saved, setup, placement)
     S.prepare(setup, trial)  # the sequential engine's frozen-prefix cache, decided on the bare base
     return trial
 

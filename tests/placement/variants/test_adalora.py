@@ -18,7 +18,7 @@ from loraplace.placement.resolve import BUDGET_TOLERANCE, adalora_placement, res
 from loraplace.placement.strategy import PlacementError, Strategy, get_strategy
 from loraplace.study.plan import resolve_placements
 from loraplace.store.db import Store
-from loraplace.train import sequential
+from loraplace.train import checkpoint, sequential
 from loraplace.train.schedule import lr_factor
 from loraplace.train.trial import Trial
 
@@ -62,7 +62,7 @@ def test_a_trial_computes_what_peft_own_adalora_loop_computes(ws, tmp_path):
         theirs.base_model.update_and_allocate(i + 1)
         opt.zero_grad()
     pattern = theirs.peft_config["default"].rank_pattern
-    assert ours.allocator["pattern"] == pattern
+    assert ours.variant_state["pattern"] == pattern
     kept = {n.split(".lora_E.")[0]: sum(k) for n, k in pattern.items()}
     assert sum(kept.values()) == 8 * len(p.modules)  # PEFT's final budget: target_r triplets per module
     assert {n: r for n, r in kept.items() if r} == ours.trained.modules
@@ -94,10 +94,10 @@ def test_a_checkpoint_mid_allocation_continues_exactly(ws, tmp_path):
     piece = sequential.start(setup, p, seed=1)
     sequential.advance(setup, [piece], 3)
     assert piece.trained is p  # not fixed yet: the starting placement
-    piece.save(tmp_path / "ck")
-    restored = Trial.restore(tmp_path / "ck", setup, p)
+    checkpoint.save(piece, tmp_path / "ck")
+    restored = checkpoint.restore(tmp_path / "ck", setup, p)
     sequential.advance(setup, [restored], setup.total_steps)
-    assert restored.allocator["pattern"] == whole.allocator["pattern"]
+    assert restored.variant_state["pattern"] == whole.variant_state["pattern"]
     for n, q in whole.params.items():
         torch.testing.assert_close(restored.params[n], q, rtol=0, atol=0)
     final = whole.trained

@@ -17,9 +17,8 @@ from loraplace.core.config import StudyConfig
 from loraplace.placement.record import PlacementRecord
 from loraplace.study.plan import resolve_placements
 from loraplace.store.db import Store
-from loraplace.train import sequential
+from loraplace.train import checkpoint, sequential
 from loraplace.train.schedule import lr_factor
-from loraplace.train.trial import Trial
 
 DEFINE = {"pis": {"roles": "all", "variant": "pissa"}, "attn_pissa": {"roles": "attn", "variant": "pissa"}}
 
@@ -94,8 +93,8 @@ def test_a_checkpoint_continues_exactly(ws, tmp_path):
     sequential.advance(ws.setup, [whole], ws.setup.total_steps)
     piece = sequential.start(ws.setup, p, seed=2)
     sequential.advance(ws.setup, [piece], 2)
-    piece.save(tmp_path / "ck")
-    restored = Trial.restore(tmp_path / "ck", ws.setup, p)
+    checkpoint.save(piece, tmp_path / "ck")
+    restored = checkpoint.restore(tmp_path / "ck", ws.setup, p)
     sequential.advance(ws.setup, [restored], ws.setup.total_steps)
     for n, q in whole.params.items():
         torch.testing.assert_close(restored.params[n], q, rtol=0, atol=0)
