@@ -124,7 +124,8 @@ def _lines(t: Tuning, metric: str) -> list[str]:
     out = [f"Learning rate: each strategy was trained at {len(t.grid)} peak rates "
            f"({', '.join(lr_text(x) for x in t.grid)}) on the training data less a selection split of {t.selection} "
            f"examples, with tuning seed(s) {', '.join(map(str, t.seeds))}, and its rate is the one with the lowest "
-           f"mean selection {label} at the end of training; {t.rule}. The eval set was not used to choose."]
+           f"mean selection {'loss' if metric == 'eval_loss' else label} at the end of training; {t.rule}. The eval set "
+           "was not used to choose."]
     chosen = [f"{s} {lr_text(c.lr)}" for s, c in t.choices.items() if c.lr is not None]
     if chosen:
         out.append("Chosen rates: " + ", ".join(chosen) + ".")
@@ -174,6 +175,11 @@ def compare(a: StudyAnalysis, at_rate: StudyAnalysis | None, lr: float, strategi
         return c
     have = {s.strategy for s in at_rate.strategies if s.stopped is None}
     missing = [s for s in strategies if s not in have]
+    if all(s.lr is not None and rate_key(s.lr) == rate_key(lr) for s in a.strategies):
+        c = LrComparison(lr, own, at_rate.recommendation, missing, False)
+        c.lines = [f"Does the learning rate change the answer? Every strategy chose the baseline's rate ({lr_text(lr)}), "
+                   "so a study with that one shared rate gives this answer."]
+        return c
     c = LrComparison(lr, own, at_rate.recommendation, missing, _verdict(own) != _verdict(at_rate.recommendation))
     head = (f"Does the learning rate change the answer? At each strategy's own rate: {own.text} With every strategy "
             f"at the baseline's chosen rate ({lr_text(lr)}), as a study with one shared rate would train them: "

@@ -216,4 +216,5 @@ def _say(race: Race, d) -> None:
     print(f"{what}: at step {d.step} ({100 * d.fraction:.0f}% of the steps) stopped {', '.join(named) or 'none'}",
           file=sys.stderr)
     for name, why in stops.items():
-        log.info("%s: %s %s", what, name, why)
+        for rate, reason in (why.items() if isinstance(why, dict) else [(None, why)]):
+            log.info("%s: %s%s %s", what, name, "" if rate is None else f" lr {lr_text(float(rate))}", reason)

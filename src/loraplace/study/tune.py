@@ -98,7 +98,7 @@ def halve(values: dict[str, dict[float, dict[int, float]]], keep: float, min_kee
     for the rates still in the search. A rate missing a seed (its trial failed) is out already."""
     d = Halving(step, fraction)
     sign = -1.0 if QUALITY[metric].higher_is_better else 1.0
-    label = QUALITY[metric].label
+    label = "loss" if metric == "eval_loss" else QUALITY[metric].label  # on the selection split
     for name in sorted(values):
         rates = values[name]
         seeds = set.intersection(*(set(v) for v in rates.values())) if rates else set()
