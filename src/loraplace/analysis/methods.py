@@ -61,6 +61,14 @@ def _chosen(a: StudyAnalysis, store) -> list[str]:
     return out
 
 
+def _scales(a: StudyAnalysis) -> str:
+    """The LoRA scale of the study's variants: 'scale alpha/r', or each variant's where they differ."""
+    used = {VARIANTS[s.placement.variant] for s in a.strategies if s.placement is not None and s.placement.variant in VARIANTS}
+    plain = VARIANTS["lora"].scale
+    other = sorted((v.label, v.scale) for v in used if v.scale != plain)
+    return f"scale {plain}" + "".join(f"; {scale} under {label}" for label, scale in other)
+
+
 def _rate(a: StudyAnalysis, lr: float) -> str:
     """The peak learning rate: the shared one, or each strategy's chosen one and how it was chosen."""
     t = a.tuning
@@ -107,7 +115,7 @@ def sentences(a: StudyAnalysis, store) -> list[str]:
     warm = f"{t.warmup:g} of the steps" if t.warmup < 1 else f"{t.warmup:g} steps"
     out.append(f"Each trial trained for {length} of {t.batch_size} examples with AdamW ({_rate(a, t.lr)}, "
                f"{t.schedule} decay after a linear warm-up over {warm}, weight decay {t.weight_decay:g}, gradient "
-               f"clipping at {t.max_grad_norm:g}), LoRA alpha {t.alpha:g} (scale alpha/r), LoRA dropout "
+               f"clipping at {t.max_grad_norm:g}), LoRA alpha {t.alpha:g} ({_scales(a)}), LoRA dropout "
                f"{t.dropout:g}, in {t.dtype} on {env.get('gpu') or env.get('device', '?')}; the loss was the token-"
                "weighted next-token cross-entropy on completion tokens only.")
     out.append(f"Every strategy ran with {len(cfg.seeds)} seed{'s' if len(cfg.seeds) != 1 else ''} "

@@ -28,7 +28,9 @@ METRICS: dict[str, tuple[str, str]] = {
     "train_loss_final": ("nats/token", "token-weighted mean train loss over the last 10% of steps"),
     "accuracy": ("fraction", "generation exact match of the final answer (question/answer data, optional)"),
     "accuracy_n": ("examples", "examples accuracy is measured on: the first eval.accuracy_limit eval examples with an answer"),
-    "trainable_params": ("params", "parameters of the LoRA adapters (sum of r*(in+out) over adapted modules)"),
+    "trainable_params": ("params", "parameters the trial trains: sum of r*(in+out) over adapted modules, plus "
+                                   "out_features per module under DoRA (its magnitude vector) and r under AdaLoRA "
+                                   "(its singular values, at the ranks it kept)"),
     "base_params": ("params", "parameters of the base model, adapters excluded, tied weights once"),
     "trainable_pct": ("%", "100 * trainable_params / base_params"),
     "n_modules": ("modules", "number of adapted modules"),

@@ -38,6 +38,7 @@ class Variant:
     name = "lora"
     label = "LoRA"  # in messages
     methods_label: str | None = None  # after the ranks in the methods paragraph's list of placements (None: nothing)
+    scale = "alpha/r"  # the LoRA scale its adapter output is multiplied by (the methods paragraph says it)
     switches: dict = {}  # PEFT LoraConfig keyword arguments that give it (PEFT's own implementation)
     tools: dict[str, str] = {}  # export format -> that tool's boolean switch for it
     unfusable: str | None = None  # why the fused forward (scale x B A x) would not compute it; None: it fuses
@@ -129,6 +130,7 @@ class RsLoRA(Variant):
     """rsLoRA: PEFT's ``use_rslora`` scales by alpha/sqrt(r), not alpha/r; the fused engine reads the scale from PEFT."""
 
     name, label, methods_label = "rslora", "rsLoRA", "rsLoRA (scale alpha/sqrt(r))"
+    scale = "alpha/sqrt(r)"
     switches = {"use_rslora": True}
     tools = {"axolotl": "peft_use_rslora", "llamafactory": "use_rslora"}
 

@@ -35,6 +35,7 @@ E_KEY = ".lora_E."  # in a parameter name: AdaLoRA's singular values of a module
 
 class AdaLoRA(Variant):
     name, label, methods_label = ADALORA, "AdaLoRA", "AdaLoRA"
+    scale = "alpha/init_r (its starting rank, whatever it keeps)"
     switches = {}  # exported as plain LoRA at the ranks it kept
     unfusable = "AdaLoRA's adapters are SVD triplets that PEFT's allocator prunes between steps, not the fused B A"
 
