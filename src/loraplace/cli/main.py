@@ -83,7 +83,9 @@ def main(argv: list[str] | None = None) -> int:
     # fontTools logs hundreds of lines per `report` while matplotlib's PDF backend subsets fonts
     logging.basicConfig(level=logging.WARNING, format="%(message)s")
     logging.getLogger("loraplace").setLevel(logging.DEBUG if args.verbose else logging.INFO)
-    for noisy in ("transformers", "peft", "httpx", "huggingface_hub"):
+    # bitsandbytes.backends.cpu.ops warns at import (peft imports it whenever it is installed) that it cannot fetch
+    # a hub kernel for the AVX512-BF16 inference path, which loraplace turns off anyway (model/quantize.py)
+    for noisy in ("transformers", "peft", "httpx", "huggingface_hub", "bitsandbytes.backends.cpu.ops"):
         logging.getLogger(noisy).setLevel(logging.ERROR)
     try:
         return args.func(args)
