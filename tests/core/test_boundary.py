@@ -18,6 +18,7 @@ TORCH_FREE_PACKAGES = ("loraplace.core", "loraplace.analysis", "loraplace.cli", 
 # Torch-free modules of the packages that also hold torch code.
 TORCH_FREE_MODULES = (
     "loraplace", "loraplace.model", "loraplace.model.estimate", "loraplace.model.conditioning", "loraplace.model.quantize",
+    "loraplace.model.experts",
     "loraplace.placement", "loraplace.placement.strategy", "loraplace.placement.resolve",
     "loraplace.placement.select", "loraplace.placement.record", "loraplace.placement.export", "loraplace.placement.peft",
     "loraplace.placement.variants", "loraplace.placement.variants.dora", "loraplace.placement.variants.pissa",

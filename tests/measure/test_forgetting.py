@@ -168,3 +168,22 @@ def test_max_forgetting_leaves_strategies_out_of_the_recommendation(tmp_path):
     with Store.open(make_study(tmp_path / "none", forgetting=True, max_forgetting=0.001), create=False) as store:
         none = analyze_store(store)
     assert not none.recommendation.decided and "analysis.max_forgetting" in none.recommendation.text
+
+
+def test_a_built_in_models_forgetting_set_is_sampled_once_for_every_study(tmp_path, monkeypatch):
+    """A study of a built-in model (fixed weights) keeps its sampled set in loraplace's cache: a second study in
+    another directory reads the same sequences instead of sampling; a local model is never shared."""
+    monkeypatch.setenv("LORAPLACE_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setitem(FG.ALIASES, "tiny", object())  # as if "tiny" were a built-in alias
+    first = _cfg(tmp_path, out="one", model="tiny", strategies=["all_linear"], seeds=[0])
+    run_study(first, _model())
+    with Store.open(first.out, create=False) as store:
+        meta = store.get_meta("forgetting")
+    shared = FG.shared_file(first, meta["key"])
+    assert shared.is_file() and json.loads(shared.read_text())["sequences"] == meta["sequences"]
+    monkeypatch.setattr(FG, "sample", lambda *a, **k: pytest.fail("the forgetting set was sampled again"))
+    second = _cfg(tmp_path, out="two", model="tiny", strategies=["attention_only"], baseline="attention_only", seeds=[0])
+    run_study(second, _model())
+    with Store.open(second.out, create=False) as store:
+        assert store.get_meta("forgetting")["sequences"] == meta["sequences"]
+    assert FG.shared_file(_cfg(tmp_path, model="./my-model"), meta["key"]) is None

@@ -11,7 +11,7 @@ from peft import LoraConfig, get_peft_model
 from torch import nn
 from transformers.pytorch_utils import Conv1D
 
-from loraplace.core.roles import ROLE_GROUPS, ROLES
+from loraplace.core.roles import EXPERTS, ROLE_GROUPS, ROLES, is_expert_role, role_keys
 from loraplace.model.anatomy import AnatomyError, analyze
 from tiny_models import ARCH_NAMES, EXPECTED_ROLES, MOE_NAMES, build
 
@@ -27,8 +27,12 @@ def _unique_params(model):
 
 
 def test_role_constants():
-    assert set(ROLE_GROUPS) == {"attn", "mlp"}
-    assert ROLE_GROUPS["attn"] + ROLE_GROUPS["mlp"] == ROLES
+    assert set(ROLE_GROUPS) == {"attn", "mlp", EXPERTS}
+    assert ROLE_GROUPS["attn"] + ROLE_GROUPS["mlp"] == ROLES  # the two groups cover every role once
+    assert ROLE_GROUPS["mlp"][-len(ROLE_GROUPS[EXPERTS]):] == ROLE_GROUPS[EXPERTS]  # the experts: a part of mlp
+    assert [r for r in ROLES if is_expert_role(r)] == list(ROLE_GROUPS[EXPERTS])
+    assert role_keys("mlp.experts.down") == ("mlp.experts.down", EXPERTS, "mlp")  # the most specific first
+    assert role_keys("attn.q") == ("attn.q", "attn") and role_keys("other") == ("other",)
 
 
 @pytest.mark.parametrize("arch", ARCH_NAMES)
@@ -215,27 +219,64 @@ def test_meta_skeleton_reads_like_real_weights(arch):
 
 
 @pytest.mark.parametrize("arch", MOE_NAMES)
-def test_moe_experts_reported_not_adapted(arch):
+def test_moe_experts_are_parameter_layers_and_the_router_stays_apart(arch):
     model = build(arch)
     anat = analyze(model)
-    blocks = model.config.num_hidden_layers
+    blocks, cfg = model.config.num_hidden_layers, model.config
     assert {"attn.q", "attn.k", "attn.v", "attn.o"} <= set(anat.roles_present())
-    experts = [f for f in anat.fixed if f.role == "moe.experts"]
-    assert [f.block for f in experts] == list(range(blocks))
-    for f in experts:
-        mod = model.get_submodule(f.name)
-        own = [p for p in mod.parameters(recurse=False)]
-        assert not isinstance(mod, nn.Linear) and all(p.dim() == 3 for p in own)
-        assert f.params == sum(p.numel() for p in own) and f.shapes == tuple(tuple(p.shape) for p in own)
-        assert "not separate nn.Linear" in f.reason
-        assert not any(l.name.startswith(f.name + ".") for l in anat.layers)  # never a placement target
-    routers = [f for f in anat.fixed if f.role == "moe.router"]
-    assert len(routers) == blocks and all("Router" in f.kind for f in routers)
+    experts = [l for l in anat.layers if l.is_parameter]
+    n_experts = getattr(cfg, "num_local_experts", None) or cfg.num_experts
+    inter = getattr(cfg, "moe_intermediate_size", None) or cfg.intermediate_size
+    for l in experts:
+        p = model.get_parameter(l.name)  # a parameter's full name, held by the experts module
+        assert p.dim() == 3 and l.module == l.name.rpartition(".")[0] and not isinstance(model.get_submodule(l.module), nn.Linear)
+        assert l.params == p.numel() and l.experts == p.shape[0] == n_experts
+        # transformers keeps each expert's weight as (out, in), as nn.Linear does (PEFT reads it so too)
+        assert (l.out_features, l.in_features) == tuple(p.shape[1:])
+        want = {"mlp.experts.gate_up": (cfg.hidden_size, 2 * inter), "mlp.experts.down": (inter, cfg.hidden_size)}
+        assert (l.in_features, l.out_features) == want[l.role]
+    assert sorted((l.block, l.role) for l in experts) == sorted(
+        (b, r) for b in range(blocks) for r in ("mlp.experts.gate_up", "mlp.experts.down"))
+    assert set(anat.adaptable()) >= {l.name for l in experts} and anat.layer(experts[0].name) == experts[0]
+    assert [f.role for f in anat.fixed] == ["moe.router"] * blocks  # only the routers are left out
+    for f in anat.fixed:
+        assert "Router" in f.kind and f.params == model.get_submodule(f.name).weight.numel()
     # everything counted: adaptable layers + fixed weights + outside + norms (1-D) == all parameters
     norms = sum(p.numel() for n, p in model.named_parameters() if "norm" in n)
     assert (sum(l.params for l in anat.layers) + sum(anat.fixed_params().values())
             + sum(l.params for l in anat.outside if not l.tied_to) + norms) == anat.base_params
     assert json.loads(json.dumps(anat.to_dict()))["fixed"][0]["reason"] == anat.fixed[0].reason
+    assert {d["experts"] for d in anat.to_dict()["layers"]} == {0, n_experts}
+
+
+def test_peft_wrapped_experts_read_like_the_bare_model():
+    """Through PEFT's ParamWrappers (nested where one experts module has two adapted parameters) the anatomy is the
+    bare model's: names, shapes, counts, base parameters without the adapters."""
+    model = build("qwen2_moe")
+    bare = analyze(model)
+    names = [l.name for l in bare.layers if l.is_parameter or l.role == "attn.q"]
+    peft_model = get_peft_model(model, LoraConfig(r=2, target_modules=[n for n in names if "q_proj" in n],
+                                                  target_parameters=[n for n in names if "experts" in n]))
+    wrapped = analyze(peft_model)
+    strip = len("base_model.model.")
+    assert [(l.name[strip:], l.role, l.in_features, l.out_features, l.experts, l.params) for l in wrapped.layers] == [
+        (l.name, l.role, l.in_features, l.out_features, l.experts, l.params) for l in bare.layers]
+    assert wrapped.base_params == bare.base_params and len(wrapped.fixed) == len(bare.fixed)
+
+
+def test_experts_whose_projections_cannot_be_read_stay_fixed():
+    """Three same-shape expert stacks with no telling names: no reading, so no placement role."""
+    model = build("mixtral")
+    experts = model.model.layers[0].mlp.experts
+    h, i = model.config.hidden_size, model.config.intermediate_size
+    del experts.gate_up_proj
+    experts.register_parameter("w_a", nn.Parameter(torch.zeros(4, i, h)))
+    experts.register_parameter("w_b", nn.Parameter(torch.zeros(4, i, h)))
+    anat = analyze(model, trace=False)
+    stuck = [f for f in anat.fixed if f.role == "moe.experts"]
+    assert [f.name for f in stuck] == ["model.layers.0.mlp.experts"] and "could not be read" in stuck[0].reason
+    assert not [l for l in anat.layers if l.block == 0 and l.is_parameter]
+    assert {l.role for l in anat.layers if l.block == 1 and l.is_parameter} == {"mlp.experts.gate_up", "mlp.experts.down"}
 
 
 def test_dense_models_have_no_fixed_weights():

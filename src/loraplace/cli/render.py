@@ -2,7 +2,7 @@
 
 Usage::
 
-    print(anatomy_text(anat))               # blocks x roles, shapes, totals, what cannot be adapted
+    print(anatomy_text(anat))               # blocks x roles, shapes, totals, what is never adapted
     print(placement_map(placement, anat))   # roles x blocks grid, one symbol per rank
 """
 
@@ -16,13 +16,18 @@ def _table(rows: list[list[str]], header: list[str], right: set[int] = frozenset
     return text_table(header, rows, set(right))
 
 
+def _shape(layer) -> str:
+    """in x out; a fused expert parameter: experts x in x out (each expert's in x out)."""
+    return (f"{layer.experts}x" if layer.is_parameter else "") + f"{layer.in_features}x{layer.out_features}"
+
+
 def anatomy_text(anat) -> str:
     roles = list(anat.roles_present())
     # Blocks with identical (role -> shape) are grouped into ranges, as most models repeat one block.
     groups: list[tuple[list[int], tuple]] = []
     for b in range(anat.n_blocks):
         sig = tuple(
-            (r, tuple(f"{l.in_features}x{l.out_features}" for l in anat.layers if l.block == b and l.role == r)) for r in roles
+            (r, tuple(_shape(l) for l in anat.layers if l.block == b and l.role == r)) for r in roles
         )
         if groups and groups[-1][1] == sig:
             groups[-1][0].append(b)
@@ -37,9 +42,11 @@ def anatomy_text(anat) -> str:
         "",
         "Shapes (in x out) by block and role:",
         _table(rows, ["blocks", *roles]),
-        "",
-        "Totals by role:",
     ]
+    if any(l.is_parameter for l in anat.layers):
+        out.append("(mlp.experts.*: routed experts, one fused parameter of experts x in x out per role, adapted "
+                   "through PEFT's target_parameters with rank r on every expert)")
+    out += ["", "Totals by role:"]
     by_role, params = anat.by_role(), anat.role_params()
     total_rows = [
         [r, str(len(by_role[r])), fmt_int(params[r]), f"{100 * params[r] / anat.base_params:.1f}%"] for r in roles
@@ -49,7 +56,7 @@ def anatomy_text(anat) -> str:
         total_rows.append(["other", str(len(other)), fmt_int(sum(l.params for l in other)), ""])
     out.append(_table(total_rows, ["role", "modules", "params", "of base"], right={1, 2, 3}))
     if anat.fixed:
-        out += ["", "Inside the blocks but not adaptable (LoRA wraps nn.Linear/Conv1D layers; placements leave these out):"]
+        out += ["", "Inside the blocks but not adaptable (no placement role; placements leave these out):"]
         out.append(_fixed_table(anat))
     if anat.outside:
         out += ["", "Outside the blocks (never adapted by default):"]

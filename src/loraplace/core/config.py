@@ -196,6 +196,7 @@ class RaceSpec:
 
     at: list[float] = field(default_factory=list)  # racing rungs, fractions of a trial's steps in (0, 1); []: no racing
     record: list[float] = field(default_factory=lambda: [0.25, 0.5])  # rungs evaluated in every study, raced or not
+    eval_limit: int | None = 16  # rung evaluations score the first N eval examples (null: all; the end always all)
     confidence: float = 0.95  # one-sided level of the upper bound on retained improvement a stop needs
     slack: float = 0.3  # catch-up allowed for (retained improvement): the bar is threshold - slack x (1 - fraction)^2
     keep_checkpoints: bool = False  # keep each trial's last checkpoint (checkpoints/) after it finishes or stops
@@ -203,6 +204,8 @@ class RaceSpec:
     def check(self) -> None:
         check_fractions("race.at", self.at)
         check_fractions("race.record", self.record)
+        if self.eval_limit is not None:
+            check_positive("race.eval_limit", self.eval_limit)
         if not 0.5 <= self.confidence < 1:
             raise ConfigError(f"race.confidence: must be in [0.5, 1), got {self.confidence}")
         check_finite("race.slack", self.slack)

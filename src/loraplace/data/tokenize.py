@@ -56,6 +56,12 @@ class TokenizedSet:
     def n_target_tokens(self) -> int:
         return sum(sum(1 for t in lab if t != IGNORE_INDEX) for lab in self.labels)
 
+    def head(self, n: int | None) -> "TokenizedSet":
+        """The first ``n`` examples (all of them when ``n`` is None or not smaller)."""
+        if n is None or n >= len(self):
+            return self
+        return TokenizedSet(self.input_ids[:n], self.labels[:n], self.index[:n])
+
 
 _CACHE: OrderedDict[tuple, TokenizedSet] = OrderedDict()  # the 8 most recent sets
 

@@ -28,14 +28,18 @@ changing the forgetting settings re-measures the done trials from their saved ad
 
 from __future__ import annotations
 
+import json
 import logging
 import time
 from dataclasses import dataclass
+from pathlib import Path
 
 from loraplace.core.config import DataSpec, StudyConfig
+from loraplace.core.files import write_text_atomic
 from loraplace.core.metrics import IGNORE_INDEX
 from loraplace.data.sources import load_examples
 from loraplace.data.tokenize import TokenizedSet, pad_id
+from loraplace.model.loading import ALIASES, cache_root
 from loraplace.store import keys
 from loraplace.store.db import DONE, Store
 from loraplace.train.generate import sample
@@ -98,11 +102,18 @@ def forgetting_set(cfg: StudyConfig, ws, store: Store) -> ForgettingSet | None:
         return stored
     k, tok, pad = key(cfg, ws.device), ws.tokenizer, pad_id(ws.tokenizer)
     t0 = time.perf_counter()
-    if e.forgetting_source == "base":
+    shared = shared_file(cfg, k)
+    if shared is not None and shared.is_file():  # sampled by an earlier study of this model with these settings
+        seqs = json.loads(shared.read_text())["sequences"]
+        log.info("forgetting: %d sequences sampled from the base model earlier, read from %s", len(seqs), shared)
+    elif e.forgetting_source == "base":
         start = tok.bos_token_id if tok.bos_token_id is not None else tok.eos_token_id
         log.info("forgetting: sampling %d sequences of %d tokens from the base model", e.forgetting_size,
                  e.forgetting_length)
         seqs = sample(ws.model, [start], e.forgetting_size, e.forgetting_length, SEED, ws.device, e.batch_size)
+        if shared is not None:
+            shared.parent.mkdir(parents=True, exist_ok=True)
+            write_text_atomic(shared, json.dumps({"key": k, "sequences": seqs}))
     else:
         seqs = text_sequences(e.forgetting_source, tok, e.forgetting_size, e.forgetting_length)
     spent = time.perf_counter() - t0
@@ -115,6 +126,15 @@ def forgetting_set(cfg: StudyConfig, ws, store: Store) -> ForgettingSet | None:
     log.info("forgetting: the base model's loss on the set %.4f nats/token (%d tokens, %.1f s to build)",
              fset.base_loss, fset.tokens, spent)
     return fset
+
+
+def shared_file(cfg: StudyConfig, k: str) -> Path | None:
+    """Where a base-model forgetting set is kept for every study of a built-in model (``model.loading.ALIASES``:
+    fixed weights) with the same settings, under loraplace's cache; None otherwise (a directory's weights may
+    change under the same name)."""
+    if cfg.eval.forgetting_source != "base" or cfg.model not in ALIASES:
+        return None
+    return cache_root() / "forgetting" / f"{k}.json"
 
 
 def load(cfg: StudyConfig, ws, store: Store) -> ForgettingSet | None:

@@ -2,6 +2,7 @@
 
 Roles come from which sub-block a linear sits in, its shape against the residual width and the config's head and
 MLP sizes, and its place in the data flow (one tiny traced forward); names only break ties. Unsure means "other".
+Routed experts stored as fused 3-D parameters (``model.experts``) are layers too, named by their parameter.
 
 Usage: ``anat = analyze(model); [l.name for l in anat.by_role()["attn.q"]]``
 """
@@ -20,6 +21,7 @@ from transformers.pytorch_utils import Conv1D
 
 from loraplace.core.errors import LoraplaceError
 from loraplace.core.roles import ROLES
+from loraplace.model.experts import GATE_TOKENS, UP_TOKENS, read_experts
 
 try:  # PEFT wrappers are looked through; without peft there are none to look through.
     from peft import PeftModel
@@ -34,7 +36,7 @@ _HINT = {"attn": re.compile(r"att", re.I), "mlp": re.compile(r"mlp|ffn|feed_?for
 # Leaf-name tokens that tell apart projections whose shapes are identical (q/k/v, gate/up).
 _TOKENS = {
     "attn.q": {"q", "query", "wq"}, "attn.k": {"k", "key", "wk"}, "attn.v": {"v", "value", "wv"},
-    "mlp.gate": {"gate", "w1", "wg"}, "mlp.up": {"up", "w3", "wu"},
+    "mlp.gate": GATE_TOKENS, "mlp.up": UP_TOKENS,
 }
 
 
@@ -44,23 +46,36 @@ class AnatomyError(LoraplaceError, ValueError):
 
 @dataclass(frozen=True)
 class Layer:
-    name: str  # full name as in model.named_modules() of the object given to analyze()
+    """An adaptable weight: a Linear/Conv1D/Embedding module, or a fused expert parameter (kind "Parameter")."""
+
+    name: str  # full name as in model.named_modules() of the object given to analyze(); a parameter: its full name
     block: int  # index in the block stack; -1 outside the blocks
     role: str  # one of ROLES or "other" inside blocks; "embedding" / "lm_head" / "other" outside
-    kind: str  # "Linear", "Conv1D" or "Embedding"
-    in_features: int  # Embedding: vocabulary (num_embeddings)
-    out_features: int  # Embedding: embedding_dim
-    params: int  # weight + bias elements of the base layer (adapters excluded)
+    kind: str  # "Linear", "Conv1D", "Embedding", or "Parameter" (fused 3-D expert weights: PEFT target_parameters)
+    in_features: int  # Embedding: vocabulary (num_embeddings); Parameter: of one expert
+    out_features: int  # Embedding: embedding_dim; Parameter: of one expert
+    params: int  # weight + bias elements of the base layer (adapters excluded); Parameter: every expert's
+    experts: int = 0  # Parameter: how many experts it stacks (LoRA rank r trains r x experts x (in + out)); else 0
     tied_to: str | None = None  # outside only: the earlier module whose weight this one shares
+
+    @property
+    def is_parameter(self) -> bool:
+        """A fused expert parameter (PEFT ``target_parameters``), not a module (``target_modules``)."""
+        return self.kind == "Parameter"
+
+    @property
+    def module(self) -> str:
+        """The module that holds it: itself, or a parameter's owner (e.g. "model.layers.0.mlp.experts")."""
+        return self.name.rpartition(".")[0] if self.is_parameter else self.name
 
 
 @dataclass(frozen=True)
 class Fixed:
-    """A block module that holds weights LoRA cannot wrap as a layer (e.g. fused mixture-of-experts weights)."""
+    """A block module whose matrix weights no placement adapts (a mixture-of-experts router, unreadable experts)."""
 
     name: str
     block: int
-    role: str  # "moe.experts" (fused 3-D expert weights), "moe.router", or "other"
+    role: str  # "moe.router", "moe.experts" (fused 3-D expert weights whose projections cannot be read), or "other"
     kind: str  # the module's class name, e.g. "MixtralExperts"
     shapes: tuple[tuple[int, ...], ...]  # of its own parameters, e.g. ((8, 28672, 4096), (8, 4096, 14336))
     params: int
@@ -68,8 +83,8 @@ class Fixed:
 
 
 _FIXED_REASON = {
-    "moe.experts": "routed experts stored as fused 3-D parameters, not separate nn.Linear layers that LoRA can wrap",
-    "moe.router": "the router is not an nn.Linear, so LoRA cannot wrap it",
+    "moe.experts": "fused 3-D expert weights whose projections (gate, up, down) could not be read from their shapes",
+    "moe.router": "the router picks each token's experts; it is no placement role (not an nn.Linear)",
     "other": "weights outside any nn.Linear/Conv1D layer, so LoRA cannot wrap them",
 }
 
@@ -82,7 +97,7 @@ class Anatomy:
     layers: tuple[Layer, ...]  # every Linear/Conv1D inside the blocks, named_modules order
     outside: tuple[Layer, ...]  # embeddings, lm_head, other linears outside the blocks
     base_params: int  # unique base-model parameters (tied once), never adapter parameters
-    fixed: tuple[Fixed, ...] = ()  # block modules with matrix weights outside any adaptable layer (MoE experts)
+    fixed: tuple[Fixed, ...] = ()  # block modules with matrix weights outside any adaptable layer (MoE routers)
 
     def fixed_params(self) -> dict[str, int]:
         """Role of unwrappable block weights ("moe.experts", ...) -> parameter count."""
@@ -92,8 +107,8 @@ class Anatomy:
         return out
 
     def adaptable(self) -> list[str]:
-        """The modules a strategy can adapt (every block linear whose role is known: what a strategy with roles all
-        and blocks all adapts), by name."""
+        """The modules (and fused expert parameters) a strategy can adapt (every block layer whose role is known:
+        what a strategy with roles all and blocks all adapts), by name."""
         return sorted(l.name for l in self.layers if l.role in ROLES and l.block >= 0)
 
     def roles_present(self) -> tuple[str, ...]:
@@ -116,7 +131,7 @@ class Anatomy:
         if name in self._by_name:
             return self._by_name[name]
         raise KeyError(
-            f"{name!r} is not a Linear/Conv1D/Embedding layer of this {self.model_type or 'model'} "
+            f"{name!r} is not a Linear/Conv1D/Embedding layer or expert parameter of this {self.model_type or 'model'} "
             f"(blocks at {self.blocks_path!r}; e.g. {self.layers[0].name!r})"
         )
 
@@ -322,6 +337,29 @@ def _cfg_int(cfg, *names: str) -> int | None:
     return None
 
 
+def _unwrappable(blocks, blocks_path: str, entries: dict, hidden: int) -> tuple[dict[str, list[Layer]], list[Fixed]]:
+    """Matrix weights in the blocks that no Linear/Conv1D owns: fused expert parameters as layers (module name ->
+    its parameters' layers; a PEFT ParamWrapper is looked through), and what is left (routers) as Fixed."""
+    experts, fixed = {}, []
+    for i, blk in enumerate(blocks):
+        for n, m in _walk(blk, f"{blocks_path}.{i}"):
+            b = _base(m)
+            own = {} if id(m) in entries else {k: p for k, p in b.named_parameters(recurse=False) if p.dim() >= 2}
+            read = read_experts(b, hidden) if any(p.dim() == 3 for p in own.values()) else None
+            if read:
+                experts[n] = [Layer(f"{n}.{x.name}", i, x.role, "Parameter", x.in_features, x.out_features, x.params,
+                                    experts=x.experts) for x in read]
+                for x in read:  # what the expert layers count (a parameter and its bias) is theirs
+                    own.pop(x.name), own.pop(f"{x.name}_bias", None)
+            if own:
+                role = ("moe.experts" if any(p.dim() == 3 for p in own.values())
+                        else "moe.router" if re.search(r"router|gate", type(b).__name__ + " " + n.rsplit(".", 1)[-1], re.I)
+                        else "other")
+                fixed.append(Fixed(n, i, role, type(b).__name__, tuple(tuple(p.shape) for p in own.values()),
+                                   sum(p.numel() for p in own.values()), _FIXED_REASON[role]))
+    return experts, fixed
+
+
 def analyze(model: nn.Module, trace: bool = True) -> Anatomy:
     """Read `model`'s block stack, per-layer roles and base size. A PeftModel is looked through, but every
     name stays as `model.named_modules()` of the object passed in gives it (e.g. "base_model.model.model.layers.0...").
@@ -355,12 +393,14 @@ def analyze(model: nn.Module, trace: bool = True) -> Anatomy:
     for i, blk in enumerate(blocks):
         reader.assign(blk, f"{blocks_path}.{i}")
 
+    experts, fixed = _unwrappable(blocks, blocks_path, entries, hidden)
     try:
         head = _base(root.get_output_embeddings())
     except Exception:  # not a PreTrainedModel
         head = None
     layers, outside, weight_owner = [], [], {}
     for n, m in mods:
+        layers += experts.get(n, [])  # fused expert parameters sit where their module does
         e = entries.get(id(m))
         if e is None:
             continue
@@ -370,18 +410,7 @@ def analyze(model: nn.Module, trace: bool = True) -> Anatomy:
             role = "embedding" if e.kind == "Embedding" else "lm_head" if _base(m) is head else "other"
             w = getattr(_base(m), "weight", None)
             tied = weight_owner.setdefault(id(w), n) if w is not None else n  # tied embeddings share one tensor
-            outside.append(Layer(n, -1, role, e.kind, e.inn, e.out, e.params, tied if tied != n else None))
-
-    fixed = []
-    for i, blk in enumerate(blocks):  # matrix weights no adaptable layer owns: fused MoE experts, routers
-        for n, m in _walk(blk, f"{blocks_path}.{i}"):
-            own = [p for p in m.parameters(recurse=False) if p.dim() >= 2]
-            if own and id(m) not in entries and _base(m) is m:
-                role = ("moe.experts" if any(p.dim() == 3 for p in own)
-                        else "moe.router" if re.search(r"router|gate", type(m).__name__ + " " + n.rsplit(".", 1)[-1], re.I)
-                        else "other")
-                fixed.append(Fixed(n, i, role, type(m).__name__,
-                                   tuple(tuple(p.shape) for p in own), sum(p.numel() for p in own), _FIXED_REASON[role]))
+            outside.append(Layer(n, -1, role, e.kind, e.inn, e.out, e.params, tied_to=tied if tied != n else None))
 
     seen, base_params = set(), 0
     for _, m in mods:  # wrappers: only the wrapped base layer's tensors; plain modules: their own tensors

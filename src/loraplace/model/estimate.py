@@ -165,7 +165,7 @@ def estimate(placement, batch_size: int, seq_len: int, dtype: str = "float32", g
     if anat.model_type not in CALIBRATED:
         notes.append(f"activations are calibrated on Llama-style blocks; for {anat.model_type or 'this model'} "
                      "they can be up to 3x low")
-    if anat.fixed_params().get("moe.experts"):
+    if any(l.is_parameter for l in anat.layers) or anat.fixed_params().get("moe.experts"):
         notes.append("routed-expert activations are not modeled (mixture of experts): the estimate is low")
     elems = full = 0  # saved elements per token; full: the same without checkpointing
     if per_block:

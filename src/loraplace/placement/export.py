@@ -14,23 +14,29 @@ in one line, what the tool cannot express:
 
 * peft: ``LoraConfig`` JSON from ``PlacementRecord.lora_kwargs``, the same settings the trial trained with:
   explicit full module names, per-module ``rank_pattern`` / ``alpha_pattern`` keyed by full name (PEFT
-  matches those keys as ``(.*\\.)?KEY$``). Always works.
+  matches those keys as ``(.*\\.)?KEY$``), routed experts as full parameter names in ``target_parameters``.
+  Always works.
 * axolotl: ``lora_target_modules`` + ``peft_layers_to_transform`` when every chosen block adapts the
   same module short names; otherwise full module names (axolotl hands ``lora_target_modules`` to
-  PEFT's ``target_modules``, which accepts full names). One ``lora_r``/``lora_alpha``: ranks must be uniform.
-* llamafactory: ``lora_target`` short names applied to every block, uniform rank.
+  PEFT's ``target_modules``, which accepts full names). Routed experts: full parameter names in
+  ``lora_target_parameters``, which axolotl hands to PEFT's ``target_parameters`` (PEFT's
+  ``layers_to_transform`` never filters parameters, so they are always listed per block). One
+  ``lora_r``/``lora_alpha``: ranks must be uniform.
+* llamafactory: ``lora_target`` short names applied to every block, uniform rank; no routed experts (its
+  ``lora_target`` names modules only).
 * The variant: its PEFT switches in peft's config, each tool's own switch for it (``Variant.export_switch``,
   ``placement.variants``: e.g. ``peft_use_dora`` in axolotl), or ExportError where the tool has none.
 * The learning rate the placement trained at (``export(..., lr=)``): ``learning_rate`` (axolotl, LLaMA-Factory),
   ``optimizer.lr`` (torchtune); PEFT's LoraConfig has none (``loraplace export`` says it on stderr).
 * torchtune: ``lora_attn_modules`` / ``apply_lora_to_mlp`` mapped from roles (Llama-family roles
   only, all blocks, uniform rank; the MLP's three projections together or not at all, and at least
-  one attention projection, since its builders reject an empty ``lora_attn_modules``).
+  one attention projection, since its builders reject an empty ``lora_attn_modules``; no routed experts).
 """
 
 from __future__ import annotations
 
 import json
+from dataclasses import replace
 
 import yaml
 
@@ -142,11 +148,28 @@ def _ranges(blocks: list[int]) -> str:
     return ", ".join(out)
 
 
+def _no_experts(placement: PlacementRecord, tool: str) -> None:
+    """ExportError when the placement adapts routed experts, which ``tool`` cannot target."""
+    params = placement.parameters()
+    if params:
+        roles = sorted({placement.modules[n].role for n in params}, key=role_rank)
+        raise ExportError(f"{tool} cannot target routed experts' fused parameters ({', '.join(roles)}); "
+                          "export to peft or axolotl, which have target_parameters")
+
+
+def _modules_only(placement: PlacementRecord) -> PlacementRecord:
+    """The placement less its routed experts (what a tool's module targets cover)."""
+    params = set(placement.parameters())
+    return replace(placement, modules={n: m for n, m in placement.modules.items() if n not in params})
+
+
 def _header(placement: PlacementRecord, tool: str) -> str:
     params = placement.trainable_params
     extra = f", {params:,} trainable params" if params else ""
+    experts = len(placement.parameters())
+    what = f"{len(placement.modules) - experts} modules" + (f" + {experts} expert parameters" if experts else "")
     return (f"# loraplace export for {tool}: strategy {placement.strategy or '?'!r}, "
-            f"{len(placement.modules)} modules{extra}, model_type {placement.model_type or '?'}\n")
+            f"{what}{extra}, model_type {placement.model_type or '?'}\n")
 
 
 class _Dumper(yaml.SafeDumper):
@@ -168,21 +191,27 @@ def _peft(placement: PlacementRecord) -> str:
 
 def _axolotl(placement: PlacementRecord) -> str:
     r, alpha = _uniform(placement, "axolotl")
-    sets = _block_sets(placement, "short")
+    modules = _modules_only(placement)
+    sets = _block_sets(modules, "short")
     blocks = sorted(sets)
     config = {"adapter": "lora", "lora_r": r, "lora_alpha": alpha, **_dropout(placement, "lora_dropout"),
               **_variant(placement, "axolotl", "axolotl")}
-    if all(s == sets[blocks[0]] for s in sets.values()):
-        shorts, blocks, all_blocks = _blocks_shape(placement, "short", "axolotl", need_all_blocks=False)
+    if not modules.modules:  # routed experts only
+        config["lora_target_modules"] = []
+    elif all(s == sets[blocks[0]] for s in sets.values()):
+        shorts, blocks, all_blocks = _blocks_shape(modules, "short", "axolotl", need_all_blocks=False)
         config["lora_target_modules"] = shorts
         if not all_blocks:  # block subset: PEFT layers_to_transform
             config["peft_layers_to_transform"] = blocks
     else:  # uneven per block: explicit full names (PEFT matches them exactly)
-        config["lora_target_modules"] = placement.names()
+        config["lora_target_modules"] = modules.names()
+    if placement.parameters():  # PEFT target_parameters, by full name (layers_to_transform does not apply to them)
+        config["lora_target_parameters"] = placement.parameters()
     return _header(placement, "axolotl") + _yaml(config)
 
 
 def _llamafactory(placement: PlacementRecord) -> str:
+    _no_experts(placement, "LLaMA-Factory's lora_target")
     r, alpha = _uniform(placement, "LLaMA-Factory")
     shorts, _, _ = _blocks_shape(placement, "short", "LLaMA-Factory lora_target", need_all_blocks=True)
     config = {"finetuning_type": "lora", "lora_target": ",".join(shorts), "lora_rank": r,
@@ -192,6 +221,7 @@ def _llamafactory(placement: PlacementRecord) -> str:
 
 
 def _torchtune(placement: PlacementRecord) -> str:
+    _no_experts(placement, "torchtune's LoRA builders")
     model_type = placement.model_type
     if model_type and model_type not in TORCHTUNE_MODEL_TYPES:
         raise ExportError(f"torchtune's lora_attn_modules vocabulary covers {', '.join(sorted(TORCHTUNE_MODEL_TYPES))} "

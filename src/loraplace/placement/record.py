@@ -12,7 +12,7 @@ from collections import Counter
 from dataclasses import dataclass, field
 
 from loraplace.core.identity import plain
-from loraplace.core.roles import role_rank
+from loraplace.core.roles import is_expert_role, role_rank
 from loraplace.placement.strategy import PlacementError
 from loraplace.placement.variants import VARIANTS
 
@@ -96,14 +96,21 @@ class PlacementRecord:
             variant=str(data.get("variant") or "lora"), init=str(data.get("init") or "default"),
         )
 
+    def parameters(self) -> list[str]:
+        """The fused expert parameters it adapts (roles ``mlp.experts.*``), full names in reading order: PEFT's
+        ``target_parameters``; every other name is a module (``target_modules``)."""
+        return [n for n in self.names() if is_expert_role(self.modules[n].role)]
+
     def lora_kwargs(self) -> dict:
-        """``LoraConfig`` keyword arguments: explicit full module names; ``rank_pattern``/``alpha_pattern``
-        (keyed by full name) only for modules that differ from ``r``/``lora_alpha``."""
-        r, alpha, names = self.rank, self.alpha, self.names()
+        """``LoraConfig`` keyword arguments: explicit full module names (and full parameter names of routed experts
+        in ``target_parameters``, only when there are any); ``rank_pattern``/``alpha_pattern`` (keyed by full name)
+        only for modules and parameters that differ from ``r``/``lora_alpha``."""
+        r, alpha, names, params = self.rank, self.alpha, self.names(), self.parameters()
         kw = {
             "r": r,
             "lora_alpha": plain(alpha),
-            "target_modules": names,
+            "target_modules": [n for n in names if not is_expert_role(self.modules[n].role)],
+            **({"target_parameters": params} if params else {}),
             "rank_pattern": {n: self.modules[n].rank for n in names if self.modules[n].rank != r},
             "alpha_pattern": {n: plain(self.modules[n].alpha) for n in names if self.modules[n].alpha != alpha},
             "bias": "none",

@@ -9,6 +9,8 @@ Usage::
 A module's LoRA adapter trains ``lora_params(layer, r)`` = r x (in + out) parameters (A is r x in, B is
 out x r; no bias), its rank at most min(in, out), plus what its variant trains beside A and B (``variant_params``:
 DoRA's magnitude vector, AdaLoRA's singular values; ``placement.variants``): the one formula every count here uses.
+A fused expert parameter (``mlp.experts.*``) gets rank r on every one of its E experts, as PEFT's ParamWrapper
+builds it (A is (r x E) x in, B is out x (r x E)): r x E x (in + out).
 """
 
 from __future__ import annotations
@@ -27,6 +29,9 @@ if TYPE_CHECKING:  # torch-free: an Anatomy is only read
 
 
 BUDGET_TOLERANCE = 0.05  # budget-matched strategies land within 5% of the target
+# Variants PEFT's ParamWrapper (LoRA on a fused expert parameter) trains: it refuses DoRA and LoRA variants, PiSSA
+# needs a module's weight, AdaLoRA has layers of its own.
+PARAMETER_VARIANTS = ("lora", "rslora")
 
 
 def max_rank(layer: Layer) -> int:
@@ -35,8 +40,9 @@ def max_rank(layer: Layer) -> int:
 
 
 def lora_params(layer: Layer, rank: int) -> int:
-    """Parameters of a rank-``rank`` LoRA adapter on ``layer`` (rank capped at ``max_rank``): r x (in + out)."""
-    return min(rank, max_rank(layer)) * (layer.in_features + layer.out_features)
+    """Parameters of a rank-``rank`` LoRA adapter on ``layer`` (rank capped at ``max_rank``): r x (in + out); on a
+    fused expert parameter, rank r for each of its experts: r x experts x (in + out)."""
+    return min(rank, max_rank(layer)) * (layer.in_features + layer.out_features) * max(1, layer.experts)
 
 
 def variant_params(layer: Layer, variant: str, rank: int = 0) -> int:
@@ -124,9 +130,14 @@ def resolve(
         raise PlacementError(
             f"strategy {strategy.name!r} (roles {strategy.roles}, blocks {strategy.blocks}) matches no module of this "
             f"{anat.model_type} model; its roles are: {present}"
-            + ("; its mixture-of-experts MLP keeps the experts in fused 3-D weights, which are not layers LoRA can "
-               "wrap (see `loraplace inspect`)" if any(f.role == "moe.experts" for f in anat.fixed) else "")
+            + ("; its mixture-of-experts MLP keeps the experts in fused 3-D weights whose projections could not be "
+               "read (see `loraplace inspect`)" if any(f.role == "moe.experts" for f in anat.fixed) else "")
         )
+    expert = next((l for l in chosen if l.is_parameter), None)
+    if expert is not None and strategy.variant not in PARAMETER_VARIANTS:
+        raise PlacementError(f"strategy {strategy.name!r}: variant {strategy.variant} cannot train routed experts "
+                             f"({expert.role}: PEFT adapts fused expert parameters with plain LoRA or rsLoRA only); "
+                             "leave mlp.experts out of its roles")
     modules, given = {}, {}
     for layer in chosen:
         r = (ranks or {}).get(layer.name) or _rank_for(layer.role, strategy.rank, rank)

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 
 from loraplace.core.errors import LoraplaceError
 from loraplace.core.names import AUTO, EVA, KAPPA, is_auto, is_selected, random_draw
-from loraplace.core.roles import ROLE_GROUPS, ROLES
+from loraplace.core.roles import ROLE_GROUPS, ROLES, role_keys
 
 
 BLOCKS_HELP = (
@@ -201,7 +201,7 @@ def _rank_for(role: str, rank, default: int) -> int:
     if rank is None:
         return default
     if isinstance(rank, dict):
-        for key in (role, role.split(".")[0]):  # the role itself wins over its group
+        for key in role_keys(role):  # the role itself wins over its groups, a narrower group over a wider one
             if key in rank:
                 return rank[key]
         return rank.get("default", default)

@@ -90,7 +90,8 @@ class Workspace:
         return Setup(self.model, self.train_set, self.eval_set, self.cfg.train, self.cfg.eval,
                      self.tokenizer.pad_token_id, self.device, self.accuracy if self.accuracy_examples else None,
                      self.forgetting, self.prefix_cache_bytes,
-                     inits={"eva": self.eva.weights} if self.eva is not None else {})
+                     inits={"eva": self.eva.weights} if self.eva is not None else {},
+                     rung_eval_set=self.eval_set.head(self.cfg.race.eval_limit))
 
     def setup_for(self, task: TrialTask) -> Setup:
         """The Setup a task trains and is evaluated on: a tuning trial on the training data less the selection split,
@@ -99,7 +100,8 @@ class Workspace:
         if task.phase == TUNE:
             if self.tune_train_set is None:
                 raise PlacementError("a tuning trial in a study without tune.lr: this process has no selection split")
-            setup = replace(setup, train_set=self.tune_train_set, eval_set=self.selection_set, accuracy=None)
+            setup = replace(setup, train_set=self.tune_train_set, eval_set=self.selection_set, accuracy=None,
+                            rung_eval_set=None)  # halving decides on the whole selection split
         return setup if task.lr is None else replace(setup, train=replace(setup.train, lr=float(task.lr)))
 
     def placement(self, task: TrialTask) -> Placement:

@@ -18,7 +18,9 @@ norms), so each trial's gradients are the ones it gets alone. Everything else is
 clipping by its own norm, LoRA-dropout masks (each trial keeps its own RNG stream), non-finite-loss
 detection (a failing trial leaves the group, the others go on), and the saved PEFT adapter.
 Only variants whose adapter is plain LoRA's scale x B A x fuse (``Variant.unfusable``: rsLoRA does, its scale
-is read from PEFT; DoRA, PiSSA and AdaLoRA run on the sequential engine).
+is read from PEFT; DoRA, PiSSA and AdaLoRA run on the sequential engine), and only placements on modules: LoRA on
+routed experts (fused 3-D parameters) changes weights inside the experts module, so while any trial adapts them
+the group size is 1 (``unfusable``, logged).
 
 ``train_time_s`` / ``eval_time_s`` of a fused trial are its equal share of each group step (so a study's trials
 still sum to its wall time; they do not tell strategies apart); ``group_train_time_s`` is the group's whole
@@ -63,6 +65,18 @@ AUTO_MEMORY_SHARE = 0.8  # of free CUDA memory that auto-sized groups may fill (
 
 
 # -- how many trials a group holds ------------------------------------------------------------
+EXPERTS_UNFUSABLE = ("LoRA on routed experts adds B A to a fused 3-D expert weight inside the experts module (PEFT's "
+                     "ParamWrapper), not scale x B A x to a module's output, which is what the fused forward adds")
+
+
+def unfusable(placement: Placement) -> str | None:
+    """Why ``placement``'s trials cannot train in a fused group (None: they can): its variant's reason, or routed
+    experts among its targets."""
+    if any(placement.anatomy.layer(n).is_parameter for n in placement.modules):
+        return EXPERTS_UNFUSABLE
+    return placement.variant.unfusable
+
+
 def fusable(model: torch.nn.Module, spec: TrainSpec) -> str | None:
     """None when fusing gives the sequential numbers for this model and settings, else why not."""
     why = base_randomness(model)
@@ -89,7 +103,7 @@ def group_size(spec: TrainSpec, model: torch.nn.Module, device: str, placements:
     if n == "auto":
         n = _auto_size(spec, device, placements, max_length) if M.is_cuda(device) else 1
     if n > 1:
-        why = fusable(model, spec)
+        why = fusable(model, spec) or next((u for p in placements if (u := unfusable(p))), None)
         if why:
             log.info("train.fuse: running trials one after the other: %s", why)
             return 1
@@ -212,10 +226,7 @@ def advance(setup: Setup, trials: list[Trial], steps: int, desc: str = "fused",
     ``cache``: the frozen-prefix cache to use; "new" builds one for the group (``train.prefix``), None uses
     none. Returns the cache, so a group advanced in pieces can keep it."""
     spec, model, device = setup.train, setup.model, setup.device
-    unfusable = [t for t in trials if t.variant.unfusable]
-    if unfusable:  # the executor runs these sequentially; a direct call must not change their numbers silently
-        v = unfusable[0].variant
-        raise TrialError(f"{v.name} trials cannot be fused: {v.unfusable}; run them with train.sequential")
+    _refuse_unfusable(trials)
     active = [t for t in trials if not t.done]
     if not active or steps <= 0:
         return None if cache == "new" else cache
@@ -257,6 +268,14 @@ def advance(setup: Setup, trials: list[Trial], steps: int, desc: str = "fused",
     return cache
 
 
+def _refuse_unfusable(trials: list[Trial]) -> None:
+    """The executor runs unfusable trials sequentially; a direct call must not change their numbers silently."""
+    for t in trials:
+        why = unfusable(t.placement)
+        if why:
+            raise TrialError(f"{t.placement.strategy.name} trials cannot be fused: {why}; run them with train.sequential")
+
+
 def _step(setup: Setup, active: list[Trial], hooks: _Hooks, cache: PrefixCache | None) -> None:
     """One optimizer step of every live trial of the group: their batches stacked, one forward, one backward."""
     t0 = time.perf_counter()
@@ -291,6 +310,7 @@ def evaluate(setup: Setup, trials: list[Trial]) -> None:
     trials = [t for t in trials if t.error is None]
     if not trials:
         return
+    _refuse_unfusable(trials)
     model = setup.model
     hooks = _Hooks(model, trials, 0.0, setup.device)
     was_training = model.training

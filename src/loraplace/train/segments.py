@@ -14,6 +14,7 @@ too when ``rung_accuracy`` (a study deciding on accuracy). Evaluating changes no
 from __future__ import annotations
 
 import time
+from dataclasses import replace
 
 from loraplace.placement.resolve import Placement
 from loraplace.train import checkpoint
@@ -56,7 +57,9 @@ def run_to(setup: Setup, trials: list[Trial], until: int, evals_at=(), fused: bo
 
 
 def _evaluate(setup: Setup, trials: list[Trial], fused: bool, accuracy: bool) -> None:
-    (F.evaluate if fused else S.evaluate)(setup, trials)
+    """A rung's evaluation: on ``setup.rung_eval_set`` where the study limits it (``race.eval_limit``)."""
+    rung = setup if setup.rung_eval_set is None else replace(setup, eval_set=setup.rung_eval_set)
+    (F.evaluate if fused else S.evaluate)(rung, trials)
     for t in trials:
         ev = {k: v for k, v in t.eval.items() if k != "step"}
         if accuracy and setup.accuracy is not None:

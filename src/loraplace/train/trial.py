@@ -60,6 +60,7 @@ class Setup:
     forgetting: object | None = None  # measure.forgetting.ForgettingSet: measure(model) at the end; None: not measured
     prefix_cache_bytes: int | None = None  # cap on the frozen-prefix cache (None: a share of free memory; 0: none)
     inits: dict = field(default_factory=dict)  # placement.init -> {module: A (r, in)}: where A starts (EVA's)
+    rung_eval_set: TokenizedSet | None = None  # what rung evaluations score (race.eval_limit); None: eval_set
 
     @property
     def total_steps(self) -> int:
