@@ -182,3 +182,37 @@ def test_the_eval_set_never_chooses_a_rate(tmp_path):
             meta = store.get_meta("tune")
         seen.append({n: (c["lr"], c["losses"]) for n, c in meta["choices"].items()})
     assert seen[0] == seen[1]
+
+
+def _search(tmp_path, name, **tune):
+    cfg = tiny_study(tmp_path, ["all_linear", "attention_only"], train={"steps": 4}, out=str(tmp_path / name),
+                     tune={"lr": RATES, "selection": 8, "record": [0.5], "compare": False, **tune})
+    records = run_study(cfg, _model())
+    return {(r.strategy, r.lr): r for r in records if r.phase == "tune"}
+
+
+def test_halving_keeps_the_exhaustive_numbers_of_the_rates_it_keeps(tmp_path):
+    """Racing's guarantee for the search: a rate that survives halving ends with the selection loss (and
+    forgetting) the exhaustive grid gives it, since its schedule is the whole run's."""
+    full = _search(tmp_path, "full", at=[])
+    raced = _search(tmp_path, "raced", at=[0.5], keep=0.5, min_keep=1)
+    survivors = [k for k, r in raced.items() if r.status == DONE]
+    assert len(survivors) == 4 and sum(r.status == STOPPED for r in raced.values()) == 2
+    for k in survivors:
+        assert raced[k].metrics["eval_loss"] == full[k].metrics["eval_loss"]
+        assert raced[k].curve == full[k].curve
+    # what halving saw at the rung is what the exhaustive trials recorded there
+    for k, r in raced.items():
+        assert dict(r.evals)[2]["eval_loss"] == dict(full[k].evals)[2]["eval_loss"]
+
+
+def test_fused_tuning_trials_compute_what_sequential_ones_do(tmp_path):
+    seq = _search(tmp_path, "seq", at=[])
+    fused = tiny_study(tmp_path, ["all_linear", "attention_only"], train={"steps": 4, "fuse": 6},
+                       out=str(tmp_path / "fused"), tune={"lr": RATES, "selection": 8, "record": [0.5], "compare": False,
+                                                          "at": []})
+    got = {(r.strategy, r.lr): r for r in run_study(fused, _model()) if r.phase == "tune"}
+    assert got.keys() == seq.keys()
+    for k, r in got.items():
+        assert r.metrics["fused_trials"] > 1
+        assert r.metrics["eval_loss"] == pytest.approx(seq[k].metrics["eval_loss"], rel=1e-4)
