@@ -15,7 +15,7 @@ from loraplace.placement.export import ExportError, export
 from loraplace.placement.peft import apply, lora_layers, verify
 from loraplace.placement.record import PlacementRecord
 from loraplace.placement.resolve import lora_params, match_budget, resolve
-from loraplace.placement.select import random_placement
+from loraplace.placement.select import kappa_placement, random_placement
 from loraplace.placement.strategy import BUILTIN, PlacementError, Strategy, get_strategy
 
 EXPERT_ROLES = {"mlp.experts.gate_up", "mlp.experts.down"}  # what transformers 5 stores for all three families
@@ -130,6 +130,17 @@ def test_what_peft_cannot_train_on_experts_is_refused_in_one_line():
     peft_model = apply(model, rs)  # rsLoRA: PEFT scales a parameter's adapter by alpha / sqrt(r) as a module's
     assert {l.scaling["default"] for l in lora_layers(peft_model).values()} == {8 / 4 ** 0.5}
     peft_model.unload()
+
+
+def test_kappa_refuses_experts_that_peft_ranks_apart():
+    from loraplace.model.conditioning import kappa_order
+
+    model = build("mixtral")
+    anat = analyze(model)
+    order, _ = kappa_order(model, anat)  # PEFT's KappaTune: modules in one order, expert parameters in another
+    with pytest.raises(PlacementError, match="KappaTune ranks routed experts .* apart from the modules") as err:
+        kappa_placement(anat, order, top_p=0.2, target=None)
+    assert "\n" not in str(err.value)
 
 
 # -- exports ------------------------------------------------------------------------------------------------------

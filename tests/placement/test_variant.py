@@ -117,7 +117,7 @@ def test_a_study_of_variants_trains_them_and_keeps_dora_off_the_fused_engine(tmp
     with caplog.at_level("INFO", logger="loraplace"):
         records = {r.strategy: r for r in run_study(cfg)}
     assert all(r.status == "done" for r in records.values()), {s: r.error for s, r in records.items()}
-    assert any("the dora trials run one after the other" in m.getMessage() for m in caplog.records)
+    assert any("run one after the other: DoRA rescales" in m.getMessage() for m in caplog.records)
     assert "fused_trials" not in records["attn_dora"].metrics  # sequential, through PEFT's DoRA
     assert records["attn_rs"].metrics["fused_trials"] == 3  # rsLoRA only changes the scale: it fuses
     for name, variant in (("attn_dora", "dora"), ("attn_rs", "rslora"), ("attention_only", "lora")):

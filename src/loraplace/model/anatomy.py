@@ -63,11 +63,6 @@ class Layer:
         """A fused expert parameter (PEFT ``target_parameters``), not a module (``target_modules``)."""
         return self.kind == "Parameter"
 
-    @property
-    def module(self) -> str:
-        """The module that holds it: itself, or a parameter's owner (e.g. "model.layers.0.mlp.experts")."""
-        return self.name.rpartition(".")[0] if self.is_parameter else self.name
-
 
 @dataclass(frozen=True)
 class Fixed:
@@ -76,8 +71,8 @@ class Fixed:
     name: str
     block: int
     role: str  # "moe.router", "moe.experts" (fused 3-D expert weights whose projections cannot be read), or "other"
-    kind: str  # the module's class name, e.g. "MixtralExperts"
-    shapes: tuple[tuple[int, ...], ...]  # of its own parameters, e.g. ((8, 28672, 4096), (8, 4096, 14336))
+    kind: str  # the module's class name, e.g. "MixtralTopKRouter"
+    shapes: tuple[tuple[int, ...], ...]  # of its own matrix parameters, e.g. ((8, 4096),)
     params: int
     reason: str
 
@@ -94,7 +89,7 @@ class Anatomy:
     model_type: str
     blocks_path: str
     n_blocks: int
-    layers: tuple[Layer, ...]  # every Linear/Conv1D inside the blocks, named_modules order
+    layers: tuple[Layer, ...]  # every Linear/Conv1D and fused expert parameter inside the blocks, named_modules order
     outside: tuple[Layer, ...]  # embeddings, lm_head, other linears outside the blocks
     base_params: int  # unique base-model parameters (tied once), never adapter parameters
     fixed: tuple[Fixed, ...] = ()  # block modules with matrix weights outside any adaptable layer (MoE routers)
@@ -349,8 +344,9 @@ def _unwrappable(blocks, blocks_path: str, entries: dict, hidden: int) -> tuple[
             if read:
                 experts[n] = [Layer(f"{n}.{x.name}", i, x.role, "Parameter", x.in_features, x.out_features, x.params,
                                     experts=x.experts) for x in read]
-                for x in read:  # what the expert layers count (a parameter and its bias) is theirs
-                    own.pop(x.name), own.pop(f"{x.name}_bias", None)
+                for x in read:  # a parameter and its bias are its expert layer's, not left over
+                    own.pop(x.name)
+                    own.pop(f"{x.name}_bias", None)
             if own:
                 role = ("moe.experts" if any(p.dim() == 3 for p in own.values())
                         else "moe.router" if re.search(r"router|gate", type(b).__name__ + " " + n.rsplit(".", 1)[-1], re.I)

@@ -62,7 +62,9 @@ def apply(model: "torch.nn.Module", placement: Placement, dropout: float = 0.0, 
         raise PlacementError(f"LoRA dropout {dropout:g} cannot apply to routed experts ({expert}): PEFT adapts a fused "
                              "expert parameter by adding B A to the weight, with no input to drop; set train.dropout=0")
     config = placement.variant.peft_config(placement, dropout, total_steps, initialise)
-    with warnings.catch_warnings():  # PEFT checks rank/alpha_pattern keys against modules only, never parameters
+    # PEFT checks rank/alpha_pattern keys against the adapted modules only, so it says an expert parameter's key "did
+    # not match" although it applies it; verify() below checks every rank.
+    with warnings.catch_warnings():
         warnings.filterwarnings("ignore", r"The following (rank|alpha)_pattern keys did not match", RuntimeWarning)
         peft_model = get_peft_model(model, config)
     verify(peft_model, placement)

@@ -72,6 +72,9 @@ def kappa_placement(anat: Anatomy, order: list[str], top_p: float, target: int |
     number, ``model.conditioning.kappa_order``), counted as PEFT counts it (int(n x top_p), at least one), at
     ``rank``; with a ``target`` count their uniform rank is scaled to it (``scale_ranks``)."""
     missing = sorted(set(anat.adaptable()) - set(order))
+    if missing and all(anat.layer(n).is_parameter for n in missing):
+        raise PlacementError("kappa: PEFT's KappaTune ranks routed experts (fused parameters) apart from the modules, "
+                             "so one order over both does not exist; kappa does not place mixture-of-experts models")
     if missing:
         raise PlacementError(f"kappa's condition numbers miss {len(missing)} module(s) of this model (e.g. {missing[0]}); "
                              "they were computed on another model")

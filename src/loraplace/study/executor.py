@@ -26,7 +26,6 @@ import torch
 
 from loraplace.core.config import ConfigError, StudyConfig
 from loraplace.core.errors import first_line
-from loraplace.placement.variants import Variant, get_variant
 from loraplace.study.plan import TrialTask, rung_spec, segment
 from loraplace.study.workspace import Workspace
 from loraplace.train import checkpoint, fused, segments, sequential
@@ -76,13 +75,14 @@ def run_tasks(
         if tasks:
             yield from _run_ray(cfg, tasks, on_start)
         return
-    variant = {t.trial_id: _variant(ws, t) for t in tasks}
-    alone = [t for t in tasks if variant[t.trial_id].unfusable]
+    why = {t.trial_id: _unfusable(ws, t) for t in tasks}  # its variant's reason, or routed experts among its targets
+    alone = [t for t in tasks if why[t.trial_id]]
     together = [t for t in tasks if t not in alone]
     size = _group_size(ws, together) if len(together) > 1 else 1
     if size > 1:  # train.fuse: groups of trials in one pass over the base, same results (train.fused)
-        for v in sorted({variant[t.trial_id] for t in alone}, key=lambda v: v.name):
-            log.info("train.fuse: the %s trials run one after the other: %s", v.name, v.unfusable)
+        for reason in sorted({why[t.trial_id] for t in alone}):
+            names = sorted({t.strategy for t in alone if why[t.trial_id] == reason})
+            log.info("train.fuse: %s run one after the other: %s", ", ".join(names), reason)
         for group in plan_groups(together, size):
             group = [task for task in group if on_start(task.trial_id) is not False]  # skip others' claims
             if group:
@@ -103,11 +103,11 @@ def plan_groups(tasks: list[TrialTask], size: int) -> list[list[TrialTask]]:
     return [g for key in sorted(pieces, key=lambda k: (k[0], k[1], k[2] or 0)) for g in fused.plan_groups(pieces[key], size)]
 
 
-def _variant(ws: Workspace, task: TrialTask) -> Variant:
+def _unfusable(ws: Workspace, task: TrialTask) -> str | None:
     try:
-        return ws.placement(task).variant
+        return fused.unfusable(ws.placement(task))
     except RECORDED:  # it fails on its own when run
-        return get_variant("lora")
+        return None
 
 
 def _group_size(ws: Workspace, tasks: list[TrialTask]) -> int:
