@@ -33,6 +33,7 @@ def _numbers(cell: str) -> list[float]:
     return [float(x) for x in re.findall(r"[-+]?\d+\.\d+|[-+]?\d+", cell.replace("{,}", ""))]
 
 
+@pytest.mark.slow
 def test_every_number_in_tables_tex_is_the_analysis(tmp_path):
     paths = write_report(make_study(tmp_path, accuracy=True))
     tex = paths["tables"].read_text()
@@ -83,6 +84,7 @@ def test_tables_and_methods_compile_in_a_minimal_document(tmp_path):
         assert int(re.search(r"Pages:\s+(\d+)", info).group(1)) >= 1
 
 
+@pytest.mark.slow
 def test_figures_are_also_vector_pdfs_of_the_same_figure(tmp_path, monkeypatch):
     saved = []
     real = figures.Figure.savefig
@@ -107,6 +109,7 @@ def test_figures_are_also_vector_pdfs_of_the_same_figure(tmp_path, monkeypatch):
     assert len(by_fig) == len(names) and all(f == {"png", "pdf", "svg"} for f in by_fig.values())  # one figure each
 
 
+@pytest.mark.slow
 def test_methods_paragraph_is_read_from_the_store(tmp_path):
     paths = write_report(make_study(tmp_path))
     md = paths["methods"].read_text()

@@ -21,6 +21,7 @@ from fake_study import ACC, PLAN, T975_DF2, ZA, ZS, make_study  # noqa: F401
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
 
 
+@pytest.mark.slow
 def test_report_files_and_embedded_figures(tmp_path):
     paths = write_report(make_study(tmp_path))
     assert paths["dir"] == tmp_path / "report"
@@ -47,6 +48,7 @@ def test_report_files_and_embedded_figures(tmp_path):
     assert cost_rule() in paths["methods"].read_text()
 
 
+@pytest.mark.slow
 def test_figures_are_not_blank(tmp_path):
     paths = write_report(make_study(tmp_path))
     for key in ("pareto", "decision", "curves", "placement_map", "costs"):
@@ -89,6 +91,7 @@ def test_threshold_override(tmp_path):
     assert a.threshold == 0.5 and a.recommendation.strategy == "top_half"
 
 
+@pytest.mark.slow
 def test_one_seed_report_says_no_interval(tmp_path):
     paths = write_report(make_study(tmp_path, seeds=(0,)))
     md = paths["markdown"].read_text()
@@ -96,6 +99,7 @@ def test_one_seed_report_says_no_interval(tmp_path):
     assert " ± " not in md.split("## Results")[1].split("## Figures")[0].split("\n\n")[1]  # table rows
 
 
+@pytest.mark.slow
 def test_no_zero_shot(tmp_path):
     paths = write_report(make_study(tmp_path, zero_shot=False))
     md = paths["markdown"].read_text()
@@ -145,6 +149,7 @@ def test_study_without_finished_trials(tmp_path):
     assert all(paths[k].is_file() for k in ("pareto", "curves", "placement_map", "costs"))
 
 
+@pytest.mark.slow
 def test_accuracy_columns_and_the_metric_decides(tmp_path):
     make_study(tmp_path, accuracy=True)
     with Store.open(tmp_path, create=False) as store:
@@ -190,6 +195,7 @@ def test_study_config_metric_and_one_seed_wilson(tmp_path):
     assert "Wilson" in summary_text(a)
 
 
+@pytest.mark.slow
 def test_accuracy_metric_on_a_study_without_accuracy_is_one_line(tmp_path, capsys):
     from loraplace.cli import main
 

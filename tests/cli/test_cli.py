@@ -43,6 +43,7 @@ def test_plan_counts_and_budget(capsys, model_dir):
     assert rc == 0 and "budget-matched to same:all_linear" in out and "attention_only" in out
 
 
+@pytest.mark.slow
 def test_study_status_report_export(capsys, model_dir, tmp_path):
     out_dir = tmp_path / "s"
     argv = ["study", f"model={model_dir}", f"out={out_dir}", "strategies=[all_linear,mlp_only]", "seeds=[0,1]",
@@ -115,6 +116,7 @@ def test_bad_dataset_lines_and_unwritable_output(capsys, model_dir, tmp_path):
     assert rc == 2 and "cannot use study directory" in err and "Traceback" not in err
 
 
+@pytest.mark.slow
 def test_report_writes_almost_nothing_to_stderr(tmp_path):
     """Only loraplace's own messages at INFO: matplotlib's PDF backend subsets fonts through fontTools, which logs
     some 330 lines per report at INFO. A fresh process, since pytest's own log handlers hide what a user sees."""

@@ -78,6 +78,7 @@ def test_a_trial_starts_where_peft_own_eva_loader_starts(ws, tmp_path):
         assert not trial.params[f"{n}.lora_B.default.weight"].any()
 
 
+@pytest.mark.slow
 def test_an_eva_study_trains_stores_reports_and_exports_exactly_its_modules(tmp_path, capsys):
     model_dir = tiny_models.save("llama", tmp_path / "tiny")
     common = [f"model={model_dir}", f"out={tmp_path / 'study'}", "data.limit=48", "data.eval_size=8",

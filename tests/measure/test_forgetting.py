@@ -94,6 +94,7 @@ def _model():
     return tiny_models.build("llama"), tiny_models.tokenizer()
 
 
+@pytest.mark.slow
 def test_a_study_measures_forgetting_once_per_trial_on_one_stored_set(tmp_path, monkeypatch, capsys):
     from loraplace.cli import main
 
@@ -126,6 +127,7 @@ def test_a_study_measures_forgetting_once_per_trial_on_one_stored_set(tmp_path, 
     assert (tmp_path / "study" / "report" / "forgetting.png").is_file()
 
 
+@pytest.mark.slow
 def test_fused_trials_forget_what_sequential_ones_do(tmp_path):
     seq = run_study(_cfg(tmp_path, "seq"), _model())
     fused = run_study(_cfg(tmp_path, "fused", train={"fuse": 3}), _model())
@@ -134,6 +136,7 @@ def test_fused_trials_forget_what_sequential_ones_do(tmp_path):
         assert b.metrics["forgetting"] == pytest.approx(a.metrics["forgetting"], rel=1e-3, abs=1e-6)
 
 
+@pytest.mark.slow
 def test_forgetting_from_a_file_is_the_rise_in_loss_on_its_text(tmp_path):
     text = tmp_path / "general.jsonl"
     lines = [f"line {i}: the quick brown fox jumps over the lazy dog" for i in range(10)]

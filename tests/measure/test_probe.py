@@ -314,6 +314,7 @@ def test_verdict_on_accuracy_counts_higher_as_better():
     assert probe_verdict(base + randoms + autos, 0.1).text.startswith("auto does not beat")  # the losses are equal
 
 
+@pytest.mark.slow
 def test_cli_probe_plan_study_report_with_auto(capsys, tmp_path):
     model_dir = tiny_models.save("llama", tmp_path / "tiny")
     out = tmp_path / "s"

@@ -72,6 +72,7 @@ def test_kappa_takes_peft_share_at_the_rank_or_scaled_to_the_budget():
         StudyConfig.from_dict({"define": {"kappa": {"roles": "attn"}}})
 
 
+@pytest.mark.slow
 def test_a_kappa_study_trains_stores_reports_and_exports_exactly_its_modules(tmp_path, capsys):
     model_dir = tiny_models.save("llama", tmp_path / "tiny")
     common = [f"model={model_dir}", f"out={tmp_path / 'study'}", "data.limit=40", "data.eval_size=8",

@@ -39,6 +39,7 @@ def test_llama_70b_from_config(tmp_path):
     assert anat.n_blocks == 80 and len(anat.layers) == 80 * 7
 
 
+@pytest.mark.slow
 def test_alias_reads_gguf_metadata_only(tmp_path, monkeypatch):
     try:
         gguf = embedded_gguf()

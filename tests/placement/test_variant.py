@@ -104,6 +104,7 @@ def test_exports_carry_the_variant_and_peft_rebuilds_it():
         export(rs, "torchtune")
 
 
+@pytest.mark.slow
 def test_a_study_of_variants_trains_them_and_keeps_dora_off_the_fused_engine(tmp_path, caplog):
     model_dir = tiny_models.save("llama", tmp_path / "tiny")
     cfg = StudyConfig.from_dict({

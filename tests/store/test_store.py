@@ -184,6 +184,7 @@ def _open_after(barrier, directory, errors) -> None:
         errors.put(str(e))
 
 
+@pytest.mark.slow
 def test_processes_opening_a_new_study_at_once_all_succeed(tmp_path):
     # SQLite refuses a switch to WAL at once ("database is locked", no busy wait) while another
     # process opens the same new file; before the retry about one round in three failed.

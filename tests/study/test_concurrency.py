@@ -22,6 +22,8 @@ STRATEGIES = ["all_linear", "attention_only", "mlp_only"]
 SEEDS = [0, 1]
 FINISHED = re.compile(r"\] (\S+) seed (\d+): eval loss")  # the line a process prints per trial it ran
 
+pytestmark = pytest.mark.slow  # several `loraplace study` processes on one directory (tens of seconds)
+
 
 @pytest.fixture(scope="module")
 def model_dir(tmp_path_factory):

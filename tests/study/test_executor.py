@@ -28,6 +28,7 @@ def _cfg(model_dir, out, executor):
     })
 
 
+@pytest.mark.slow
 def test_ray_trials_match_local_trials(ray_cluster, tmp_path):
     model_dir = tiny_models.save("llama", tmp_path / "model")
     local = run_study(_cfg(model_dir, tmp_path / "local", "local"))
@@ -43,6 +44,7 @@ def test_ray_trials_match_local_trials(ray_cluster, tmp_path):
     assert [r.finished_at for r in again] == [r.finished_at for r in remote]
 
 
+@pytest.mark.slow
 def test_a_race_on_ray_decides_what_a_local_race_does(ray_cluster, tmp_path):
     """Ray workers run the pieces of work to each rung (checkpoints in the study directory); the driver decides
     once every trial still racing has reached the rung; the survivors go on from their checkpoints."""

@@ -100,6 +100,7 @@ def _same_numbers(a, b):
     assert a.evals == b.evals
 
 
+@pytest.mark.slow
 def test_a_raced_study_stops_the_clearly_worse_and_keeps_the_full_studys_numbers(full, raced):
     tmp, ref = full
     status = {(r.strategy, r.seed): r for r in raced}
@@ -123,6 +124,7 @@ def test_a_raced_study_stops_the_clearly_worse_and_keeps_the_full_studys_numbers
     assert [(r.status, r.finished_at) for r in again] == [(r.status, r.finished_at) for r in raced]
 
 
+@pytest.mark.slow
 def test_the_report_of_a_raced_and_of_a_full_study(full, raced, capsys):
     from loraplace.cli import main
 
@@ -140,6 +142,7 @@ def test_the_report_of_a_raced_and_of_a_full_study(full, raced, capsys):
     assert "Would racing have been safe" in out and "Kendall's tau" in out and "would have stopped weak" in out
 
 
+@pytest.mark.slow
 def test_an_interrupted_race_resumes_from_its_checkpoints_with_the_same_decisions(full, raced, monkeypatch):
     tmp, ref = full
     cfg = _cfg(tmp, "interrupted", race={"at": [0.25, 0.5], "slack": 0.2})
@@ -175,6 +178,7 @@ def test_an_interrupted_race_resumes_from_its_checkpoints_with_the_same_decision
         _same_numbers(ref[(r.strategy, r.seed)], r)
 
 
+@pytest.mark.slow
 def test_a_fused_race_decides_what_a_sequential_race_does(full):
     tmp, ref = full
     fused = run_study(_cfg(tmp, "fused", race={"at": [0.25, 0.5], "slack": 0.2}, train={"fuse": 3}), _model())

@@ -24,7 +24,7 @@ from loraplace.study.run import run_study
 from loraplace.store.db import Store
 
 ray = pytest.importorskip("ray", reason="Ray is not installed (it comes with the [dev] extra)")
-pytestmark = pytest.mark.cluster
+pytestmark = [pytest.mark.cluster, pytest.mark.slow]
 
 OBJECT_STORE = 80 * 2**20  # bytes per node; the default reserves 30% of RAM
 

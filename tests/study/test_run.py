@@ -33,6 +33,7 @@ def _model():
     return tiny_models.build("llama"), tiny_models.tokenizer()
 
 
+@pytest.mark.slow
 def test_study_runs_every_trial_and_stores_it(tmp_path):
     from peft import PeftModel
 
@@ -73,6 +74,7 @@ def test_rerun_skips_finished_trials(tmp_path, monkeypatch):
     assert all(r.status == "done" for r in records)
 
 
+@pytest.mark.slow
 def test_interrupted_study_resumes_and_failures_are_recorded(tmp_path, monkeypatch):
     cfg = _cfg(tmp_path, seeds=[0], strategies=["all_linear", "attention_only", "mlp_only"])
     real = segments.run_to
@@ -151,6 +153,7 @@ def test_analysis_counts_only_the_latest_configs_trials(tmp_path):
     assert a.get("all_linear").eval_loss.mean == pytest.approx(2.1)  # 'old' and 'gone' are not mixed in
 
 
+@pytest.mark.slow
 def test_zero_shot_accuracy_is_measured_once_and_reused(tmp_path, monkeypatch):
     calls = []  # (model class, number of examples) of every accuracy measurement of the base model
     real = W.answer_accuracy

@@ -4,6 +4,8 @@ studied placements."""
 
 from __future__ import annotations
 
+import pytest
+
 import json
 
 import tiny_models
@@ -17,6 +19,7 @@ from loraplace.store.db import Store
 from loraplace.study.run import run_study
 
 
+@pytest.mark.slow
 def test_a_study_trains_the_experts_end_to_end(tmp_path, capsys):
     from peft import LoraConfig, PeftModel, get_peft_model
 

@@ -39,6 +39,7 @@ def _trial_runs(client, out):
     return exp, {r.data.tags[tracking.TRIAL_TAG]: r for r in runs}
 
 
+@pytest.mark.slow
 def test_trials_are_mlflow_runs_that_match_the_store(model_dir, tmp_path, capsys):
     out = tmp_path / "study"
     cfg = _cfg(model_dir, out)
@@ -107,6 +108,7 @@ def test_an_unusable_tracking_store_is_a_warning_not_a_failure(model_dir, tmp_pa
         assert store.get(records[0].trial_id).metrics["eval_loss"] == records[0].metrics["eval_loss"]
 
 
+@pytest.mark.slow
 def test_a_tracking_failure_mid_study_keeps_every_trial(model_dir, tmp_path, caplog, monkeypatch):
     def down(self, *a, **k):
         raise ConnectionError("tracking server went away")

@@ -98,6 +98,7 @@ def _model():
     return tiny_models.build("llama"), tiny_models.tokenizer()
 
 
+@pytest.mark.slow
 def test_a_tuned_study_chooses_each_rate_on_the_selection_split_and_trains_there(tmp_path):
     cfg = _tuned(tmp_path)
     records = run_study(cfg, _model())
@@ -146,6 +147,7 @@ def _anat():
     return analyze(tiny_models.build("llama"))
 
 
+@pytest.mark.slow
 def test_a_rerun_reuses_the_search_and_the_trials(tmp_path, monkeypatch):
     cfg = _tuned(tmp_path)
     first = {r.trial_id: (r.status, r.metrics.get("eval_loss")) for r in run_study(cfg, _model())}
@@ -154,6 +156,7 @@ def test_a_rerun_reuses_the_search_and_the_trials(tmp_path, monkeypatch):
     assert again == first
 
 
+@pytest.mark.slow
 def test_a_rate_that_diverges_is_a_failed_tuning_trial_not_a_failed_study(tmp_path):
     cfg = tiny_study(tmp_path, ["all_linear", "attention_only"], train={"steps": 3}, seeds=[0, 1],
                      tune={"lr": [1e-2, 1e12], "selection": 8, "at": [], "record": []})
@@ -169,6 +172,7 @@ def test_a_rate_that_diverges_is_a_failed_tuning_trial_not_a_failed_study(tmp_pa
     assert all(r.status == DONE for r in records if r.phase == "final")
 
 
+@pytest.mark.slow
 def test_the_eval_set_never_chooses_a_rate(tmp_path):
     """Two studies that differ only in their fixed eval set choose the same rates from the same selection losses."""
     seen = []
@@ -191,6 +195,7 @@ def _search(tmp_path, name, **tune):
     return {(r.strategy, r.lr): r for r in records if r.phase == "tune"}
 
 
+@pytest.mark.slow
 def test_halving_keeps_the_exhaustive_numbers_of_the_rates_it_keeps(tmp_path):
     """Racing's guarantee for the search: a rate that survives halving ends with the selection loss (and
     forgetting) the exhaustive grid gives it, since its schedule is the whole run's."""
@@ -206,6 +211,7 @@ def test_halving_keeps_the_exhaustive_numbers_of_the_rates_it_keeps(tmp_path):
         assert dict(r.evals)[2]["eval_loss"] == dict(full[k].evals)[2]["eval_loss"]
 
 
+@pytest.mark.slow
 def test_fused_tuning_trials_compute_what_sequential_ones_do(tmp_path):
     seq = _search(tmp_path, "seq", at=[])
     fused = tiny_study(tmp_path, ["all_linear", "attention_only"], train={"steps": 4, "fuse": 6},

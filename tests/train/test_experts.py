@@ -29,6 +29,7 @@ def _tensors(result) -> dict[str, torch.Tensor]:
     return load_file(result.adapter_dir / "adapter_model.safetensors")
 
 
+@pytest.mark.slow
 def test_an_expert_trial_trains_and_its_checkpointed_pieces_are_bit_identical(tmp_path):
     from peft import PeftModel
 

@@ -49,6 +49,7 @@ def _same_curve(s: TrialResult, f: TrialResult, rel: float | None = None) -> boo
                     for (_, ls), (_, lf) in zip(s.curve, f.curve)))
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("arch,dropout", [("llama", 0.0), ("llama", 0.1), ("gpt2", 0.0), ("qwen2", 0.0)])
 def test_fused_group_equals_sequential_trials(tmp_path, arch, dropout):
     model = _model(arch)
@@ -99,6 +100,7 @@ def _float64_runs(tmp_path, build_model, pick) -> list[TrialResult]:
     return got
 
 
+@pytest.mark.slow
 def test_fused_equals_sequential_to_float64_precision(tmp_path):
     """In float64 rounding cannot hide a difference: the fused math is the sequential math."""
     def pick(anat):
@@ -116,6 +118,7 @@ def test_same_seed_group_adds_no_padding(tmp_path):
     assert len(got) == 3 and all(r.metrics["fused_padding_frac"] == pytest.approx(r.metrics["padding_frac"]) for r in got)
 
 
+@pytest.mark.slow
 def test_a_diverging_trial_leaves_the_group_and_the_others_finish_identically(tmp_path):
     model = tiny_models.build("llama")
     anat = analyze(model)
@@ -148,6 +151,7 @@ def _study_cfg(tmp_path, out, fuse):
     })
 
 
+@pytest.mark.slow
 def test_study_with_fuse_stores_the_numbers_of_the_sequential_study(tmp_path):
     from loraplace.study import run as S
 
@@ -204,6 +208,7 @@ def test_bad_fuse_setting_is_a_config_error(value):
         StudyConfig.load(overrides=[f"train.fuse={value}"])
 
 
+@pytest.mark.slow
 def test_out_of_memory_splits_the_group_and_loses_no_trial(tmp_path, monkeypatch):
     """The CUDA fallback, exercised on CPU: a group 'too big' for memory runs as smaller groups."""
     from loraplace.study import run as S
@@ -240,6 +245,7 @@ def test_auto_on_cuda_sizes_groups_from_free_memory(tmp_path, monkeypatch):
         assert fused.group_size(spec, model, "cuda", placements, 96) == expected, free
 
 
+@pytest.mark.slow
 def test_fused_trials_score_accuracy_like_sequential_ones(tmp_path):
     """eval.accuracy runs on the restored PEFT wrapping of each fused trial, on the same examples."""
     from loraplace.study import run as S
@@ -269,6 +275,7 @@ def test_fused_trials_score_accuracy_like_sequential_ones(tmp_path):
 
 @pytest.mark.parametrize("arch,checkpointing", [("llama", False), ("gpt_neox", False), ("bloom", False),
                                                 ("gpt2", False), ("llama", True)])
+@pytest.mark.slow
 def test_frozen_prefix_is_computed_once_and_results_equal_sequential(tmp_path, arch, checkpointing):
     """Every trial starts at block 2 or above: blocks 0-1 run in epoch 1 only (bloom's blocks return
     tuples; gpt2 has Conv1D layers and positional block arguments), with the sequential numbers."""
@@ -294,6 +301,7 @@ def test_frozen_prefix_is_computed_once_and_results_equal_sequential(tmp_path, a
         assert_same_adapter(s.adapter_dir, f.adapter_dir)
 
 
+@pytest.mark.slow
 def test_prefix_cache_over_its_cap_is_skipped_with_the_same_results(caplog):
     model = deep("qwen2")
     anat = analyze(model)
@@ -331,6 +339,7 @@ def test_prefix_with_dropout_or_one_epoch_is_not_cached(caplog):
     assert len(runs) == 6 and len(got) == 4 and all(r.metrics["prefix_cached_blocks"] == 0 for r in got)
 
 
+@pytest.mark.slow
 def test_prefix_cache_steps_aside_when_block_k_does_not_read_the_prefix_output(caplog):
     """Something between block k-1 and block k (here a pre-hook that rescales block 2's input) would
     be skipped by the cache: it is detected on the first step and the prefix runs every step."""
@@ -351,6 +360,7 @@ def test_prefix_cache_steps_aside_when_block_k_does_not_read_the_prefix_output(c
         assert _same_curve(s, f)
 
 
+@pytest.mark.slow
 def test_prefix_cache_equals_sequential_to_float64_precision(tmp_path):
     """In float64 the kept hidden states are the ones the sequential engine recomputes every epoch."""
     got = _float64_runs(tmp_path, lambda: deep("llama"), upper)

@@ -51,6 +51,7 @@ def _quantized_deep(tmp_path, mode: str):
     return load(str(d), quantize=mode)[0]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("mode", ["nf4"])  # int8's eval rows interact: model/test_quantize.py
 def test_fused_and_prefix_cached_trials_equal_sequential_ones_on_a_quantized_base(tmp_path, mode):
     """The fused engine adds each trial's LoRA delta in a forward hook on the base layer: on bitsandbytes layers

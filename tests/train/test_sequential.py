@@ -87,6 +87,7 @@ def test_trial_trains_restores_base_and_saves_a_loadable_adapter(tmp_path):
     assert evaluate(loaded, ts, 8, PAD)["eval_loss"] == pytest.approx(m["eval_loss"], rel=1e-5)
 
 
+@pytest.mark.slow
 def test_same_seed_same_numbers_other_seed_other_numbers():
     model = build("gpt2")
     p = resolve(get_strategy("attention_only"), analyze(model), rank=4, alpha=8)

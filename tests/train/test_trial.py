@@ -85,6 +85,7 @@ def _model(dtype):
     return model.double() if dtype == "float64" else model
 
 
+@pytest.mark.slow
 def test_sequential_trial_in_pieces_and_processes_is_bit_identical(tmp_path, dtype):
     """The executor's pieces of a raced trial (paused and checkpointed at each racing rung, restored as a new object
     or in a new process) compute what the whole trial computes."""
@@ -111,6 +112,7 @@ def test_sequential_trial_in_pieces_and_processes_is_bit_identical(tmp_path, dty
     assert whole.metrics["eval_loss"] < whole.curve[0][1]  # it trained: equal untouched adapters would prove nothing
 
 
+@pytest.mark.slow
 def test_fused_group_in_pieces_is_bit_identical(tmp_path, dtype):
     model, ts, spec = _model(dtype), toy_set(21), TrainSpec(**PIECE_SPEC)
     anat = analyze(model)
@@ -188,6 +190,7 @@ class Counting(Variant):
         return float(state["steps"])  # reported as the variant's own time: here its count, to see it travel
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("fuse", [False, True])
 def test_the_lifecycle_asks_the_variant(tmp_path, monkeypatch, fuse):
     """A new variant is one class in the registry: both engines, the checkpoint at a racing rung and the metrics

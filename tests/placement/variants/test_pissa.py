@@ -108,7 +108,7 @@ def test_a_pissa_study_runs_sequentially_and_exports_pissa(tmp_path, capsys, cap
               "budget=same:attention_only", "eval.forgetting=false", "train.fuse=4"]
     with caplog.at_level(logging.INFO, logger="loraplace"):
         assert main(["study", *common]) == 0
-    assert "the pissa trials run one after the other" in caplog.text
+    assert "run one after the other: PiSSA" in caplog.text
     capsys.readouterr()
     with Store.open(tmp_path / "study", create=False) as store:
         trials = {t.strategy: t for t in store.current_trials()}
