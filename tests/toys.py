@@ -32,6 +32,15 @@ REPO = Path(__file__).resolve().parents[1]  # the checkout
 GSM8K = REPO.parent / "shared" / "data" / "gsm8k"  # the shared real data, beside the checkout (may be absent)
 
 PAD = 0
+# study.db as the first release wrote it (no claims, rungs, steps or measured columns; four statuses): migration tests
+FIRST_SCHEMA = """
+CREATE TABLE trials (trial_id TEXT PRIMARY KEY, strategy TEXT NOT NULL, seed INTEGER NOT NULL,
+    status TEXT NOT NULL CHECK (status IN ('pending', 'running', 'done', 'failed')), error TEXT,
+    config_json TEXT NOT NULL, placement_json TEXT NOT NULL DEFAULT '{}', metrics_json TEXT NOT NULL DEFAULT '{}',
+    curve_json TEXT NOT NULL DEFAULT '[]', env_json TEXT NOT NULL DEFAULT '{}', adapter_path TEXT,
+    created_at TEXT NOT NULL, started_at TEXT, finished_at TEXT);
+CREATE TABLE meta (key TEXT PRIMARY KEY, value_json TEXT NOT NULL);
+"""
 REL = 1e-4  # fp32: fused and sequential per-step and eval losses agree to this relative tolerance
 # 21 examples in batches of 4: a short last batch each epoch, at a seed-dependent step; 12 steps: two epochs
 SPEC = dict(lr=2e-2, steps=12, batch_size=4, warmup=0.2, schedule="cosine", rank=4, alpha=8, max_grad_norm=0.5)

@@ -13,6 +13,7 @@ import sys
 import time
 
 import pytest
+from toys import FIRST_SCHEMA
 
 from loraplace.core.files import atomic_dir
 from loraplace.store import claims
@@ -153,13 +154,7 @@ def test_heartbeat_thread_refreshes_held_claims(tmp_path):
 
 def test_a_database_from_before_claims_opens_and_migrates(tmp_path):
     conn = sqlite3.connect(tmp_path / "study.db")
-    conn.executescript("""
-        CREATE TABLE trials (trial_id TEXT PRIMARY KEY, strategy TEXT NOT NULL, seed INTEGER NOT NULL,
-            status TEXT NOT NULL CHECK (status IN ('pending', 'running', 'done', 'failed')), error TEXT,
-            config_json TEXT NOT NULL, placement_json TEXT NOT NULL DEFAULT '{}', metrics_json TEXT NOT NULL DEFAULT '{}',
-            curve_json TEXT NOT NULL DEFAULT '[]', env_json TEXT NOT NULL DEFAULT '{}', adapter_path TEXT,
-            created_at TEXT NOT NULL, started_at TEXT, finished_at TEXT);
-        CREATE TABLE meta (key TEXT PRIMARY KEY, value_json TEXT NOT NULL);
+    conn.executescript(FIRST_SCHEMA + """
         INSERT INTO trials(trial_id, strategy, seed, status, config_json, metrics_json, created_at)
             VALUES ('old', 'all_linear', 0, 'done', '{}', '{"eval_loss": 2.0, "steps": 30}', '2025-01-01T00:00:00+00:00');
         INSERT INTO trials(trial_id, strategy, seed, status, config_json, created_at)

@@ -9,6 +9,7 @@ import sqlite3
 
 import pytest
 import tiny_models
+from toys import FIRST_SCHEMA
 
 from loraplace.core.config import ConfigError, RaceSpec, StudyConfig
 from loraplace.study import race
@@ -192,13 +193,7 @@ def test_a_fused_race_decides_what_a_sequential_race_does(full):
 def test_a_store_from_before_racing_opens_and_takes_the_new_statuses(tmp_path):
     """A study.db whose status check predates paused and stopped is rebuilt on open, every row kept."""
     conn = sqlite3.connect(tmp_path / "study.db")
-    conn.executescript("""
-        CREATE TABLE trials (trial_id TEXT PRIMARY KEY, strategy TEXT NOT NULL, seed INTEGER NOT NULL,
-            status TEXT NOT NULL CHECK (status IN ('pending', 'running', 'done', 'failed')), error TEXT,
-            config_json TEXT NOT NULL, placement_json TEXT NOT NULL DEFAULT '{}', metrics_json TEXT NOT NULL DEFAULT '{}',
-            curve_json TEXT NOT NULL DEFAULT '[]', env_json TEXT NOT NULL DEFAULT '{}', adapter_path TEXT,
-            created_at TEXT NOT NULL, started_at TEXT, finished_at TEXT);
-        CREATE TABLE meta (key TEXT PRIMARY KEY, value_json TEXT NOT NULL);
+    conn.executescript(FIRST_SCHEMA + """
         INSERT INTO trials(trial_id, strategy, seed, status, config_json, metrics_json, created_at)
             VALUES ('t1', 'all_linear', 0, 'done', '{}', '{"eval_loss": 2.5, "steps": 30}', '2026-11-01T00:00:00+00:00');
     """)
