@@ -4,6 +4,7 @@ adapters when its settings change, and reported (column, figure, sentence, max_f
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 
@@ -17,6 +18,7 @@ from loraplace.model.anatomy import analyze
 from loraplace.placement.resolve import resolve
 from loraplace.placement.strategy import Strategy
 from loraplace.measure import forgetting as FG
+from loraplace.study import workspace as W
 from loraplace.study.run import run_study
 from loraplace.store.db import Store
 from loraplace.train import segments, sequential
@@ -177,7 +179,10 @@ def test_a_built_in_models_forgetting_set_is_sampled_once_for_every_study(tmp_pa
     """A study of a built-in model (fixed weights) keeps its sampled set in loraplace's cache: a second study in
     another directory reads the same sequences instead of sampling; a local model is never shared."""
     monkeypatch.setenv("LORAPLACE_CACHE", str(tmp_path / "cache"))
-    monkeypatch.setitem(FG.ALIASES, "tiny", object())  # as if "tiny" were a built-in alias
+    monkeypatch.setitem(FG.ALIASES, "tiny", object())  # as if "tiny" were a built-in alias ...
+    build = W.Workspace.build.__func__
+    monkeypatch.setattr(W.Workspace, "build", classmethod(  # ... that the study loaded by its name
+        lambda cls, cfg, given=None: dataclasses.replace(build(cls, cfg, given), named=True)))
     first = _cfg(tmp_path, out="one", model="tiny", strategies=["all_linear"], seeds=[0])
     run_study(first, _model())
     with Store.open(first.out, create=False) as store:
@@ -190,3 +195,8 @@ def test_a_built_in_models_forgetting_set_is_sampled_once_for_every_study(tmp_pa
     with Store.open(second.out, create=False) as store:
         assert store.get_meta("forgetting")["sequences"] == meta["sequences"]
     assert FG.shared_file(_cfg(tmp_path, model="./my-model"), meta["key"]) is None
+    # a model handed in under a built-in alias's name never writes the shared set (it may be any weights)
+    monkeypatch.undo()
+    monkeypatch.setenv("LORAPLACE_CACHE", str(tmp_path / "cache2"))
+    run_study(_cfg(tmp_path, out="three", strategies=["all_linear"], seeds=[0]), _model())  # cfg.model: the default alias
+    assert not (tmp_path / "cache2" / "forgetting").exists()

@@ -102,7 +102,7 @@ def forgetting_set(cfg: StudyConfig, ws, store: Store) -> ForgettingSet | None:
         return stored
     k, tok, pad = key(cfg, ws.device), ws.tokenizer, pad_id(ws.tokenizer)
     t0 = time.perf_counter()
-    shared = shared_file(cfg, k)
+    shared = shared_file(cfg, k) if ws.named else None  # a model handed in may not be what cfg.model names
     if shared is not None and shared.is_file():  # sampled by an earlier study of this model with these settings
         seqs = json.loads(shared.read_text())["sequences"]
         log.info("forgetting: %d sequences sampled from the base model earlier, read from %s", len(seqs), shared)
@@ -131,7 +131,8 @@ def forgetting_set(cfg: StudyConfig, ws, store: Store) -> ForgettingSet | None:
 def shared_file(cfg: StudyConfig, k: str) -> Path | None:
     """Where a base-model forgetting set is kept for every study of a built-in model (``model.loading.ALIASES``:
     fixed weights) with the same settings, under loraplace's cache; None otherwise (a directory's weights may
-    change under the same name)."""
+    change under the same name). Used only when the study loaded the model by that name itself
+    (``Workspace.named``): a model handed to ``run_study`` may be any weights."""
     if cfg.eval.forgetting_source != "base" or cfg.model not in ALIASES:
         return None
     return cache_root() / "forgetting" / f"{k}.json"

@@ -52,6 +52,7 @@ class Workspace:
     forgetting: object | None = None  # measure.forgetting.ForgettingSet, set by the study once it has one
     eva: object | None = None  # measure.eva.EvaInit of strategy eva, set by the study (or read back) before trials
     prefix_cache_bytes: int | None = None  # cap on the frozen-prefix cache (None: a share of free memory; 0: none)
+    named: bool = False  # the model was loaded from cfg.model (not handed in): its name says which weights these are
     tune_train_set: TokenizedSet | None = None  # tune.lr: what tuning trials train on (the training data less ...
     selection_set: TokenizedSet | None = None  # ... the selection split, which they are evaluated on)
 
@@ -64,7 +65,7 @@ class Workspace:
                                                      quantize=cfg.quantize)
         train_ex, eval_ex = train_eval_examples(cfg.data)
         ws = cls(cfg, model, tok, analyze(model), tokenize(train_ex, tok, cfg.data), tokenize(eval_ex, tok, cfg.data),
-                 eval_ex, device)
+                 eval_ex, device, named=model_and_tokenizer is None)
         if cfg.tune.active:  # the learning-rate search's split of the training data (never the eval set)
             tune_ex, selection = selection_split(train_ex, selection_size(cfg.tune, len(train_ex)))
             ws.tune_train_set, ws.selection_set = tokenize(tune_ex, tok, cfg.data), tokenize(selection, tok, cfg.data)
