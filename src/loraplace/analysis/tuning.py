@@ -133,6 +133,10 @@ def _lines(t: Tuning, metric: str) -> list[str]:
     if none:
         out.append(f"No rate of the grid finished for {', '.join(none)} (every tuning trial diverged or was left out); "
                    "it has no final trials.")
+    failed = [f"{name} lr {lr_text(p.lr)}" for name, points in t.curves.items() for p in points if p.status == "failed"]
+    if failed:
+        out.append(f"Failed tuning trials (out of the search; a non-finite loss is a rate that diverged): "
+                   f"{', '.join(failed)}.")
     out += [e + "." for e in t.edges]
     if t.steps_full:
         out.append(f"The search ran {t.steps_run:,} of the {t.steps_full:,} optimizer steps an exhaustive grid runs "
