@@ -12,8 +12,11 @@ import torch
 
 from loraplace.core.config import ConfigError, StudyConfig
 from loraplace.model.anatomy import analyze
+from loraplace.model.estimate import estimate
 from loraplace.model.loading import ModelError, load
 from loraplace.model.quantize import base_weight_bytes, is_quantized, layer_bytes, quantized_layers
+from loraplace.placement.resolve import resolve
+from loraplace.placement.strategy import get_strategy
 
 MODES = ("nf4", "fp4", "int8")
 needs_bnb = pytest.mark.skipif(importlib.util.find_spec("bitsandbytes") is None,
@@ -115,6 +118,10 @@ def test_each_mode_loads_a_float_directory(tmp_path, mode, arch):
     assert qa.layers == fa.layers and qa.outside == fa.outside and qa.base_params == fa.base_params
     # and the memory is what base_weight_bytes says, from shapes alone
     assert held_bytes(model) == base_weight_bytes(qa, mode, 4) < base_weight_bytes(qa, None, 4) == held_bytes(float_model)
+    # plan's memory estimate counts the base as loaded (the weights term is the base: no variant adds to it here)
+    p = resolve(get_strategy("all_linear"), qa, rank=4, alpha=8)
+    assert estimate(p, 2, 16, quantize=mode).terms["weights"] == held_bytes(model)
+    assert estimate(p, 2, 16).terms["weights"] == held_bytes(float_model)
     # same model, a little rounding: the loss of a random-init model moves by a small fraction
     ids = torch.tensor([tok.encode("The cat sat on the mat.")])
     with torch.no_grad():
@@ -238,3 +245,32 @@ def test_int8_eval_rows_interact_through_the_outlier_columns():
             alone, together = layer(x), layer(torch.cat([x, other]))[:1]
         diffs[mode] = float((alone - together).abs().max() / alone.abs().max())
     assert diffs["eval"] > 1e-4 and diffs["train"] < 1e-6, diffs
+
+
+@needs_bnb
+@pytest.mark.parametrize("mode", MODES)
+def test_int8_bases_run_trials_one_by_one_and_pissa_is_refused(tmp_path, llama_dir, mode):
+    """Because of the above, an int8 base never fuses (4-bit bases do: their matmuls keep rows apart); PiSSA, which
+    rewrites base weights, is refused in one line before anything loads."""
+    from loraplace.core.config import TrainSpec
+    from loraplace.placement.strategy import PlacementError
+    from loraplace.study.plan import resolve_placements
+    from loraplace.train.fused import INT8_UNFUSABLE, fusable
+
+    model, _ = load(llama_dir, quantize=mode)
+    assert fusable(model, TrainSpec()) == (INT8_UNFUSABLE if mode == "int8" else None)
+    cfg = StudyConfig.load(overrides=[f"quantize={mode}", "strategies=[all_linear,pis]"])
+    cfg.define = {"pis": {"roles": "all", "variant": "pissa"}}
+    with pytest.raises(PlacementError, match=rf"^strategy pis cannot run with quantize={mode}: PiSSA writes") as e:
+        resolve_placements(cfg, analyze(model))
+    assert "\n" not in str(e.value)
+
+
+def test_a_handed_in_model_must_be_what_quantize_says(llama_dir):
+    """The store files results under cfg.quantize, so a float model handed to a quantized study (or the reverse) is
+    refused in one line."""
+    from loraplace.study.workspace import Workspace
+
+    model, tok = load(llama_dir)
+    with pytest.raises(ModelError, match=r"^quantize=nf4 but the model handed in is a float model"):
+        Workspace.build(StudyConfig.load(overrides=["quantize=nf4"]), (model, tok))

@@ -245,3 +245,35 @@ def test_record_round_trip_and_gpt2_fan_in_fan_out():
     assert record.fan_in_fan_out and record.lora_kwargs()["fan_in_fan_out"] is True
     assert PlacementRecord.from_dict(json.loads(json.dumps(record.to_dict()))) == record
     assert isinstance(next(iter(record.modules.values())), ModuleSpec)
+
+
+@pytest.mark.parametrize("mode", ["nf4", "fp4", "int8"])
+def test_quantized_base_exports_load_it_as_the_study_did(mode):
+    """Each tool's keys rebuild the study's BitsAndBytesConfig (model.quantize.bnb_config); PEFT's config is unchanged."""
+    pytest.importorskip("bitsandbytes")
+    import torch
+    from transformers import BitsAndBytesConfig
+
+    from loraplace.model.quantize import bnb_config
+
+    pl = placement(ALL)
+    ours = bnb_config(mode, torch.float32)
+    ax = yaml.safe_load(export(pl, "axolotl", quantize=mode))
+    lf = yaml.safe_load(export(pl, "llamafactory", quantize=mode))
+    if mode == "int8":
+        assert ax["adapter"] == "lora" and ax["load_in_8bit"] and "load_in_4bit" not in ax
+        assert lf["quantization_bit"] == 8 and ours.load_in_8bit
+    else:  # axolotl: BitsAndBytesConfig(load_in_4bit=True, **bnb_config_kwargs); LLaMA-Factory: its arguments
+        theirs = BitsAndBytesConfig(load_in_4bit=ax["load_in_4bit"], **ax["bnb_config_kwargs"])
+        assert ax["adapter"] == "qlora"
+        assert (theirs.bnb_4bit_quant_type, theirs.bnb_4bit_use_double_quant) == (
+            ours.bnb_4bit_quant_type, ours.bnb_4bit_use_double_quant)
+        assert (lf["quantization_bit"], lf["quantization_type"], lf["double_quantization"]) == (
+            4, ours.bnb_4bit_quant_type, ours.bnb_4bit_use_double_quant)
+    assert ax["lora_target_modules"] == yaml.safe_load(export(pl, "axolotl"))["lora_target_modules"]
+    assert export(pl, "peft", quantize=mode) == export(pl, "peft")
+    if mode == "nf4":  # torchtune's quantize_base is NF4
+        assert yaml.safe_load(export(pl, "torchtune", quantize=mode))["model"]["quantize_base"] is True
+    else:
+        with pytest.raises(ExportError, match="NF4 only"):
+            export(pl, "torchtune", quantize=mode)

@@ -52,7 +52,8 @@ def cmd_plan(args) -> int:
         cfg.strategies = [s for s in cfg.strategies if s != EVA]
     placements = resolve_placements(cfg, anat, auto_scores(cfg, probe) if probe else None, kappa, eva)
     t = cfg.train
-    ests = {name: estimate(p, t.batch_size, cfg.data.max_length, t.dtype, t.gradient_checkpointing)
+    ests = {name: estimate(p, t.batch_size, cfg.data.max_length, t.dtype, t.gradient_checkpointing,
+                           quantize=cfg.quantize)
             for name, p in placements.items()}
     if args.json:
         print(json.dumps({name: {**p.to_dict(), "adapter_bytes": p.adapter_bytes(), "estimate": ests[name].to_dict()}
@@ -356,7 +357,14 @@ def cmd_export(args) -> int:
         placement = placement_for(trials, args.strategy)
         eva = store.get_meta("eva") if placement.init == "eva" else None
     lr = next((t.lr for t in trials if t.strategy == args.strategy and t.status == DONE), None)
-    print(export(placement, args.format, lr))
+    quantize = next((t.config.get("quantize") for t in trials if t.strategy == args.strategy), None)
+    print(export(placement, args.format, lr, quantize))
+    if quantize and args.format == "peft":  # a LoraConfig does not load the base
+        from loraplace.model.quantize import loading_text
+
+        dtype = next((t.config.get("train", {}).get("dtype") for t in trials if t.strategy == args.strategy), None) or "float32"
+        print(f"note: the study trained on a {quantize} base; load it as it did: {loading_text(quantize, dtype)}, "
+              "then get_peft_model with this config", file=sys.stderr)
     if lr is not None and (tune or args.format == "peft"):
         how = "chosen for it by the study's learning-rate search" if tune else "the study's shared train.lr"
         where = "in this config" if args.format != "peft" else "(a LoraConfig has no learning rate: set it in your trainer)"

@@ -9,7 +9,8 @@ Works from the Anatomy and the Placement alone (shapes, no tensors), so it answe
 built on the meta device. What it models is what a training step (``train.sequential``) keeps alive at the peak of a step
 (the head's backward, after the optimizer state exists from step 1 on):
 
-- ``weights``: base parameters x dtype bytes (tied weights once).
+- ``weights``: base parameters x dtype bytes (tied weights once); with ``quantize`` the quantized linears'
+  packed weights and quantization state instead (``model.quantize.base_weight_bytes``).
 - ``adapters``, ``adapter_grads``: LoRA parameters x 4 bytes (PEFT keeps adapters in fp32 even on a
   bf16/fp16 base: ``autocast_adapter_dtype``).
 - ``adamw``: two fp32 moments per adapter parameter (8 bytes).
@@ -53,6 +54,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from loraplace.core.metrics import DTYPE_BYTES, train_flops
+from loraplace.model.quantize import base_weight_bytes
 
 ADAPTER_BYTES = 4  # PEFT keeps LoRA weights in fp32
 # Families whose saved-activation bytes the formula matches within 12% (most within 2%) on the test models
@@ -148,8 +150,9 @@ def _block_elems(s: _Shapes, roles: dict[str, int], start: str, has_mlp: bool) -
 
 
 def estimate(placement, batch_size: int, seq_len: int, dtype: str = "float32", gradient_checkpointing: bool = False,
-             target_frac: float = 1.0) -> Estimate:
-    """Peak training memory (bytes, by term) and FLOPs of one step of `placement` at batch_size x seq_len tokens."""
+             target_frac: float = 1.0, quantize: str | None = None) -> Estimate:
+    """Peak training memory (bytes, by term) and FLOPs of one step of `placement` at batch_size x seq_len tokens;
+    ``quantize`` (nf4 | fp4 | int8): the base's linears as bitsandbytes holds them (``model.quantize``)."""
     anat = placement.anatomy
     s = _shapes(anat)
     tokens = batch_size * seq_len
@@ -165,6 +168,9 @@ def estimate(placement, batch_size: int, seq_len: int, dtype: str = "float32", g
     if anat.model_type not in CALIBRATED:
         notes.append(f"activations are calibrated on Llama-style blocks; for {anat.model_type or 'this model'} "
                      "they can be up to 3x low")
+    if quantize is not None:
+        notes.append(f"{quantize} base: its packed weights and their quantization state are counted; a layer's "
+                     "dequantized weight during its matmul is not")
     if any(l.is_parameter for l in anat.layers) or anat.fixed_params().get("moe.experts"):
         notes.append("routed-expert activations are not modeled (mixture of experts): the estimate is low")
     elems = full = 0  # saved elements per token; full: the same without checkpointing
@@ -178,7 +184,7 @@ def estimate(placement, batch_size: int, seq_len: int, dtype: str = "float32", g
     extra = placement.variant.memory(placement, tokens, act_bytes, gradient_checkpointing)  # by term, bytes
     targets = int(round(tokens * target_frac))
     terms = {
-        "weights": anat.base_params * act_bytes + extra.get("weights", 0),
+        "weights": base_weight_bytes(anat, quantize, act_bytes) + extra.get("weights", 0),
         "adapters": n_lora * ADAPTER_BYTES,
         "adapter_grads": n_lora * ADAPTER_BYTES,
         "adamw": 2 * n_lora * 4,

@@ -83,6 +83,14 @@ def bnb_config(mode: str, compute_dtype: "torch.dtype"):
                               bnb_4bit_compute_dtype=compute_dtype)
 
 
+def loading_text(mode: str, compute_dtype: str = "float32") -> str:
+    """How ``bnb_config`` loads the base, as a user would write it for transformers (for notes beside exports)."""
+    if mode == "int8":
+        return "from_pretrained(..., quantization_config=BitsAndBytesConfig(load_in_8bit=True))"
+    return (f"from_pretrained(..., quantization_config=BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="
+            f"'{mode}', bnb_4bit_use_double_quant=True, bnb_4bit_compute_dtype=torch.{compute_dtype}))")
+
+
 def keep_trainable_layout(model: "torch.nn.Module") -> int:
     """Keep every 4-bit layer in its trainable layout through evaluation passes; returns the layers set.
 

@@ -28,6 +28,11 @@ in one line, what the tool cannot express:
   ``placement.variants``: e.g. ``peft_use_dora`` in axolotl), or ExportError where the tool has none.
 * The learning rate the placement trained at (``export(..., lr=)``): ``learning_rate`` (axolotl, LLaMA-Factory),
   ``optimizer.lr`` (torchtune); PEFT's LoraConfig has none (``loraplace export`` says it on stderr).
+* The base's quantization (``export(..., quantize=)``, the study's ``quantize``): axolotl ``adapter: qlora`` with
+  ``load_in_4bit`` and ``bnb_config_kwargs`` (quant type, double quantization) or ``load_in_8bit``; LLaMA-Factory
+  ``quantization_bit`` (4 or 8), ``quantization_type`` and ``double_quantization``; torchtune's builders take
+  ``quantize_base: true`` (NF4 only: fp4 and int8 raise); a PEFT LoraConfig has none (``loraplace export`` says
+  on stderr how the base was loaded).
 * torchtune: ``lora_attn_modules`` / ``apply_lora_to_mlp`` mapped from roles (Llama-family roles
   only, all blocks, uniform rank; the MLP's three projections together or not at all, and at least
   one attention projection, since its builders reject an empty ``lora_attn_modules``; no routed experts).
@@ -59,16 +64,17 @@ class ExportError(LoraplaceError, ValueError):
     """The placement cannot be expressed in the requested tool's vocabulary (one-line message)."""
 
 
-def export(placement: PlacementRecord, fmt: str, lr: float | None = None) -> str:
+def export(placement: PlacementRecord, fmt: str, lr: float | None = None, quantize: str | None = None) -> str:
     """The config text for ``fmt`` (one of FORMATS); raises ExportError when it cannot be exact. ``lr``: the peak
     learning rate the placement trained at (a tuned study's chosen rate), written where the tool takes one
-    (axolotl and LLaMA-Factory ``learning_rate``, torchtune's ``optimizer.lr``; a PEFT config has none)."""
+    (axolotl and LLaMA-Factory ``learning_rate``, torchtune's ``optimizer.lr``; a PEFT config has none).
+    ``quantize``: the study's bitsandbytes base (nf4 | fp4 | int8 | None), written as each tool loads it."""
     writers = {"peft": _peft, "axolotl": _axolotl, "llamafactory": _llamafactory, "torchtune": _torchtune}
     if fmt not in writers:
         raise ExportError(f"unknown format {fmt!r}; choose one of {', '.join(FORMATS)}")
     if not placement.modules:
         raise ExportError("the placement adapts no modules; nothing to export")
-    text = writers[fmt](placement)
+    text = writers[fmt](placement, _quantized(fmt, quantize) if quantize else {})
     if lr is None or fmt == "peft":
         return text
     if fmt == "torchtune":  # a section of its own beside model: (the recipe's optimizer keeps its _component_)
@@ -77,6 +83,24 @@ def export(placement: PlacementRecord, fmt: str, lr: float | None = None) -> str
 
 
 # -- helpers ---------------------------------------------------------------------------------------
+def _quantized(fmt: str, mode: str) -> dict:
+    """The keys that load the base as the study did (QLoRA's NF4 with double quantization, FP4, or LLM.int8())."""
+    four = mode in ("nf4", "fp4")
+    if fmt == "axolotl":  # axolotl builds BitsAndBytesConfig from these; its qlora adapter is LoRA on a 4-bit base
+        if not four:
+            return {"load_in_8bit": True}
+        return {"adapter": "qlora", "load_in_4bit": True,
+                "bnb_config_kwargs": {"bnb_4bit_quant_type": mode, "bnb_4bit_use_double_quant": True}}
+    if fmt == "llamafactory":  # its QuantizationArguments (bitsandbytes is its default quantization_method)
+        return ({"quantization_bit": 4, "quantization_type": mode, "double_quantization": True} if four
+                else {"quantization_bit": 8})
+    if fmt == "torchtune":  # its LoRA builders' quantize_base: torchao's NF4, as QLoRA's
+        if mode != "nf4":
+            raise ExportError(f"torchtune's quantize_base quantizes to NF4 only; this study's base was {mode}")
+        return {"quantize_base": True}
+    return {}  # peft: a LoraConfig does not load the base (the CLI says how on stderr)
+
+
 def _short(name: str) -> str:
     return name.rsplit(".", 1)[-1]
 
@@ -185,11 +209,11 @@ def _yaml(data: dict) -> str:
 
 
 # -- writers ---------------------------------------------------------------------------------------
-def _peft(placement: PlacementRecord) -> str:
+def _peft(placement: PlacementRecord, quant: dict) -> str:
     return json.dumps({"peft_type": "LORA", **placement.lora_kwargs()}, indent=2) + "\n"
 
 
-def _axolotl(placement: PlacementRecord) -> str:
+def _axolotl(placement: PlacementRecord, quant: dict) -> str:
     r, alpha = _uniform(placement, "axolotl")
     modules = _modules_only(placement)
     sets = _block_sets(modules, "short")
@@ -207,20 +231,21 @@ def _axolotl(placement: PlacementRecord) -> str:
         config["lora_target_modules"] = modules.names()
     if placement.parameters():  # PEFT target_parameters, by full name (layers_to_transform does not apply to them)
         config["lora_target_parameters"] = placement.parameters()
+    config.update(quant)
     return _header(placement, "axolotl") + _yaml(config)
 
 
-def _llamafactory(placement: PlacementRecord) -> str:
+def _llamafactory(placement: PlacementRecord, quant: dict) -> str:
     _no_experts(placement, "LLaMA-Factory's lora_target")
     r, alpha = _uniform(placement, "LLaMA-Factory")
     shorts, _, _ = _blocks_shape(placement, "short", "LLaMA-Factory lora_target", need_all_blocks=True)
     config = {"finetuning_type": "lora", "lora_target": ",".join(shorts), "lora_rank": r,
               "lora_alpha": alpha, **_dropout(placement, "lora_dropout"),
-              **_variant(placement, "llamafactory", "LLaMA-Factory")}
+              **_variant(placement, "llamafactory", "LLaMA-Factory"), **quant}
     return _header(placement, "LLaMA-Factory") + _yaml(config)
 
 
-def _torchtune(placement: PlacementRecord) -> str:
+def _torchtune(placement: PlacementRecord, quant: dict) -> str:
     _no_experts(placement, "torchtune's LoRA builders")
     model_type = placement.model_type
     if model_type and model_type not in TORCHTUNE_MODEL_TYPES:
@@ -243,6 +268,6 @@ def _torchtune(placement: PlacementRecord) -> str:
     model = {"lora_attn_modules": attn,
              "apply_lora_to_mlp": bool(mlp), "apply_lora_to_output": False,
              "lora_rank": r, "lora_alpha": alpha, **_dropout(placement, "lora_dropout"),
-             **_variant(placement, "torchtune", "torchtune")}
+             **_variant(placement, "torchtune", "torchtune"), **quant}
     note = "# merge into the recipe's model: section (keep its _component_ builder)\n"
     return _header(placement, "torchtune") + note + _yaml({"model": model})

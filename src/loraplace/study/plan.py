@@ -23,6 +23,7 @@ from loraplace.core.names import AUTO, EVA, KAPPA, is_auto, is_random, is_select
 from loraplace.placement.resolve import Placement, adalora_placement, match_budget, parse_budget, resolve
 from loraplace.placement.select import auto_placement, kappa_placement, random_placement
 from loraplace.placement.strategy import ADALORA, PlacementError, Strategy, get_strategy, selected_strategy
+from loraplace.placement.variants import get_variant
 from loraplace.store.db import TUNE
 from loraplace.study.race import rung_steps
 
@@ -64,6 +65,11 @@ def resolve_placements(cfg: StudyConfig, anat: Anatomy, scores: dict[str, dict[s
     (``measure.eva.EvaInit``, computed for ``fixed_budget``) places ``eva``."""
     t = cfg.train
     kw = dict(rank=t.rank, alpha=t.alpha, alpha_per_rank=t.alpha_per_rank)
+    if cfg.quantize is not None:  # before any measurement: a variant that cannot train on the quantized base
+        for name in cfg.strategies:
+            why = get_variant(get_strategy(name, cfg.define).variant).unquantizable if not is_selected(name) else None
+            if why:
+                raise PlacementError(f"strategy {name} cannot run with quantize={cfg.quantize}: {why}")
     if any(is_selected(n) for n in cfg.strategies) or cfg.budget == SAME_AUTO:
         return _with_selected(cfg, anat, scores, kappa, eva, kw)
     target = None if cfg.budget is None else parse_budget(cfg.budget, anat, t.rank, cfg.define)

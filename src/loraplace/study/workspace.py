@@ -23,7 +23,8 @@ from loraplace.data.answers import accuracy_examples
 from loraplace.data.sources import selection_split, train_eval_examples
 from loraplace.data.tokenize import TokenizedSet, encode_prompt, tokenize
 from loraplace.model.anatomy import Anatomy, analyze
-from loraplace.model.loading import load
+from loraplace.model.loading import ModelError, load
+from loraplace.model.quantize import is_quantized
 from loraplace.placement.resolve import Placement, resolve
 from loraplace.core.names import EVA
 from loraplace.placement.strategy import PlacementError
@@ -63,6 +64,11 @@ class Workspace:
             torch.set_num_threads(cfg.train.threads)
         model, tok = model_and_tokenizer or load(cfg.model, dtype=getattr(torch, cfg.train.dtype), device=device,
                                                      quantize=cfg.quantize)
+        if model_and_tokenizer is not None and is_quantized(model) != (cfg.quantize is not None):
+            # the store files every result under cfg.quantize: a handed-in model must be what it says
+            raise ModelError(f"quantize={cfg.quantize} but the model handed in is "
+                             f"{'a bitsandbytes-quantized' if is_quantized(model) else 'a float'} model; load it with "
+                             "model.loading.load(..., quantize=cfg.quantize) or let the study load it")
         train_ex, eval_ex = train_eval_examples(cfg.data)
         ws = cls(cfg, model, tok, analyze(model), tokenize(train_ex, tok, cfg.data), tokenize(eval_ex, tok, cfg.data),
                  eval_ex, device, named=model_and_tokenizer is None)

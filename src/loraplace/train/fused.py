@@ -68,6 +68,9 @@ AUTO_MEMORY_SHARE = 0.8  # of free CUDA memory that auto-sized groups may fill (
 EXPERTS_UNFUSABLE = ("LoRA on routed experts adds B A to a fused 3-D expert weight inside the experts module (PEFT's "
                      "ParamWrapper), not scale x B A x to a module's output, which is what the fused forward adds")
 
+INT8_UNFUSABLE = ("an LLM.int8() base: in evaluation its fp16 outlier columns are chosen from every row of the batch, "
+                  "so one trial's rows would change another's numbers")
+
 
 def unfusable(placement: Placement) -> str | None:
     """Why ``placement``'s trials cannot train in a fused group (None: they can): its variant's reason, or routed
@@ -82,6 +85,8 @@ def fusable(model: torch.nn.Module, spec: TrainSpec) -> str | None:
     why = base_randomness(model)
     if why:
         return why
+    if getattr(model, "is_loaded_in_8bit", False):
+        return INT8_UNFUSABLE
     if spec.gradient_checkpointing and spec.dropout > 0:
         return "LoRA dropout under gradient checkpointing (the recompute would redraw its masks)"
     return None

@@ -42,6 +42,7 @@ class Variant:
     switches: dict = {}  # PEFT LoraConfig keyword arguments that give it (PEFT's own implementation)
     tools: dict[str, str] = {}  # export format -> that tool's boolean switch for it
     unfusable: str | None = None  # why the fused forward (scale x B A x) would not compute it; None: it fuses
+    unquantizable: str | None = None  # why it cannot train on a bitsandbytes base (``quantize``); None: it can
 
     # -- counting, placing, exporting, reporting (torch-free) ----------------------------------------------------
     def extra_params(self, layer: Layer, rank: int) -> int:

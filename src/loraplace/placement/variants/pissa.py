@@ -35,6 +35,8 @@ class PiSSA(Variant):
     switches = {"init_lora_weights": "pissa"}
     tools = {"llamafactory": "pissa_init"}
     unfusable = "PiSSA trains on a residual base weight of its own, not the base the group shares"
+    unquantizable = ("PiSSA writes W - B A into the base weight, which PEFT does only on a float base (its advice: "
+                     "initialise on the float model, then quantize the residual)")
 
     def memory(self, placement, tokens: int, act_bytes: int, checkpointing: bool) -> dict[str, int]:
         anat = placement.anatomy
