@@ -10,6 +10,7 @@ import tiny_models
 from toys import tiny_study
 
 from loraplace.analysis.from_store import analyze_store
+from loraplace.analysis.report import write_report
 from loraplace.core.text import lr_text
 from loraplace.model.anatomy import analyze
 from loraplace.store.db import DONE, FAILED, STOPPED, Store
@@ -137,6 +138,16 @@ def test_a_tuned_study_chooses_each_rate_on_the_selection_split_and_trains_there
     header = csv.splitlines()[0].split(",")
     assert header[:5] == ["trial_id", "strategy", "seed", "phase", "lr"]
     assert {line.split(",")[3] for line in csv.splitlines()[1:]} == {"tune", "final"}
+    # the report: the figure, the methods' own sentence for the search, and each strategy's rate in the table
+    paths = write_report(cfg.out)
+    assert paths["lr"].exists()
+    methods = paths["methods"].read_text()
+    assert (f"Each strategy's peak learning rate was chosen from {', '.join(lr_text(x) for x in RATES)}" in methods
+            and f"a selection split of {meta['selection']} training examples" in methods)
+    report = paths["markdown"].read_text()
+    assert "## Does the learning rate change the answer?" in report
+    rows = {line.split(" | ")[0].strip("| †"): line for line in report.splitlines() if line.startswith("| ")}
+    assert all(f"| {lr_text(meta['choices'][name]['lr'])} |" in rows[name] for name in cfg.strategies)
 
 
 def replace_lr(cfg, lr):

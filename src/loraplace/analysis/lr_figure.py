@@ -27,7 +27,7 @@ def lr_curves(t: Tuning, metric: str, path: Path) -> Path:
     st = styles(list(t.curves))
     label = QUALITY[metric].label
     with matplotlib.rc_context(RC):
-        fig = Figure(figsize=(10, 5.8), layout="constrained")
+        fig = Figure(figsize=(11.5, 5.8), layout="constrained")
         ax = fig.subplots()
         ax.set_xscale("log")
         for name, points in t.curves.items():
@@ -47,6 +47,7 @@ def lr_curves(t: Tuning, metric: str, path: Path) -> Path:
             best = next((p for p in done if p.lr == chosen), None)
             if best is not None:
                 ax.plot(best.lr, best.value.mean, "*", color=s["color"], ms=18, mec="black", mew=1.2, zorder=5)
+        _clip_off_scale(ax, t, st)
         ax.set_xticks(t.grid)
         ax.xaxis.set_major_formatter(FuncFormatter(lambda x, _: lr_text(x)))
         ax.xaxis.set_minor_formatter(NullFormatter())
@@ -58,7 +59,44 @@ def lr_curves(t: Tuning, metric: str, path: Path) -> Path:
         ax.grid(True, which="major", alpha=0.3)
         handles, labels = ax.get_legend_handles_labels()
         notes = ["★ chosen rate", "hollow: stopped by halving (its rung value)"]
+        if ax.get_ylim()[1] < max(_values(t)):
+            notes.append("▲ above the axis: off scale (its value)")
         if any(p.status == "failed" for ps in t.curves.values() for p in ps):
             notes.append("x on the axis: diverged")
-        ax.legend(handles, labels, loc="best", title="; ".join(notes), title_fontsize=9)
+        ax.legend(handles, labels, loc="upper left", bbox_to_anchor=(1.01, 1.0), title="\n".join(notes),
+                  title_fontsize=9, alignment="left")
         return save(fig, path)
+
+
+def _values(t: Tuning) -> list[float]:
+    """Every plotted value: finished rates' means and stopped rates' rung values."""
+    vals = [p.value.mean for ps in t.curves.values() for p in ps if p.value is not None]
+    return vals + [p.rung[1] for ps in t.curves.values() for p in ps if p.status == "stopped" and p.rung is not None]
+
+
+OFF_SCALE = 3.0  # the y axis ends this many times (median - best) above the best value: a rate that blew up (loss
+# 6 where the optimum is 2, with a t-interval of +-30 over two seeds) would otherwise flatten every other curve
+
+
+def _clip_off_scale(ax, t: Tuning, st: dict) -> None:
+    """Keep the region around the optima readable: values above the cap are drawn as a triangle at the top edge
+    with their value written beside it."""
+    vals = sorted(_values(t))
+    if len(vals) < 3:
+        return
+    best, median = vals[0], vals[len(vals) // 2]
+    top = best + OFF_SCALE * max(median - best, 1e-6)
+    if vals[-1] <= top:
+        ax.set_ylim(best - 0.08 * (vals[-1] - best) - 1e-6, vals[-1] + 0.08 * (vals[-1] - best) + 1e-6)
+        return
+    ax.set_ylim(best - 0.08 * (top - best), top)
+    stacked: dict[float, int] = {}  # rate -> off-scale values written there so far (written one under another)
+    for name, points in t.curves.items():
+        for p in points:
+            v = p.value.mean if p.value is not None else (p.rung[1] if p.status == "stopped" and p.rung else None)
+            if v is not None and v > top:
+                k = stacked[p.lr] = stacked.get(p.lr, -1) + 1
+                ax.plot(p.lr, 0.985, "^", color=st[name]["color"], ms=10, transform=ax.get_xaxis_transform(),
+                        clip_on=False, zorder=6)
+                ax.annotate(f"{v:.2f}", (p.lr, 0.985), xycoords=("data", "axes fraction"), xytext=(8, -4 - 11 * k),
+                            textcoords="offset points", fontsize=8, color=st[name]["color"])

@@ -70,14 +70,22 @@ def _scales(a: StudyAnalysis) -> str:
 
 
 def _rate(a: StudyAnalysis, lr: float) -> str:
-    """The peak learning rate: the shared one, or each strategy's chosen one and how it was chosen."""
+    """The peak learning rate inside the training sentence: the shared one, or a pointer to ``_search``."""
+    if a.tuning is None:
+        return f"peak learning rate {lr_text(lr)}, shared by every strategy and not tuned"
+    return "its strategy's own peak learning rate, chosen as the next sentence says"
+
+
+def _search(a: StudyAnalysis) -> list[str]:
+    """A tuned study's search in a sentence of its own: the grid, the selection split, the seeds, the rule, the rates."""
     t = a.tuning
     if t is None:
-        return f"peak learning rate {lr_text(lr)}, shared by every strategy and not tuned"
+        return []
     chosen = "; ".join(f"`{s}` {lr_text(c.lr)}" for s, c in t.choices.items() if c.lr is not None)
-    return (f"peak learning rate chosen per strategy from {', '.join(lr_text(x) for x in t.grid)} by the lowest mean "
-            f"loss on a selection split of {t.selection} training examples (not the evaluation set) over tuning "
-            f"seed{'s' if len(t.seeds) != 1 else ''} {', '.join(map(str, t.seeds))}; {t.rule}: {chosen}")
+    return [f"Each strategy's peak learning rate was chosen from {', '.join(lr_text(x) for x in t.grid)} by the lowest "
+            f"mean loss on a selection split of {t.selection} training examples (not the evaluation set) over tuning "
+            f"seed{'s' if len(t.seeds) != 1 else ''} {', '.join(map(str, t.seeds))}, the tuning trials training on "
+            f"the rest; {t.rule}. Chosen: {chosen}."]
 
 
 def sentences(a: StudyAnalysis, store) -> list[str]:
@@ -118,6 +126,7 @@ def sentences(a: StudyAnalysis, store) -> list[str]:
                f"clipping at {t.max_grad_norm:g}), LoRA alpha {t.alpha:g} ({_scales(a)}), LoRA dropout "
                f"{t.dropout:g}, in {t.dtype} on {env.get('gpu') or env.get('device', '?')}; the loss was the token-"
                "weighted next-token cross-entropy on completion tokens only.")
+    out += _search(a)
     out.append(f"Every strategy ran with {len(cfg.seeds)} seed{'s' if len(cfg.seeds) != 1 else ''} "
                f"({', '.join(map(str, cfg.seeds))}); a seed fixes the data order and the adapter initialisation.")
     ev = [f"the token-weighted evaluation loss (the base model's: {zero['eval_loss']:.4f} nats/token)"

@@ -77,6 +77,7 @@ def cmd_plan(args) -> int:
     print(_table(rows, ["strategy", "modules", "trainable", "of base", "adapter (fp32)", "ranks", "est. peak mem",
                         "est. CPU RSS", "GFLOP/step"], right={1, 2, 3, 4, 6, 7, 8}))
     print(f"\nEstimated peak training memory at batch {t.batch_size} x {cfg.data.max_length} tokens, {t.dtype}"
+          f"{f', {cfg.quantize} base' if cfg.quantize else ''}"
           f"{', gradient checkpointing' if t.gradient_checkpointing else ''}, every position a target (upper bound):")
     terms = list(next(iter(ests.values())).terms)
     per_example = {n: (e.terms["activations"] + e.terms["logits"]) / t.batch_size for n, e in ests.items()}
