@@ -197,6 +197,22 @@ def test_placement_for_store(tmp_path, capsys):
     assert yaml.safe_load(text)["lora_target"] == "q_proj,v_proj"
 
 
+def test_export_of_a_quantized_study_loads_the_base_as_it_did(tmp_path, capsys):
+    store = Store.open(tmp_path)
+    store.add_pending("q", "attn", 0, {"quantize": "nf4", "train": {"dtype": "bfloat16"}})
+    store.mark_done("q", {"eval_loss": 1.0}, [], placement(["attn.q", "attn.v"], strategy="attn"), {})
+    store.close()
+    assert main(["export", str(tmp_path), "--strategy", "attn", "--format", "axolotl"]) == 0
+    cfg = yaml.safe_load(capsys.readouterr().out)
+    assert cfg["adapter"] == "qlora" and cfg["load_in_4bit"] and cfg["bnb_config_kwargs"]["bnb_4bit_quant_type"] == "nf4"
+    assert main(["export", str(tmp_path), "--strategy", "attn", "--format", "peft"]) == 0
+    out, err = capsys.readouterr()
+    assert "quant" not in out  # a LoraConfig has no quantization: the note says how the base was loaded
+    assert ("note: the study trained on a base quantized to nf4; load it as it did: from_pretrained(..., quantization_config="
+            "BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type='nf4', bnb_4bit_use_double_quant=True, "
+            "bnb_4bit_compute_dtype=torch.bfloat16))") in err
+
+
 def test_export_takes_the_latest_configs_placement_in_a_reused_directory(tmp_path, capsys):
     """A directory run first with one config and then another keeps both configs' trials; the report counts only
     the latest config's, and so does export: an older trial of the same strategy is not what it exports."""

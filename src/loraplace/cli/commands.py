@@ -364,7 +364,7 @@ def cmd_export(args) -> int:
         from loraplace.model.quantize import loading_text
 
         dtype = next((t.config.get("train", {}).get("dtype") for t in trials if t.strategy == args.strategy), None) or "float32"
-        print(f"note: the study trained on a {quantize} base; load it as it did: {loading_text(quantize, dtype)}, "
+        print(f"note: the study trained on a base quantized to {quantize}; load it as it did: {loading_text(quantize, dtype)}, "
               "then get_peft_model with this config", file=sys.stderr)
     if lr is not None and (tune or args.format == "peft"):
         how = "chosen for it by the study's learning-rate search" if tune else "the study's shared train.lr"
