@@ -47,7 +47,7 @@ def lr_curves(t: Tuning, metric: str, path: Path) -> Path:
             best = next((p for p in done if p.lr == chosen), None)
             if best is not None:
                 ax.plot(best.lr, best.value.mean, "*", color=s["color"], ms=18, mec="black", mew=1.2, zorder=5)
-        _clip_off_scale(ax, t, st)
+        clipped = _clip_off_scale(ax, t, st)
         ax.set_xticks(t.grid)
         ax.xaxis.set_major_formatter(FuncFormatter(lambda x, _: lr_text(x)))
         ax.xaxis.set_minor_formatter(NullFormatter())
@@ -59,7 +59,7 @@ def lr_curves(t: Tuning, metric: str, path: Path) -> Path:
         ax.grid(True, which="major", alpha=0.3)
         handles, labels = ax.get_legend_handles_labels()
         notes = ["★ chosen rate", "hollow: stopped by halving (its rung value)"]
-        if ax.get_ylim()[1] < max(_values(t)):
+        if clipped:
             notes.append("▲ above the axis: off scale (its value)")
         if any(p.status == "failed" for ps in t.curves.values() for p in ps):
             notes.append("x on the axis: diverged")
@@ -78,17 +78,17 @@ OFF_SCALE = 3.0  # the y axis ends this many times (median - best) above the bes
 # 6 where the optimum is 2, with a t-interval of +-30 over two seeds) would otherwise flatten every other curve
 
 
-def _clip_off_scale(ax, t: Tuning, st: dict) -> None:
+def _clip_off_scale(ax, t: Tuning, st: dict) -> bool:
     """Keep the region around the optima readable: values above the cap are drawn as a triangle at the top edge
-    with their value written beside it."""
+    with their value written beside it. True when some value is off scale."""
     vals = sorted(_values(t))
     if len(vals) < 3:
-        return
+        return False
     best, median = vals[0], vals[len(vals) // 2]
     top = best + OFF_SCALE * max(median - best, 1e-6)
     if vals[-1] <= top:
         ax.set_ylim(best - 0.08 * (vals[-1] - best) - 1e-6, vals[-1] + 0.08 * (vals[-1] - best) + 1e-6)
-        return
+        return False
     ax.set_ylim(best - 0.08 * (top - best), top)
     stacked: dict[float, int] = {}  # rate -> off-scale values written there so far (written one under another)
     for name, points in t.curves.items():
@@ -100,3 +100,4 @@ def _clip_off_scale(ax, t: Tuning, st: dict) -> None:
                         clip_on=False, zorder=6)
                 ax.annotate(f"{v:.2f}", (p.lr, 0.985), xycoords=("data", "axes fraction"), xytext=(8, -4 - 11 * k),
                             textcoords="offset points", fontsize=8, color=st[name]["color"])
+    return True

@@ -357,15 +357,16 @@ def cmd_export(args) -> int:
         trials = final_trials(store.current_trials(), tune)  # a tuned study: each strategy's trials at its rate
         placement = placement_for(trials, args.strategy)
         eva = store.get_meta("eva") if placement.init == "eva" else None
-    lr = next((t.lr for t in trials if t.strategy == args.strategy and t.status == DONE), None)
-    quantize = next((t.config.get("quantize") for t in trials if t.strategy == args.strategy), None)
+    done = [t for t in trials if t.strategy == args.strategy and t.status == DONE]  # placement_for found one
+    lr, config = done[0].lr, done[0].config  # every trial of a strategy shares its rate, base and dtype
+    quantize = config.get("quantize")
     print(export(placement, args.format, lr, quantize))
     if quantize and args.format == "peft":  # a LoraConfig does not load the base
         from loraplace.model.quantize import loading_text
 
-        dtype = next((t.config.get("train", {}).get("dtype") for t in trials if t.strategy == args.strategy), None) or "float32"
-        print(f"note: the study trained on a base quantized to {quantize}; load it as it did: {loading_text(quantize, dtype)}, "
-              "then get_peft_model with this config", file=sys.stderr)
+        how = loading_text(quantize, config.get("train", {}).get("dtype") or "float32")
+        print(f"note: the study trained on a base quantized to {quantize}; load it as it did: {how}, then "
+              "get_peft_model with this config", file=sys.stderr)
     if lr is not None and (tune or args.format == "peft"):
         how = "chosen for it by the study's learning-rate search" if tune else "the study's shared train.lr"
         where = "in this config" if args.format != "peft" else "(a LoraConfig has no learning rate: set it in your trainer)"

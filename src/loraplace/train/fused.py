@@ -19,8 +19,8 @@ clipping by its own norm, LoRA-dropout masks (each trial keeps its own RNG strea
 detection (a failing trial leaves the group, the others go on), and the saved PEFT adapter.
 Only variants whose adapter is plain LoRA's scale x B A x fuse (``Variant.unfusable``: rsLoRA does, its scale
 is read from PEFT; DoRA, PiSSA and AdaLoRA run on the sequential engine), and only placements on modules: LoRA on
-routed experts (fused 3-D parameters) changes weights inside the experts module, so while any trial adapts them
-the group size is 1 (``unfusable``, logged).
+routed experts (fused 3-D parameters) changes weights inside the experts module, so those trials run on the
+sequential engine (``unfusable``: the executor asks per placement and fuses the others, logged).
 
 ``train_time_s`` / ``eval_time_s`` of a fused trial are its equal share of each group step (so a study's trials
 still sum to its wall time; they do not tell strategies apart); ``group_train_time_s`` is the group's whole
