@@ -129,6 +129,36 @@ def test_each_mode_loads_a_float_directory(tmp_path, mode, arch):
     assert math.isfinite(lq) and abs(lq - lf) < 0.02 * lf
 
 
+def _mapped(path) -> bool:
+    """Whether this process still maps ``path`` (Linux: /proc/self/maps)."""
+    with open("/proc/self/maps") as f:
+        return any(line.rstrip().endswith(str(path)) for line in f)
+
+
+@needs_bnb
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc/self/maps (Linux)")
+@pytest.mark.parametrize("own", [True, False])
+def test_a_quantized_base_does_not_keep_the_float_file_mapped(tmp_path, monkeypatch, own):
+    """The float embeddings and head of a 4-bit base would otherwise stay views into the memory-mapped float file,
+    keeping every page bitsandbytes read to quantize resident; without the copy (own=False) the file stays mapped,
+    which shows the check can fail."""
+    import gc
+
+    from loraplace.model import loading
+
+    if not own:
+        monkeypatch.setattr(loading, "_own_float_weights", lambda model: None)
+    d = save_llama(tmp_path)
+    gc.collect()
+    model, _ = load(d, quantize="nf4")
+    gc.collect()
+    f = tmp_path / "model.safetensors"
+    assert f.is_file()
+    assert _mapped(f) is not own
+    # the copy keeps the tied head tied (one parameter, one storage)
+    assert model.get_output_embeddings().weight.data_ptr() == model.get_input_embeddings().weight.data_ptr()
+
+
 @needs_bnb
 def test_an_alias_is_quantized_from_loraplaces_fp32_cache(tmp_path, monkeypatch):
     """A GGUF alias is dequantized once into the cache; quantize reads that fp32 copy (here: the tiny Llama standing in

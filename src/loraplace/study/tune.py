@@ -36,6 +36,7 @@ from loraplace.store.db import DONE, FAILED, STOPPED, TUNE
 from loraplace.study.plan import CHECKPOINTS, TrialTask, trial_config, trial_id
 from loraplace.study.race import Race
 
+
 def rate_key(lr: float) -> str:
     """A rate as a JSON key: 0.0005 -> '0.0005', 0.0015 -> '0.0015' (six significant digits: exact for a grid)."""
     return f"{float(lr):.6g}"
