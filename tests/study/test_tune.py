@@ -11,6 +11,7 @@ from toys import tiny_study
 
 from loraplace.analysis.from_store import analyze_store
 from loraplace.analysis.report import write_report
+from loraplace.cli import main as main_cli
 from loraplace.core.text import lr_text
 from loraplace.model.anatomy import analyze
 from loraplace.store.db import DONE, FAILED, STOPPED, Store
@@ -100,7 +101,7 @@ def _model():
 
 
 @pytest.mark.slow
-def test_a_tuned_study_chooses_each_rate_on_the_selection_split_and_trains_there(tmp_path):
+def test_a_tuned_study_chooses_each_rate_on_the_selection_split_and_trains_there(tmp_path, capsys):
     cfg = _tuned(tmp_path)
     records = run_study(cfg, _model())
     tune = [r for r in records if r.phase == "tune"]
@@ -138,6 +139,13 @@ def test_a_tuned_study_chooses_each_rate_on_the_selection_split_and_trains_there
     header = csv.splitlines()[0].split(",")
     assert header[:5] == ["trial_id", "strategy", "seed", "phase", "lr"]
     assert {line.split(",")[3] for line in csv.splitlines()[1:]} == {"tune", "final"}
+    # `status` says which loss a row shows: a stopped tuning trial its last rung's selection loss
+    assert main_cli(["status", cfg.out]) == 0
+    shown = capsys.readouterr().out
+    assert "loss: on the eval set for final trials, on the selection split for tune trials" in shown
+    stopped = next(r for r in tune if r.status == STOPPED)
+    row = next(line for line in shown.splitlines() if stopped.trial_id in line)
+    assert f"{dict(stopped.evals)[2]['eval_loss']:.4f}" in row
     # the report: the figure, the methods' own sentence for the search, and each strategy's rate in the table
     paths = write_report(cfg.out)
     assert paths["lr"].exists()

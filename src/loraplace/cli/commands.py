@@ -285,7 +285,7 @@ def _summary(study_dir: str, threshold: float | None = None, metric: str | None 
 def cmd_status(args) -> int:
     from loraplace.store.claims import claim_is_dead
     from loraplace.store.results import export_csv, export_json
-    from loraplace.store.db import DONE, FAILED, PAUSED, PENDING, RUNNING, STATUSES, STOPPED, Store
+    from loraplace.store.db import DONE, FAILED, PAUSED, PENDING, RUNNING, STATUSES, STOPPED, TUNE, Store
 
     with Store.open(args.study_dir, create=False) as store:
         trials = store.trials()
@@ -300,21 +300,31 @@ def cmd_status(args) -> int:
         m = t.metrics
         rows.append([t.strategy, str(t.seed), t.phase, "" if t.lr is None else lr_text(t.lr), t.status,
                      "" if t.step is None else str(t.step),
-                     f"{m['eval_loss']:.4f}" if "eval_loss" in m else "",
+                     _loss_text(t),
                      f"{m['train_time_s']:.0f} s" if "train_time_s" in m else "", t.trial_id, _holder(t),
                      (t.error or "")[:70]])
         gone += claim_is_dead(t)
     if not rows:
         print(f"{args.study_dir}: no trials yet")
         return 0
-    print(text_table(["strategy", "seed", "phase", "lr", "status", "step", "eval loss", "train time", "trial", "held by",
+    print(text_table(["strategy", "seed", "phase", "lr", "status", "step", "loss", "train time", "trial", "held by",
                       "error"], rows, {1, 3, 5, 6, 7}))
+    if any(t.phase == TUNE for t in trials):
+        print("loss: on the eval set for final trials, on the selection split for tune trials (its last evaluation)")
     counts = {s: sum(t.status == s for t in trials) for s in (DONE, STOPPED, FAILED, RUNNING, PAUSED, PENDING)}
     assert set(counts) == set(STATUSES)
     print("\n" + ", ".join(f"{n} {s}" for s, n in counts.items() if n))
     if gone:
         print(f"{gone} running trial(s) belong to a process that is gone; the next `loraplace study` reruns them.")
     return 0
+
+
+def _loss_text(t) -> str:
+    """A trial's loss for the status table: its final one, else its last rung's (a stopped or paused trial)."""
+    if "eval_loss" in t.metrics:
+        return f"{t.metrics['eval_loss']:.4f}"
+    rungs = [(step, ev["eval_loss"]) for step, ev in sorted(dict(t.evals).items()) if "eval_loss" in ev]
+    return f"{rungs[-1][1]:.4f} (step {rungs[-1][0]})" if rungs else ""
 
 
 def _holder(t) -> str:
