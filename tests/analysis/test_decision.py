@@ -119,3 +119,30 @@ def test_a_cheaper_strategy_still_wins_over_a_better_one_at_the_baselines_cost()
     a = analyze(trials({"all_linear": (1000, BASE), "mlp_only": (1000, better), "cheap": (300, KEEPS)}),
                 "all_linear", ZS)
     assert a.recommendation.strategy == "cheap" and "it is the cheapest strategy" in a.recommendation.text
+
+
+def _at(rates: dict, table: dict) -> list[TrialRecord]:
+    """``trials(table)`` with each strategy's trials at its rate in ``rates``."""
+    out = trials(table)
+    for t in out:
+        t.config = {"train": {"lr": rates[t.strategy]}}
+    return out
+
+
+def test_the_learning_rate_verdict_says_when_only_some_strategies_were_compared():
+    from loraplace.analysis.tuning import compare
+
+    table = {"all_linear": (ALL_LINEAR_AT_BUDGET, BASE), "attention_only": (ATTENTION_AT_BUDGET, KEEPS),
+             "mlp_only": (ALL_LINEAR_AT_BUDGET, KEEPS)}
+    own = analyze(_at({"all_linear": 1e-3, "attention_only": 1e-3, "mlp_only": 4e-3}, table), "all_linear", ZS)
+    # tune.compare=false: attention_only happened to choose the baseline's rate, mlp_only has no trial there
+    shared = {k: v for k, v in table.items() if k != "mlp_only"}
+    at_rate = analyze(_at({"all_linear": 1e-3, "attention_only": 1e-3}, shared), "all_linear", ZS)
+    c = compare(own, at_rate, 1e-3, list(table))
+    assert c.missing == ["mlp_only"] and c.flips is False
+    assert "The verdict holds: the answer is the same at the shared rate, among the 2 of 3 strategies trained there" in \
+        " ".join(c.lines)
+    # every strategy trained there: the verdict stands unqualified
+    full = analyze(_at({k: 1e-3 for k in table}, table), "all_linear", ZS)
+    c = compare(own, full, 1e-3, list(table))
+    assert not c.missing and "The verdict holds: the answer is the same at the shared rate." in c.lines

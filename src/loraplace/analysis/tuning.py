@@ -190,6 +190,9 @@ def compare(a: StudyAnalysis, at_rate: StudyAnalysis | None, lr: float, strategi
             f"{at_rate.recommendation.text}")
     verdict = ("The verdict flips: the shared rate favours another answer than each strategy's own rate."
                if c.flips else "The verdict holds: the answer is the same at the shared rate.")
+    if missing:  # only the strategies that happen to have trials there (tune.compare=false) were compared
+        verdict = (f"{verdict[:-1]}, among the {len(strategies) - len(missing)} of {len(strategies)} strategies "
+                   f"trained there (`tune.compare=true` trains the rest).")
     c.lines = [head, verdict,
                f"Ranking by {QUALITY[a.metric].label} at their own rates: {_ranking(a)}; at {lr_text(lr)}: "
                f"{_ranking(at_rate)}."]
