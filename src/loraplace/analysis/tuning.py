@@ -188,11 +188,11 @@ def compare(a: StudyAnalysis, at_rate: StudyAnalysis | None, lr: float, strategi
     head = (f"Does the learning rate change the answer? At each strategy's own rate: {own.text} With every strategy "
             f"at the baseline's chosen rate ({lr_text(lr)}), as a study with one shared rate would train them: "
             f"{at_rate.recommendation.text}")
-    verdict = ("The verdict flips: the shared rate favours another answer than each strategy's own rate."
-               if c.flips else "The verdict holds: the answer is the same at the shared rate.")
-    if missing:  # only the strategies that happen to have trials there (tune.compare=false) were compared
-        verdict = (f"{verdict[:-1]}, among the {len(strategies) - len(missing)} of {len(strategies)} strategies "
-                   f"trained there (`tune.compare=true` trains the rest).")
+    # with missing strategies (tune.compare=false), only those that happen to have trials there were compared
+    scope = (f", among the {len(strategies) - len(missing)} of {len(strategies)} strategies trained there "
+             "(`tune.compare=true` trains the rest)" if missing else "")
+    verdict = ("The verdict flips: the shared rate favours another answer than each strategy's own rate"
+               if c.flips else "The verdict holds: the answer is the same at the shared rate") + scope + "."
     c.lines = [head, verdict,
                f"Ranking by {QUALITY[a.metric].label} at their own rates: {_ranking(a)}; at {lr_text(lr)}: "
                f"{_ranking(at_rate)}."]
