@@ -79,7 +79,7 @@ def test_every_module_is_on_one_side_or_imports_torch():
     """A new module in a mixed package must be placed: listed as torch-free, or it imports torch (and so is
     not what a read-only command may import)."""
     listed = set(_modules())
-    torch_side = {"loraplace.model.anatomy", "loraplace.model.loading", "loraplace.data.batches",
+    torch_side = {"loraplace.model.anatomy", "loraplace.model.reading", "loraplace.model.loading", "loraplace.data.batches",
                   "loraplace.train.trial", "loraplace.train.checkpoint", "loraplace.train.loss", "loraplace.train.sequential", "loraplace.train.fused",
                   "loraplace.train.prefix", "loraplace.train.memory", "loraplace.train.guard", "loraplace.train.generate",
                   "loraplace.train.segments", "loraplace.measure.forgetting",

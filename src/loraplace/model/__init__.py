@@ -1,4 +1,5 @@
-"""The base model: loading it (``loading``), reading its structure (``anatomy``), and what training it will cost (``estimate``).
+"""The base model: loading it (``loading``), reading its structure (``anatomy``; how one block's
+linears read as attention and MLP projections: ``reading``), and what training it will cost (``estimate``).
 
 Usage::
 
@@ -6,5 +7,5 @@ Usage::
     from loraplace.model.anatomy import analyze
     anat = analyze(skeleton("smollm2-135m"))     # structure from the config alone (meta device)
 
-``estimate`` is torch-free; ``loading`` and ``anatomy`` import torch.
+``estimate`` is torch-free; ``loading``, ``anatomy`` and ``reading`` import torch.
 """
