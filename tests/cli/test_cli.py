@@ -74,6 +74,7 @@ def test_study_status_report_export(capsys, model_dir, tmp_path):
         (["plan", "train.warmup=nan"], "train.warmup: expected a finite number"),
         (["plan", "train.weight_decay=-inf"], "train.weight_decay: expected a finite number"),
         (["plan", "threshold=nan"], "threshold: expected a finite number"),
+        (["plan", "tune.lr=[1e-3,1e-2]", "tune.eval_limit=0"], "tune.eval_limit: must be > 0"),
         (["study", "strategies=[all_linear]", "baseline=attention_only"],
          "baseline: 'attention_only' is not among strategies ['all_linear']"),
         (["study", "data.source=/nonexistent/data.jsonl"], "/nonexistent/data.jsonl"),

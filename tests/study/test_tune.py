@@ -231,6 +231,28 @@ def test_halving_keeps_the_exhaustive_numbers_of_the_rates_it_keeps(tmp_path):
 
 
 @pytest.mark.slow
+def test_tune_eval_limit_ranks_rungs_on_the_first_selection_examples_and_ends_on_all(tmp_path):
+    """With tune.eval_limit the rungs (and so halving) score the first N selection examples; a trial's end still
+    scores the whole split, so a surviving rate ends with the exhaustive grid's numbers. Other ids: the rungs differ."""
+    full = _search(tmp_path, "full", at=[])
+    few = _search(tmp_path, "few", at=[0.5], keep=0.5, min_keep=1, eval_limit=3)
+    with Store.open(tmp_path / "few", create=False) as store:
+        [rung] = halvings(store)
+        rule = store.get_meta("tune")["rule"]
+    assert "ranked on the first 3 examples of the selection split" in rule
+    survived = [k for k, r in few.items() if r.status == DONE]
+    assert len(survived) == 4
+    for k, r in few.items():
+        assert r.trial_id != full[k].trial_id
+        at_rung = dict(r.evals)[2]
+        assert at_rung["eval_tokens"] < dict(full[k].evals)[2]["eval_tokens"]  # fewer examples than the split
+        assert rung.values[k[0]][rate_key(k[1])] == at_rung["eval_loss"]  # halving ranked on those
+        if k in survived:
+            assert r.metrics["eval_loss"] == full[k].metrics["eval_loss"]
+            assert r.metrics["eval_tokens"] == full[k].metrics["eval_tokens"]
+
+
+@pytest.mark.slow
 def test_fused_tuning_trials_compute_what_sequential_ones_do(tmp_path):
     seq = _search(tmp_path, "seq", at=[])
     fused = tiny_study(tmp_path, ["all_linear", "attention_only"], train={"steps": 4, "fuse": 6},

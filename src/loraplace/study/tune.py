@@ -84,8 +84,9 @@ def rule_text(spec) -> str:
     if not spec.at:
         return "every rate trained to the end (an exhaustive grid)"
     at = ", ".join(f"{100 * f:.0f}%" for f in sorted(spec.at))
+    on = f", ranked on the first {spec.eval_limit} examples of the selection split" if spec.eval_limit else ""
     return (f"at {at} of the steps only the best {100 * spec.keep:.0f}% of a strategy's remaining rates (at least "
-            f"{spec.min_keep}) go on (successive halving)")
+            f"{spec.min_keep}) go on (successive halving{on})")
 
 
 def survivors(n: int, keep: float, min_keep: int) -> int:
@@ -203,8 +204,10 @@ def plan_tuning(cfg, placements: dict, n_selection: int) -> list[TrialTask]:
     for seed in cfg.tune.seeds:
         for lr in cfg.tune.grid():
             for name, p in placements.items():
-                config = {**trial_config(cfg, name, p, seed, lr), "phase": TUNE,
-                          "selection": {"examples": n_selection, "of": "the training data, last of its shuffle"}}
+                selection = {"examples": n_selection, "of": "the training data, last of its shuffle"}
+                if cfg.tune.eval_limit is not None and cfg.tune.eval_limit < n_selection:  # its rungs score fewer
+                    selection["rungs_on"] = cfg.tune.eval_limit
+                config = {**trial_config(cfg, name, p, seed, lr), "phase": TUNE, "selection": selection}
                 tid = trial_id(config)
                 label = f"tune-{name}-lr{rate_key(lr)}-s{seed}-{tid[:8]}"
                 checkpoint_dir = str(Path(cfg.out) / CHECKPOINTS / label) if cfg.tune.at else None

@@ -108,7 +108,7 @@ class Workspace:
             if self.tune_train_set is None:
                 raise PlacementError("a tuning trial in a study without tune.lr: this process has no selection split")
             setup = replace(setup, train_set=self.tune_train_set, eval_set=self.selection_set, accuracy=None,
-                            rung_eval_set=None)  # halving decides on the whole selection split
+                            rung_eval_set=self.selection_set.head(self.cfg.tune.eval_limit))  # halving ranks on this
         return setup if task.lr is None else replace(setup, train=replace(setup.train, lr=float(task.lr)))
 
     def placement(self, task: TrialTask) -> Placement:
