@@ -7,8 +7,10 @@ Usage::
 
 Each study searches ``GRID`` exhaustively (one tuning seed, every rate to the end) for all_linear, attention_only
 and mlp_only at one ``train.rank`` (not budget-matched: the rank itself is what varies), with ``train.alpha`` 32
-fixed (the LoRA scale alpha/r falls as the rank grows) or with ``train.alpha_per_rank`` (alpha = 32 x r / 16, the
-scale stays 2); rank 16 is the same under both. Its final trials train one seed at the chosen rate. The figure
+fixed (the LoRA scale alpha/r falls as the rank grows) or as ``train.alpha_per_rank`` sets it in a budget study
+(each module's alpha = train.alpha x r / train.rank, so every rank keeps the scale 32 / 16 = 2: here
+``train.alpha`` = 2r at ``train.rank`` = r, since alpha_per_rank itself is relative to train.rank and would give
+alpha 32 at train.rank = r); rank 16 is the same under both. Its final trials train one seed at the chosen rate. The figure
 draws each placement's best rate (the grid point with the lowest selection loss, and the parabola through it and
 its neighbours on log10(lr) where both exist) against the rank, one panel per alpha rule.
 """
@@ -30,7 +32,7 @@ STRATEGIES = ["all_linear", "attention_only", "mlp_only"]
 
 
 def runs() -> list[tuple[str, int, bool]]:
-    """(name, rank, alpha_per_rank) of each study; rank 16 once (both rules give alpha 32 there)."""
+    """(name, rank, per_rank) of each study; rank 16 once (both rules give alpha 32 there)."""
     out = [(f"fixed_r{r}", r, False) for r in RANKS]
     return out + [(f"per_rank_r{r}", r, True) for r in RANKS if r != 16]
 
@@ -38,7 +40,7 @@ def runs() -> list[tuple[str, int, bool]]:
 def run(out: Path) -> None:
     for name, rank, per_rank in runs():
         cmd = [sys.executable, "-m", "loraplace", "study", f"strategies=[{','.join(STRATEGIES)}]", "seeds=[0]",
-               f"train.rank={rank}", f"train.alpha_per_rank={str(per_rank).lower()}",
+               f"train.rank={rank}", *([f"train.alpha={2 * rank}"] if per_rank else []),
                f"tune.lr=[{','.join(map(str, GRID))}]", "tune.at=[]", "tune.record=[]", "tune.compare=false",
                f"out={out / name}"]
         print(" ".join(cmd), flush=True)
