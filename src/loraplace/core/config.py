@@ -232,7 +232,7 @@ class TuneSpec:
     keep: float = 0.5  # share of a strategy's rates still in the search that go on at each tuning rung ...
     min_keep: int = 2  # ... but at least this many
     record: list[float] = field(default_factory=lambda: [0.25, 0.5])  # rungs evaluated in every tuning trial
-    eval_limit: int | None = None  # tuning rungs score the first N selection examples (null: all; the end always all)
+    eval_limit: int | None = 16  # tuning rungs score the first N selection examples (null: all; the end always all)
     compare: bool = True  # also train every strategy at the baseline's chosen rate ("Does the learning rate change the answer?")
 
     def grid(self) -> list[float]:
