@@ -10,9 +10,9 @@ and mlp_only at one ``train.rank`` (not budget-matched: the rank itself is what 
 fixed (the LoRA scale alpha/r falls as the rank grows) or as ``train.alpha_per_rank`` sets it in a budget study
 (each module's alpha = train.alpha x r / train.rank, so every rank keeps the scale 32 / 16 = 2: here
 ``train.alpha`` = 2r at ``train.rank`` = r, since alpha_per_rank itself is relative to train.rank and would give
-alpha 32 at train.rank = r); rank 16 is the same under both. Its final trials train one seed at the chosen rate. The figure
-draws each placement's best rate (the grid point with the lowest selection loss, and the parabola through it and
-its neighbours on log10(lr) where both exist) against the rank, one panel per alpha rule.
+alpha 32 at train.rank = r); rank 16 is the same under both. Its final trials train one seed at the chosen rate.
+The figure draws each placement's best rate (the grid point with the lowest selection loss, and the parabola
+through it and its neighbours on log10(lr) where both exist) against the rank, one panel per alpha rule.
 """
 
 from __future__ import annotations

@@ -79,12 +79,20 @@ class Halving:
         return None if trial.lr is None else self.stopped.get(trial.strategy, {}).get(rate_key(trial.lr))
 
 
-def rule_text(spec) -> str:
+def rung_examples(spec, n_selection: int | None) -> int | None:
+    """How many selection examples a tuning rung scores when ``tune.eval_limit`` cuts the split short; None when
+    the rungs score all of it. ``n_selection`` None: the split's size is not known yet (``plan``), the limit as set."""
+    limit = spec.eval_limit
+    return limit if limit is not None and (n_selection is None or limit < n_selection) else None
+
+
+def rule_text(spec, n_selection: int | None = None) -> str:
     """How the search stopped rates (``core.config.TuneSpec``), in words."""
     if not spec.at:
         return "every rate trained to the end (an exhaustive grid)"
     at = ", ".join(f"{100 * f:.0f}%" for f in sorted(spec.at))
-    on = f", ranked on the first {spec.eval_limit} examples of the selection split" if spec.eval_limit else ""
+    n = rung_examples(spec, n_selection)
+    on = f", ranked on the first {n} examples of the selection split" if n else ""
     return (f"at {at} of the steps only the best {100 * spec.keep:.0f}% of a strategy's remaining rates (at least "
             f"{spec.min_keep}) go on (successive halving{on})")
 
@@ -205,7 +213,7 @@ def plan_tuning(cfg, placements: dict, n_selection: int) -> list[TrialTask]:
         for lr in cfg.tune.grid():
             for name, p in placements.items():
                 selection = {"examples": n_selection, "of": "the training data, last of its shuffle"}
-                if cfg.tune.eval_limit is not None and cfg.tune.eval_limit < n_selection:  # its rungs score fewer
+                if rung_examples(cfg.tune, n_selection):  # its rungs score fewer: other rung numbers, another id
                     selection["rungs_on"] = cfg.tune.eval_limit
                 config = {**trial_config(cfg, name, p, seed, lr), "phase": TUNE, "selection": selection}
                 tid = trial_id(config)
@@ -300,4 +308,4 @@ def choices(cfg, trials) -> dict[str, Choice]:
 def summary(cfg, n_selection: int, total: int, chosen: dict[str, Choice]) -> dict:
     """Meta ``tune``: what the search was and what it chose (``analysis.tuning`` reads it)."""
     return {"grid": cfg.tune.grid(), "seeds": list(cfg.tune.seeds), "selection": n_selection, "total_steps": total,
-            "rule": rule_text(cfg.tune), "choices": {s: c.to_dict() for s, c in chosen.items()}}
+            "rule": rule_text(cfg.tune, n_selection), "choices": {s: c.to_dict() for s, c in chosen.items()}}
