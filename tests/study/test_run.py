@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import gc
+
 import pytest
 import tiny_models
 import torch
@@ -45,6 +47,7 @@ def test_study_runs_every_trial_and_stores_it(tmp_path):
         ("all_linear", 0, "done"), ("attention_only", 0, "done"), ("all_linear", 1, "done"), ("attention_only", 1, "done")
     ]
     assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())  # base pristine
+    assert gc.get_freeze_count() == 0  # the study froze the loaded objects only while it ran (train.memory.frozen_heap)
     with Store.open(cfg.out, create=False) as store:
         zero = store.get_meta("zero_shot")
         saved = store.study_config()
@@ -236,3 +239,17 @@ def test_a_rerun_in_bfloat16_measures_the_zero_shot_loss_again(tmp_path, monkeyp
     ws = W.Workspace.build(bf16, (model, tok))
     assert again["key"] != first["key"] and again["eval_loss"] != first["eval_loss"]
     assert again["eval_loss"] == real(model, ws.eval_set, bf16.eval.batch_size, tok.pad_token_id, "cpu")["eval_loss"]
+
+
+def test_each_piece_of_work_checks_the_base_against_the_workspaces_first_reading(tmp_path):
+    from loraplace.study.executor import run_one
+    from loraplace.train.guard import BaseWeightsChanged
+
+    cfg = _cfg(tmp_path, strategies=["all_linear"], seeds=[0])
+    ws = W.Workspace.build(cfg, _model())
+    task = P.plan_trials(cfg, P.resolve_placements(cfg, ws.anatomy, None, None, None))[0]
+    assert run_one(ws, task).result is not None  # reads the base as it is now (ws.base_fingerprint)
+    with torch.no_grad():
+        ws.model.lm_head.weight[0, 0] += 1.0  # changed between two pieces of work, outside any guard
+    with pytest.raises(BaseWeightsChanged, match=f"during trial {task.trial_id}"):
+        run_one(ws, task)

@@ -19,6 +19,17 @@ def test_guard_passes_an_untouched_base_and_stops_a_changed_one():
                 model.get_input_embeddings().weight[3, 0] += 1.0
 
 
+def test_the_fingerprint_is_the_float64_sum_of_every_weights_magnitude_and_sees_a_small_change():
+    from loraplace.train.guard import weights_fingerprint
+
+    model = tiny_models.build("llama")
+    expected = sum(p.detach().double().abs().sum().item() for p in model.parameters())
+    assert weights_fingerprint(model) == pytest.approx(expected, rel=1e-12)
+    with torch.no_grad():
+        model.lm_head.weight[0, 0] += 1e-4 * (1 if model.lm_head.weight[0, 0] >= 0 else -1)  # |w| grows by 1e-4
+    assert weights_fingerprint(model) == pytest.approx(expected + 1e-4, rel=1e-12)
+
+
 def test_a_changed_base_wins_over_the_runs_own_error_and_is_never_a_recorded_failure():
     from loraplace.study.executor import RECORDED
 

@@ -30,7 +30,7 @@ from loraplace.study.plan import TrialTask, rung_spec, segment
 from loraplace.study.workspace import Workspace
 from loraplace.train import checkpoint, fused, segments, sequential
 from loraplace.train.guard import base_unchanged
-from loraplace.train.memory import release_memory
+from loraplace.train.memory import frozen_heap, release_memory
 from loraplace.train.result import TrialResult
 from loraplace.train.trial import TrialError
 
@@ -123,7 +123,7 @@ def _group_size(ws: Workspace, tasks: list[TrialTask]) -> int:
 def run_one(ws: Workspace, task: TrialTask) -> Outcome:
     """One trial's piece of work on the sequential engine; a recorded failure becomes its one-line error text."""
     try:
-        with base_unchanged(ws.model, f"trial {task.trial_id}"):
+        with base_unchanged(ws.model, f"trial {task.trial_id}", expected=ws.base_fingerprint):
             try:
                 return _run(ws, [task], fuse=False)[0]
             finally:
@@ -147,7 +147,7 @@ def run_group(ws: Workspace, tasks: list[TrialTask]) -> list[Outcome]:
     except RECORDED:
         return [o for t in tasks for o in run_group(ws, [t])]
     try:
-        with base_unchanged(ws.model, f"a fused group ({tasks[0].trial_id}...)"):
+        with base_unchanged(ws.model, f"a fused group ({tasks[0].trial_id}...)", expected=ws.base_fingerprint):
             try:
                 return _run(ws, tasks, fuse=True)
             finally:
@@ -269,6 +269,7 @@ class _RayWorker:
     def __init__(self, cfg: dict):
         self.cfg = StudyConfig.from_dict(cfg)
         self.ws = None
+        self.heap = None
 
     def run(self, task: TrialTask):
         if self.ws is None:
@@ -276,6 +277,8 @@ class _RayWorker:
             from loraplace.store.db import Store
 
             self.ws = Workspace.build(self.cfg)
+            self.heap = frozen_heap()  # this worker's model objects out of every collection, for its whole life
+            self.heap.__enter__()
             with Store.open(self.cfg.out, create=False) as store:  # the driver built it before any trial started
                 self.ws.forgetting = load(self.cfg, self.ws, store)
                 if "eva" in self.cfg.strategies:

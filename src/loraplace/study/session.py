@@ -14,6 +14,7 @@ nothing to claim waits while others hold what a rung waits for.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import platform
@@ -34,6 +35,7 @@ from loraplace.study.executor import run_tasks
 from loraplace.study.plan import TrialTask, rung_spec, segment
 from loraplace.study.race import Race, decide_ready, restart
 from loraplace.study.workspace import Workspace
+from loraplace.train.memory import frozen_heap
 
 log = logging.getLogger("loraplace")
 
@@ -82,6 +84,7 @@ class Session:
     env: dict
     zero: dict = field(default_factory=dict)  # meta zero_shot: the base model's loss (and accuracy) on the eval set
     tasks: list[TrialTask] = field(default_factory=list)  # every trial of the study so far, in the order planned
+    _heap: contextlib.AbstractContextManager | None = field(default=None, repr=False)  # train.memory.frozen_heap
 
     @classmethod
     def open(cls, cfg: StudyConfig, model_and_tokenizer=None, tracker=None) -> "Session":
@@ -91,6 +94,8 @@ class Session:
 
     def __enter__(self) -> "Session":
         self.heartbeat.__enter__()
+        self._heap = frozen_heap()  # the loaded model's objects out of the collection after every trial
+        self._heap.__enter__()
         return self
 
     def __exit__(self, *exc) -> None:
@@ -98,6 +103,8 @@ class Session:
             claims.release(self.store, self.heartbeat.held)  # stopped early (an error, Ctrl-C): the next run takes them
         finally:
             self.heartbeat.__exit__(*exc)
+            if self._heap is not None:
+                self._heap.__exit__(None, None, None)
             if self.tracker is not None:
                 self.tracker.close()
             self.store.close()

@@ -32,6 +32,7 @@ from loraplace.store.db import TUNE
 from loraplace.study.plan import TrialTask, eva_placement, fixed_placement, study_strategy
 from loraplace.study.tune import selection_size
 from loraplace.train.generate import answer_accuracy
+from loraplace.train.guard import weights_fingerprint
 from loraplace.train.memory import pick_device
 from loraplace.train.trial import Setup
 
@@ -76,6 +77,12 @@ class Workspace:
             tune_ex, selection = selection_split(train_ex, selection_size(cfg.tune, len(train_ex)))
             ws.tune_train_set, ws.selection_set = tokenize(tune_ex, tok, cfg.data), tokenize(selection, tok, cfg.data)
         return ws
+
+    @cached_property
+    def base_fingerprint(self) -> float:
+        """The base weights' checksum (``train.guard``) when first asked for, before any trial: every piece of work
+        must leave the base at this value."""
+        return weights_fingerprint(self.model)
 
     @cached_property
     def accuracy_examples(self) -> list:

@@ -3,6 +3,7 @@
 Usage::
 
     with base_unchanged(model, "trial 3f2a..."):   # raises BaseWeightsChanged afterwards if a weight moved
+    with base_unchanged(model, "trial 3f2a...", expected=ws.base_fingerprint):   # against the base as first read
         ...
 """
 
@@ -22,7 +23,16 @@ def weights_fingerprint(model: torch.nn.Module) -> float:
     bitsandbytes base's scales too (``quant_state``), which live beside its quantized weights, not in them."""
     with torch.no_grad():
         tensors = list(model.parameters()) + list(_quant_scales(model))
-        return float(sum(t.detach().double().abs().sum() for t in tensors))
+        return float(sum(_abs_sum(t.detach()) for t in tensors))
+
+
+def _abs_sum(t: torch.Tensor) -> torch.Tensor:
+    """sum |t| in float64. A float tensor's as an L1 norm accumulated in float64 (no float64 copy of the
+    weights: half the time of ``t.double().abs().sum()`` for SmolLM2-135M, 0.14 s against 0.28 s on 2 cores,
+    and the same value there); a quantized weight's bytes (uint8) through a float64 copy, as before."""
+    if t.is_floating_point():
+        return torch.linalg.vector_norm(t, 1, dtype=torch.float64)
+    return t.double().abs().sum()
 
 
 def _quant_scales(model: torch.nn.Module):
@@ -44,10 +54,12 @@ def _quant_scales(model: torch.nn.Module):
 
 
 @contextlib.contextmanager
-def base_unchanged(model: torch.nn.Module, what: str):
+def base_unchanged(model: torch.nn.Module, what: str, expected: float | None = None):
     """Around anything that wraps the shared base (a trial, a fused group, a probe seed): afterwards, even
-    when it failed, the base weights must be the ones it started with, else BaseWeightsChanged."""
-    before = weights_fingerprint(model)
+    when it failed, the base weights must be the ones it started with, else BaseWeightsChanged. ``expected``:
+    the base's fingerprint as its owner took it once (``study.workspace.Workspace.base_fingerprint``), so each
+    piece of work reads the weights once instead of twice."""
+    before = weights_fingerprint(model) if expected is None else expected
     try:
         yield
     finally:

@@ -7,6 +7,7 @@ Usage::
     with peak_into(trials, device): ...     # each trial's ``peak``: at least this piece's peak reading
     with activation_checkpointing(model, on=True): ...   # recompute block activations in the backward
     release_memory(device)                  # what a finished trial left behind goes before the next one
+    with frozen_heap(): ...                 # the model's Python objects left out of every garbage collection
 """
 
 from __future__ import annotations
@@ -93,6 +94,23 @@ def peak_into(trials: list, device):
         peak = peak_memory_bytes(device)
         for t in trials:
             t.peak = max(t.peak, peak)
+
+
+@contextlib.contextmanager
+def frozen_heap():
+    """While active, the objects that exist now (a loaded model, its tokenizer and data: about 500,000 for
+    SmolLM2-135M) are left out of garbage collection (``gc.freeze``), so ``release_memory`` after each trial
+    scans only what trials made: 0.24 s to ~0 s a collection there. Unfrozen afterwards, so a library caller's
+    objects are collected again; nothing is done where the caller froze objects itself."""
+    if gc.get_freeze_count():
+        yield
+        return
+    gc.collect()  # cyclic garbage now would otherwise stay until unfreeze
+    gc.freeze()
+    try:
+        yield
+    finally:
+        gc.unfreeze()
 
 
 def release_memory(device) -> None:
