@@ -5,6 +5,7 @@ Usage::
     loraplace study examples/budget.yaml 'tune.lr=[2e-4,5e-4,1.5e-3,4e-3,1e-2]' 'tune.seeds=[0,1]' 'tune.at=[]' \
         'tune.record=[0.25,0.5,0.75]' out=studies/budget_grid          # every rate to the end, rungs recorded
     python benchmarks/bench_tune.py studies/budget_grid [more study dirs]  # a Markdown table per study and a summary
+    python benchmarks/bench_tune.py --first-rung studies/budget studies/variants  # halved studies: see below
 
 An exhaustive search (``tune.at: []``) trains every rate of every strategy to the end and evaluates each tuning
 trial on the selection split at the ``tune.record`` rungs. Every rule ``tune.at`` (a subset of the recorded
@@ -13,6 +14,10 @@ study runs), for the tuning seeds the study used and for its first seed alone; t
 with the lowest final selection loss is its choice. For each rule: in how many strategies it chose the exhaustive
 grid's rate (over the same seeds), its neighbour on the grid, or another; and what it trains (``search_length``,
 in trial lengths per strategy and seed). Reads the store only (torch-free).
+
+``--first-rung`` reads studies searched with halving (any ``tune.at``): where did each strategy's chosen rate
+rank at the first rung (mean selection loss over the tuning seeds)? A chosen rate ranked third there is one a
+first rung keeping only two rates would have stopped.
 """
 
 from __future__ import annotations
@@ -66,10 +71,53 @@ def verdict(chosen: float | None, best: float | None, grid: list[float]) -> str:
     return "neighbour" if abs(grid.index(chosen) - grid.index(best)) == 1 else "other"
 
 
+def first_rung(study_dir: str) -> list[tuple[str, float, int, list[float]]]:
+    """(strategy, chosen rate, its rank at the first rung (1 = best), the rates by their first-rung loss) for each
+    strategy with a chosen rate, in a study searched with halving."""
+    with Store.open(study_dir, create=False) as store:
+        cfg, meta = store.study_config(), store.get_meta("tune")
+        trials = [t for t in store.current_trials() if t.phase == TUNE]
+    if not meta or not cfg.tune.at:
+        raise SystemExit(f"{study_dir}: not a tuned study searched with halving (tune.at is empty)")
+    (step,) = rung_steps([min(cfg.tune.at)], int(meta["total_steps"]))
+    at: dict = {}
+    for t in trials:
+        value = dict((int(s), ev) for s, ev in t.evals).get(step, {}).get("eval_loss")
+        if value is not None:
+            at.setdefault(t.strategy, {}).setdefault(float(t.lr), []).append(float(value))
+    out = []
+    for name, rates in sorted(at.items()):
+        chosen = (meta["choices"].get(name) or {}).get("lr")
+        if chosen is None:
+            continue
+        order = sorted(rates, key=lambda lr: sum(rates[lr]) / len(rates[lr]))
+        out.append((name, float(chosen), order.index(float(chosen)) + 1, order))
+    return out
+
+
+def main_first_rung(studies: list[str]) -> None:
+    print("| study | strategies | chosen rate ranked 1st / 2nd / 3rd or lower at the first rung | ranked 3rd or lower |")
+    print("|---|---:|---|---|")
+    total = [0, 0, 0]
+    for study in studies:
+        rows = first_rung(study)
+        counts = [sum(r[2] == 1 for r in rows), sum(r[2] == 2 for r in rows), sum(r[2] >= 3 for r in rows)]
+        total = [a + b for a, b in zip(total, counts)]
+        low = "; ".join(f"{n} {lr_text(lr)} (order {', '.join(lr_text(x) for x in order)})"
+                        for n, lr, rank, order in rows if rank >= 3)
+        print(f"| {study} | {len(rows)} | {' / '.join(map(str, counts))} | {low or '-'} |")
+    print(f"| all | {sum(total)} | {' / '.join(map(str, total))} | |")
+
+
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("studies", nargs="+")
+    ap.add_argument("--first-rung", action="store_true",
+                    help="halved studies: where each chosen rate ranked at the first rung")
     args = ap.parse_args(argv)
+    if args.first_rung:
+        main_first_rung(args.studies)
+        return
     totals: dict[tuple, dict] = {}
     for study in args.studies:
         data, grid, total, cfg = load(study)
