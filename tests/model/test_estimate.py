@@ -181,6 +181,18 @@ def test_scaling_and_flops():
     assert a.to_dict()["terms"] == a.terms
 
 
+def test_a_batch_past_the_head_budget_is_estimated_as_one_row_group():
+    p = _placement(build("llama"), "all_linear")
+    whole = estimate(p, 8, 128)
+    row = whole.terms["logits"] // (3 * 8)  # one row's head logits: 128 targets x vocabulary x 4 bytes
+    assert estimate(p, 8, 128, head_bytes=8 * row) == whole  # the batch fits: one forward, as without a budget
+    grouped = estimate(p, 8, 128, head_bytes=2 * row + 1)  # two rows' logits fit, not three
+    assert grouped.group_rows == 2 and any("2 row(s) at a time" in n for n in grouped.notes)
+    two = estimate(p, 2, 128)
+    assert grouped.terms == two.terms  # memory: one group of two rows at a time
+    assert grouped.flops_per_step == whole.flops_per_step and grouped.tokens_per_step == 8 * 128  # work: the batch
+
+
 def test_cpu_rss_scales_what_a_step_adds_not_the_weights():
     p = _placement(build("llama"), "all_linear")
     a, b = estimate(p, 4, 128), estimate(p, 8, 128)

@@ -146,3 +146,45 @@ def test_gradient_checkpointing_keeps_the_frozen_prefix_out_of_the_backward():
 
 
 # -- generation for accuracy ---------------------------------------------------------------------
+
+
+def test_row_groups_keep_each_groups_head_logits_within_the_budget():
+    from loraplace.train.loss import row_groups
+
+    [batch] = list(batches(_toy_set(10), 10, seed=None, pad_id=PAD))
+    vocab, targets = 100, int((batch["labels"][:, 1:] != IGNORE_INDEX).sum())  # 4 targets a toy row
+    assert row_groups(batch, vocab, budget=targets * 4 * vocab)[0] is batch  # fits whole: the batch itself
+    groups = row_groups(batch, vocab, budget=9 * 4 * vocab)  # 9 targets a group: two rows each
+    assert [len(g["input_ids"]) for g in groups] == [2, 2, 2, 2, 2]
+    assert all(g["input_ids"].shape[1] == int(g["attention_mask"].sum(1).max()) for g in groups)  # cut to its rows
+
+    def rows(parts):
+        return [ids[m.bool()].tolist() + lab[m.bool()].tolist() for p in parts
+                for ids, lab, m in zip(p["input_ids"], p["labels"], p["attention_mask"])]
+
+    assert rows(groups) == rows([batch])
+
+
+@pytest.mark.parametrize("where", ["all_linear", "block1"])  # block1: the frozen block 0 from the prefix cache
+def test_head_logits_past_the_budget_run_in_row_groups_with_the_unsplit_numbers(monkeypatch, where):
+    from loraplace.train import loss as L
+
+    model = build("llama")
+    strategy = get_strategy("all_linear") if where == "all_linear" else Strategy("block1", "all", "1")
+    p = resolve(strategy, analyze(model), rank=4, alpha=8)
+    ts = _toy_set()
+    train, _ = _specs(steps=6)
+    whole, zero = _trial(model, p, ts, train), evaluate(model, ts, 8, PAD)["eval_loss"]
+    seen, target_nll = [], L.target_nll
+
+    def spy(m, batch):
+        seen.append(len(batch["input_ids"]))
+        return target_nll(m, batch)
+
+    monkeypatch.setattr(L, "target_nll", spy)
+    monkeypatch.setattr(L, "HEAD_BYTES", 9 * 4 * L.vocab_size(model))  # two toy rows a forward
+    split = _trial(model, p, ts, train)
+    assert set(seen) == {2}  # training and evaluation ran two rows at a time
+    assert evaluate(model, ts, 8, PAD)["eval_loss"] == pytest.approx(zero, rel=1e-6)
+    assert [l for _, l in split.curve] == pytest.approx([l for _, l in whole.curve], rel=1e-5)
+    assert split.metrics["eval_loss"] == pytest.approx(whole.metrics["eval_loss"], rel=1e-5)

@@ -52,8 +52,10 @@ def cmd_plan(args) -> int:
         cfg.strategies = [s for s in cfg.strategies if s != EVA]
     placements = resolve_placements(cfg, anat, auto_scores(cfg, probe) if probe else None, kappa, eva)
     t = cfg.train
+    from loraplace.train.loss import HEAD_BYTES  # the row groups a trial's step runs in (sequential engine)
+
     ests = {name: estimate(p, t.batch_size, cfg.data.max_length, t.dtype, t.gradient_checkpointing,
-                           quantize=cfg.quantize)
+                           quantize=cfg.quantize, head_bytes=HEAD_BYTES)
             for name, p in placements.items()}
     if args.json:
         print(json.dumps({name: {**p.to_dict(), "adapter_bytes": p.adapter_bytes(), "estimate": ests[name].to_dict()}
@@ -80,7 +82,7 @@ def cmd_plan(args) -> int:
           f"{f', {cfg.quantize} base' if cfg.quantize else ''}"
           f"{', gradient checkpointing' if t.gradient_checkpointing else ''}, every position a target (upper bound):")
     terms = list(next(iter(ests.values())).terms)
-    per_example = {n: (e.terms["activations"] + e.terms["logits"]) / t.batch_size for n, e in ests.items()}
+    per_example = {n: (e.terms["activations"] + e.terms["logits"]) / (e.group_rows or t.batch_size) for n, e in ests.items()}
     print(_table([[name, *(fmt_bytes(e.terms[k]) for k in terms), fmt_bytes(e.peak_bytes), fmt_bytes(per_example[name])]
                   for name, e in ests.items()],
                  ["strategy", *terms, "peak", "per example"], right=set(range(1, len(terms) + 3))))

@@ -32,6 +32,9 @@ built on the meta device. What it models is what a training step (``train.sequen
   log-softmax (targets x vocab, fp32) and, in the head's backward, two gradient buffers of the
   same shape: 3 x targets x vocab x 4 bytes. ``target_frac`` (default 1: every position is a
   target, the upper bound) scales the target count.
+- ``head_bytes`` (the sequential engine's ``train.loss.HEAD_BYTES``): a batch whose head logits would pass it
+  runs as groups of rows, one forward and backward at a time, so ``activations`` and ``logits`` are one
+  group's (``Estimate.group_rows``); FLOPs stay the whole batch's.
 
 FLOPs per step are ``core.metrics.train_flops``: 4 x base params x tokens (forward + backward through
 the activations; frozen weights get no gradient) + 6 x adapter params x tokens. Attention scores
@@ -81,6 +84,7 @@ class Estimate:
     notes: tuple[str, ...] = field(default=())
     cpu_rss_bytes: int = 0  # the resident memory of a CPU training process at its peak (see the module doc)
     checkpoint_bytes: int = 0  # a racing trial's resumable checkpoint on disk: adapters and AdamW's two moments (fp32)
+    group_rows: int | None = None  # rows one forward holds when the batch runs in row groups (head_bytes); None: all
 
     @property
     def peak_bytes(self) -> int:
@@ -95,7 +99,7 @@ class Estimate:
         return {"peak_bytes": self.peak_bytes, "cpu_rss_bytes": self.cpu_rss_bytes, "checkpoint_bytes": self.checkpoint_bytes,
                 "terms": dict(self.terms),
                 "flops_per_step": self.flops_per_step,
-                "tokens_per_step": self.tokens_per_step, "notes": list(self.notes)}
+                "tokens_per_step": self.tokens_per_step, "group_rows": self.group_rows, "notes": list(self.notes)}
 
 
 @dataclass(frozen=True)
@@ -150,12 +154,18 @@ def _block_elems(s: _Shapes, roles: dict[str, int], start: str, has_mlp: bool) -
 
 
 def estimate(placement, batch_size: int, seq_len: int, dtype: str = "float32", gradient_checkpointing: bool = False,
-             target_frac: float = 1.0, quantize: str | None = None) -> Estimate:
+             target_frac: float = 1.0, quantize: str | None = None, head_bytes: int | None = None) -> Estimate:
     """Peak training memory (bytes, by term) and FLOPs of one step of `placement` at batch_size x seq_len tokens;
-    ``quantize`` (nf4 | fp4 | int8): the base's linears as bitsandbytes holds them (``model.quantize``)."""
+    ``quantize`` (nf4 | fp4 | int8): the base's linears as bitsandbytes holds them (``model.quantize``);
+    ``head_bytes``: the row groups of the sequential engine (None: the batch in one forward, as a fused group)."""
     anat = placement.anatomy
     s = _shapes(anat)
-    tokens = batch_size * seq_len
+    group_rows = None
+    row_logits = max(1, int(round(seq_len * target_frac))) * s.vocab * 4
+    if head_bytes is not None and batch_size * row_logits > head_bytes:
+        group_rows = max(1, min(batch_size, head_bytes // max(row_logits, 1)))
+    flop_tokens = batch_size * seq_len
+    tokens = (group_rows or batch_size) * seq_len  # what one forward holds
     act_bytes = DTYPE_BYTES[dtype]
     n_lora = placement.trainable_params
     notes = []
@@ -191,11 +201,14 @@ def estimate(placement, batch_size: int, seq_len: int, dtype: str = "float32", g
         "activations": elems * tokens * act_bytes + extra.get("activations", 0),
         "logits": 3 * targets * s.vocab * 4 if per_block else 0,
     }
-    flops = train_flops(anat.base_params, n_lora, tokens)
+    flops = train_flops(anat.base_params, n_lora, flop_tokens)
     peak = sum(terms.values())
     if gradient_checkpointing:
         rss = peak + int(GLIBC_HEAP_CHECKPOINTING * (full * tokens * act_bytes + extra.get("activations", 0)))
     else:
         rss = terms["weights"] + int(GLIBC_RSS_FACTOR * (peak - terms["weights"]))
     checkpoint = terms["adapters"] + terms["adamw"] + CHECKPOINT_OVERHEAD
-    return Estimate(terms, flops, tokens, tuple(notes), rss, checkpoint)
+    if group_rows is not None:
+        notes.append(f"the head's logits over {s.vocab:,} entries would take {batch_size * row_logits / 1e9:.1f} GB "
+                     f"for the batch: it runs {group_rows} row(s) at a time, and memory is one group's")
+    return Estimate(terms, flops, flop_tokens, tuple(notes), rss, checkpoint, group_rows)

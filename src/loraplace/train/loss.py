@@ -5,11 +5,14 @@ Usage::
     nll, n = target_nll(model, batch)                 # summed NLL over target tokens, their count
     evaluate(model, eval_set, batch_size=16, pad_id=0)   # {"eval_loss", "perplexity", "eval_tokens"}
 
-Two things keep it lean:
+Three things keep it lean:
 - right-padded causal batches need no attention mask: a real token never attends to the padding
   after it, so the fast causal kernel runs and the losses are unchanged;
 - the output head runs only on positions whose next token is a target (prompt and padding
-  positions never reach the vocabulary projection).
+  positions never reach the vocabulary projection);
+- a batch whose head logits would pass ``HEAD_BYTES`` (target tokens x vocabulary x 4 bytes: Gemma's 262k entries
+  take 1 MiB a token) runs as consecutive groups of its rows (``row_groups``): the same summed loss, gradients
+  accumulated over the groups, within float rounding of other batch shapes.
 """
 
 from __future__ import annotations
@@ -52,6 +55,38 @@ def head_logits(model: torch.nn.Module, input_ids: torch.Tensor, select: torch.T
         return model(input_ids=input_ids, use_cache=False).logits
 
 
+HEAD_BYTES = 512 * 2**20  # most head logits (float32) one forward computes; SmolLM2's 49k vocabulary stays whole to 2,730 targets
+
+
+def vocab_size(model: torch.nn.Module) -> int:
+    """Entries of the model's output head (a PEFT wrapping's base's)."""
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    return int(base.get_output_embeddings().weight.shape[0])
+
+
+def row_groups(batch: dict[str, torch.Tensor], vocab: int, budget: int | None = None) -> list[dict[str, torch.Tensor]]:
+    """``batch`` as consecutive groups of its rows whose head logits (targets x ``vocab`` x 4 bytes) stay within
+    ``budget`` (``HEAD_BYTES``; a row alone may exceed it), each cut to its longest row; ``[batch]`` itself when it
+    fits whole."""
+    budget = HEAD_BYTES if budget is None else budget
+    per_row = (batch["labels"][:, 1:] != M.IGNORE_INDEX).sum(1).tolist()
+    limit = max(1, budget // (4 * vocab))  # target tokens per group
+    if sum(per_row) <= limit:
+        return [batch]
+    bounds, start, acc = [], 0, 0
+    for i, n in enumerate(per_row):
+        if acc and acc + n > limit:
+            bounds.append((start, i))
+            start, acc = i, 0
+        acc += n
+    bounds.append((start, len(per_row)))
+    groups = []
+    for a, b in bounds:
+        width = int(batch["attention_mask"][a:b].sum(1).max())  # right-padded: the columns past it are padding
+        groups.append({k: v[a:b, :width] if v.dim() == 2 else v[a:b] for k, v in batch.items()})
+    return groups
+
+
 def target_nll(model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, int]:
     """Summed next-token NLL over target tokens (labels != IGNORE_INDEX) and their count."""
     select, targets = target_positions(batch["labels"])
@@ -68,10 +103,12 @@ def evaluate(model, eval_set: TokenizedSet, batch_size: int, pad_id: int, device
     was_training = model.training
     model.eval()
     total, count = 0.0, 0
+    vocab = vocab_size(model)
     for batch in batches(eval_set, batch_size, seed=None, pad_id=pad_id):
-        nll, n = target_nll(model, {k: v.to(device) for k, v in batch.items()})
-        total += float(nll)
-        count += n
+        for group in row_groups(batch, vocab):  # one group unless the head's logits would pass HEAD_BYTES
+            nll, n = target_nll(model, {k: v.to(device) for k, v in group.items()})
+            total += float(nll)
+            count += n
     model.train(was_training)
     if count == 0:
         raise TrialError("the eval set has no target tokens")

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import time
 
+from loraplace.core.metrics import IGNORE_INDEX
 from loraplace.placement.resolve import Placement
 from loraplace.train import loss as L
 from loraplace.train import memory as M
@@ -56,18 +57,27 @@ def advance(setup: Setup, trials: list[Trial], steps: int, desc: str = "train") 
 def _steps(setup: Setup, trial: Trial, peft_model, n: int, desc: str) -> None:
     peft_model.train()
     cache = trial.prefix
+    vocab = L.vocab_size(peft_model)
     with step_bar(n, desc) as bar:
         t0 = time.perf_counter()
         try:
             with trial.rng_active(setup.device):
                 for _ in range(n):
                     batch = trial.batch(setup, index=cache is not None)
-                    with PrefixCache.around(cache, [batch], batch["input_ids"].shape):
-                        nll, count = L.target_nll(peft_model, batch)
-                    loss = nll / max(count, 1)  # token-weighted mean over this batch's targets
-                    if not trial.finite(loss):
-                        return
-                    (loss + trial.penalty()).backward()  # the curve keeps the NLL; the variant may add its penalty
+                    count = int((batch["labels"][:, 1:] != IGNORE_INDEX).sum())  # the batch's target tokens
+                    groups = L.row_groups(batch, vocab)  # one unless its head logits would pass L.HEAD_BYTES
+                    nll = 0.0
+                    for i, group in enumerate(groups):
+                        with PrefixCache.around(cache, [group], group["input_ids"].shape):
+                            part, _ = L.target_nll(peft_model, group)
+                        loss = part / max(count, 1)  # its share of the token-weighted mean over the batch's targets
+                        if not trial.finite(loss):
+                            return
+                        if i == len(groups) - 1:  # the curve keeps the NLL; the variant may add its penalty, once
+                            loss = loss + trial.penalty()
+                        loss.backward()  # gradients accumulate over the groups
+                        nll = nll + part.detach()
+                    loss = nll / max(count, 1)  # one group: the very tensors of an unsplit step
                     trial.update(setup, loss.item(), nll.item(), count, batch)
                     if trial.error is not None:  # its variant failed it
                         return
