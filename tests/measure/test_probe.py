@@ -112,6 +112,20 @@ def test_grad_norm_of_a_one_step_probe_is_the_norm_of_the_first_gradient(ws, tmp
         peft_model.unload()
 
 
+def test_a_probe_step_in_row_groups_scores_the_whole_steps_gradient(ws, monkeypatch):
+    from loraplace.train import loss as L
+
+    whole, _ = P.run_probe(ws.setup, ws.anatomy, ws.cfg, 0)
+    groups = []
+    target_nll = L.target_nll
+    monkeypatch.setattr(L, "target_nll", lambda m, b: groups.append(len(b["input_ids"])) or target_nll(m, b))
+    monkeypatch.setattr(L, "HEAD_BYTES", 1)  # every row its own forward and backward
+    split, _ = P.run_probe(ws.setup, ws.anatomy, ws.cfg, 0)
+    assert groups and set(groups) == {1}
+    assert [r[:4] for r in split] == [r[:4] for r in whole]
+    assert [r[4] for r in split] == pytest.approx([r[4] for r in whole], rel=1e-4)  # per step, not per row group
+
+
 def test_spearman_agrees_with_scipy_including_ties():
     from scipy import stats
 

@@ -112,23 +112,27 @@ def run_probe(setup, anat, cfg, seed: int) -> tuple[list[tuple], dict]:
             grad_sum = {n: torch.zeros((), dtype=torch.float64, device=device) for n in layers}
             fisher_sum = {n: torch.zeros((), dtype=torch.float64, device=device) for n in layers}
             steps = {n: 0 for n in layers}
+            step_grads: dict = {}  # (module, "A" | "B") -> this step's gradient so far (float64), before clipping
             handles = []
 
-            def on_b(name):
-                def fn(g):  # fires once per backward, before clipping
-                    grad_sum[name] += g.detach().double().norm()
-                    fisher_sum[name] += g.detach().double().pow(2).sum()
-                    steps[name] += 1
+            def on_grad(name, which):
+                def fn(g):  # fires once per backward: once per row group of a step (train.loss.row_groups)
+                    key, g = (name, which), g.detach().double()
+                    step_grads[key] = g if key not in step_grads else step_grads[key] + g
                 return fn
 
-            def on_a(name):
-                def fn(g):
-                    fisher_sum[name] += g.detach().double().pow(2).sum()
-                return fn
+            def on_step(_opt, _args, _kwargs):  # the step's gradient is complete (and clipped, which we do not use)
+                for (name, which), g in step_grads.items():
+                    if which == "B":
+                        grad_sum[name] += g.norm()
+                        steps[name] += 1
+                    fisher_sum[name] += g.pow(2).sum()
+                step_grads.clear()
 
             for n, layer in layers.items():
-                handles.append(layer.lora_B["default"].weight.register_hook(on_b(n)))
-                handles.append(layer.lora_A["default"].weight.register_hook(on_a(n)))
+                handles.append(layer.lora_B["default"].weight.register_hook(on_grad(n, "B")))
+                handles.append(layer.lora_A["default"].weight.register_hook(on_grad(n, "A")))
+            handles.append(trial.opt.register_step_pre_hook(on_step))
             try:
                 sequential.advance(setup, [trial], p.steps, desc=f"probe seed {seed}")
             finally:
