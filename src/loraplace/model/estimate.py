@@ -163,7 +163,7 @@ def estimate(placement, batch_size: int, seq_len: int, dtype: str = "float32", g
     group_rows = None
     row_logits = max(1, int(round(seq_len * target_frac))) * s.vocab * 4
     if head_bytes is not None and batch_size * row_logits > head_bytes:
-        group_rows = max(1, min(batch_size, head_bytes // max(row_logits, 1)))
+        group_rows = max(1, head_bytes // row_logits)  # fewer than batch_size rows, as the batch does not fit
     flop_tokens = batch_size * seq_len
     tokens = (group_rows or batch_size) * seq_len  # what one forward holds
     act_bytes = DTYPE_BYTES[dtype]

@@ -64,12 +64,17 @@ def vocab_size(model: torch.nn.Module) -> int:
     return int(base.get_output_embeddings().weight.shape[0])
 
 
+def targets_per_row(labels: torch.Tensor) -> torch.Tensor:
+    """(B,) each row's target tokens: the positions ``target_positions`` selects, counted per row."""
+    return (labels[:, 1:] != M.IGNORE_INDEX).sum(1)
+
+
 def row_groups(batch: dict[str, torch.Tensor], vocab: int, budget: int | None = None) -> list[dict[str, torch.Tensor]]:
     """``batch`` as consecutive groups of its rows whose head logits (targets x ``vocab`` x 4 bytes) stay within
     ``budget`` (``HEAD_BYTES``; a row alone may exceed it), each cut to its longest row; ``[batch]`` itself when it
     fits whole."""
     budget = HEAD_BYTES if budget is None else budget
-    per_row = (batch["labels"][:, 1:] != M.IGNORE_INDEX).sum(1).tolist()
+    per_row = targets_per_row(batch["labels"]).tolist()
     limit = max(1, budget // (4 * vocab))  # target tokens per group
     if sum(per_row) <= limit:
         return [batch]

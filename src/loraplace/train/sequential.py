@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import time
 
-from loraplace.core.metrics import IGNORE_INDEX
 from loraplace.placement.resolve import Placement
 from loraplace.train import loss as L
 from loraplace.train import memory as M
@@ -64,7 +63,7 @@ def _steps(setup: Setup, trial: Trial, peft_model, n: int, desc: str) -> None:
             with trial.rng_active(setup.device):
                 for _ in range(n):
                     batch = trial.batch(setup, index=cache is not None)
-                    count = int((batch["labels"][:, 1:] != IGNORE_INDEX).sum())  # the batch's target tokens
+                    count = int(L.targets_per_row(batch["labels"]).sum())  # the batch's target tokens
                     groups = L.row_groups(batch, vocab)  # one unless its head logits would pass L.HEAD_BYTES
                     nll = 0.0
                     for i, group in enumerate(groups):
