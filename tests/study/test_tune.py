@@ -12,13 +12,14 @@ from toys import tiny_study
 from loraplace.analysis.from_store import analyze_store
 from loraplace.analysis.report import write_report
 from loraplace.cli import main as main_cli
+from loraplace.core.config import StudyConfig, TuneSpec
 from loraplace.core.text import lr_text
 from loraplace.model.anatomy import analyze
 from loraplace.store.db import DONE, FAILED, STOPPED, Store
 from loraplace.store.results import export_csv
 from loraplace.study.plan import plan_trials, resolve_placements
 from loraplace.study.run import run_study
-from loraplace.study.tune import Choice, Halving, choose, halve, halvings, rate_key, survivors
+from loraplace.study.tune import Choice, Halving, choose, cost, halve, halvings, rate_key, survivors
 from loraplace.train import segments
 
 GRID = [2e-4, 5e-4, 1.5e-3, 4e-3, 1e-2]
@@ -86,6 +87,21 @@ def test_when_every_rate_forgets_too_much_the_best_is_still_chosen():
 
 # -- a tuned study, end to end (tiny Llama) ---------------------------------------------------------
 
+def test_the_cost_counts_the_final_trials_the_search_trains():
+    """tune.reuse: each tuning seed that is a study seed trains one final trial per strategy in the search (none in a
+    study that races, none without reuse); `plan` says so."""
+    spec = TuneSpec(lr=GRID, compare=False)
+    c = cost(spec, 4, [0, 1, 2])
+    assert (c.tuning, c.final, c.replayed) == (12.0, 12.0, 4.0) and c.ratio == pytest.approx(20 / 12)
+    assert cost(spec, 4, [0, 1, 2], races=True).replayed == 0
+    assert cost(replace(spec, reuse=False), 4, [0, 1, 2]).ratio == 2.0
+    assert cost(replace(spec, seeds=[0, 1, 7]), 4, [0, 1, 2]).replayed == 8
+    from loraplace.cli.commands import _tuning_plan
+
+    cfg = StudyConfig.from_dict({"tune": {"lr": GRID, "compare": False}})
+    assert "the study's trials 12 less the 4 the search trains (tune.reuse): at most 1.67x" in _tuning_plan(cfg, 4)
+
+
 RATES = [1e-3, 1e-2, 5e-2]
 
 
@@ -127,10 +143,14 @@ def test_a_tuned_study_chooses_each_rate_on_the_selection_split_and_trains_there
     finals = [r for r in records if r.phase == "final"]
     main = [r for r in finals if r.lr == meta["choices"][r.strategy]["lr"]]
     assert len(main) == 2 * len(cfg.seeds) and all(r.status == DONE for r in main)
-    # a final trial is the trial an untuned study at that rate runs: the same id
+    # tune.reuse: a final trial trains on the search's data, so the tuning seed's final trial at the chosen rate is
+    # its tuning trial's training (read from its snapshots), the other seeds' are trained
+    by_key = {(r.strategy, r.lr, r.seed): r for r in tune}
     for r in main:
-        untuned = plan_trials(replace_lr(cfg, r.lr), resolve_placements(replace_lr(cfg, r.lr), _anat()))
-        assert r.trial_id in {t.trial_id for t in untuned if t.strategy == r.strategy}
+        assert r.config["train_data"] == {"less_selection": meta["selection"]}
+        trained_as = r.measured.get("trained_as")
+        assert trained_as == (by_key[(r.strategy, r.lr, r.seed)].trial_id if r.seed in cfg.tune.seeds else None)
+    assert not list((tmp_path / "study" / "snapshots").glob("*"))  # removed once every final trial is done
     # tune.compare: the other strategy at the baseline's rate too, unless it chose that rate
     base_lr = meta["choices"][cfg.baseline]["lr"]
     other = [r for r in finals if r.strategy == "attention_only" and r.lr == base_lr]
@@ -153,6 +173,9 @@ def test_a_tuned_study_chooses_each_rate_on_the_selection_split_and_trains_there
     methods = paths["methods"].read_text()
     assert (f"Each strategy's peak learning rate was chosen from {', '.join(lr_text(x) for x in RATES)}" in methods
             and f"a selection split of {meta['selection']} training examples" in methods)
+    replayed = sum(bool(r.measured.get("trained_as")) for r in finals)
+    assert replayed >= 2 and (f"The final trials trained on the same data as the tuning trials; {replayed} of them were "
+                              "the tuning trials of the same seed and rate" in methods)
     report = paths["markdown"].read_text()
     assert "## Does the learning rate change the answer?" in report
     rows = {line.split(" | ")[0].strip("| †"): line for line in report.splitlines() if line.startswith("| ")}
@@ -161,6 +184,51 @@ def test_a_tuned_study_chooses_each_rate_on_the_selection_split_and_trains_there
 
 def replace_lr(cfg, lr):
     return replace(cfg, train=replace(cfg.train, lr=lr), tune=replace(cfg.tune, lr=[]))
+
+
+@pytest.mark.slow
+def test_without_reuse_a_final_trial_is_the_untuned_studys_trial_at_that_rate(tmp_path):
+    """tune.reuse=false: the final trials train on the whole training data, exactly as an untuned study at the chosen
+    rate would train them (the same ids), and none is read from the search."""
+    cfg = _tuned(tmp_path)
+    cfg = replace(cfg, tune=replace(cfg.tune, reuse=False, compare=False))
+    records = run_study(cfg, _model())
+    finals = [r for r in records if r.phase == "final"]
+    assert len(finals) == 2 * len(cfg.seeds) and all(r.status == DONE for r in finals)
+    for r in finals:
+        assert "train_data" not in r.config and "trained_as" not in r.measured
+        untuned = plan_trials(replace_lr(cfg, r.lr), resolve_placements(replace_lr(cfg, r.lr), _anat()))
+        assert r.trial_id in {t.trial_id for t in untuned if t.strategy == r.strategy}
+    assert not (tmp_path / "study" / "snapshots").exists()  # no tuning trial kept any
+    assert "The final trials trained on the whole training data." in write_report(cfg.out)["methods"].read_text()
+
+
+@pytest.mark.slow
+def test_a_final_trial_read_from_its_tuning_trial_is_the_trial_trained_again(tmp_path, monkeypatch):
+    """tune.reuse: the final trial read from its tuning trial's snapshots has the numbers of the same final trial
+    trained from step 0 (the same id): its curve, rung evaluations, eval loss and forgetting."""
+    over = {"seeds": [0, 1], "eval": {"forgetting": True, "forgetting_size": 2, "forgetting_length": 12},
+            "tune": {"lr": RATES, "selection": 8, "at": [0.5], "keep": 0.5, "min_keep": 1, "record": [0.5],
+                     "compare": False}}
+    read = tiny_study(tmp_path, ["all_linear", "attention_only"], train={"steps": 4}, out=str(tmp_path / "read"),
+                      **over)
+    got = {r.trial_id: r for r in run_study(read, _model()) if r.phase == "final"}
+    replayed = [r for r in got.values() if r.measured.get("trained_as")]
+    assert {(r.strategy, r.seed) for r in replayed} == {("all_linear", 0), ("attention_only", 0)}
+    from loraplace.study import tune as T
+
+    monkeypatch.setattr(T, "replays", lambda finals, tuning: finals)  # every final trial trained from step 0
+    trained = tiny_study(tmp_path, ["all_linear", "attention_only"], train={"steps": 4}, out=str(tmp_path / "trained"),
+                         **over)
+    again = {r.trial_id: r for r in run_study(trained, _model()) if r.phase == "final"}
+    assert again.keys() == got.keys()
+    for r in replayed:
+        twin = again[r.trial_id]
+        assert "trained_as" not in twin.measured
+        assert r.curve == twin.curve and r.evals == twin.evals
+        for k in ("eval_loss", "forgetting", "train_loss_final", "train_tokens", "steps", "trainable_params"):
+            assert r.metrics[k] == twin.metrics[k], k
+        assert r.placement == twin.placement
 
 
 def _anat():

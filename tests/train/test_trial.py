@@ -21,7 +21,7 @@ from loraplace.model.anatomy import analyze
 from loraplace.placement.resolve import resolve
 from loraplace.placement.strategy import Strategy
 from loraplace.placement.variants import VARIANTS, Variant
-from loraplace.train import checkpoint, sequential
+from loraplace.train import checkpoint, segments, sequential
 from loraplace.train.trial import TrialError
 
 STRATEGIES = [Strategy("all_linear", "all"), Strategy("attention_only", "attn"), Strategy("block1", "all", "1")]
@@ -146,6 +146,31 @@ def test_restore_refuses_a_checkpoint_of_another_trial(tmp_path):
     with pytest.raises(TrialError, match="cannot be read"):
         checkpoint.restore(tmp_path / "missing", s, a)
     assert checkpoint.restore(tmp_path / "a", s, a).step == 2
+
+
+def test_a_snapshot_is_read_back_to_evaluate_never_to_train(tmp_path):
+    """tune.reuse's snapshots: saved without AdamW's state, read back as a trial of its own (the training's tensors,
+    curve and records, none of the saving trial's evaluations), moved to a later snapshot in place; never trained."""
+    model = tiny_models.build("llama")
+    s = setup(model, toy_set(21), TrainSpec(**SPEC))
+    a = resolve(STRATEGIES[0], analyze(model), rank=4, alpha=8)
+    trial = sequential.start(s, a, seed=0)
+    sequential.advance(s, [trial], 2)
+    trial.evals = [(2, {"eval_loss": 9.0})]  # e.g. a tuning trial's selection loss: not the reader's
+    checkpoint.save(trial, tmp_path / "s2", optimizer=False)
+    sequential.advance(s, [trial], 3)
+    checkpoint.save(trial, tmp_path / "s5", optimizer=False)
+    read = checkpoint.replayed(tmp_path / "s2", s, a)
+    assert read.step == 2 and read.evals == [] and read.eval is None and read.curve == trial.curve[:2]
+    with pytest.raises(TrialError, match="cannot be trained on"):
+        segments.run_to(s, [read], 5)
+    before = {n: p for n, p in read.params.items()}
+    checkpoint.replay(read, tmp_path / "s5", s)
+    assert read.step == 5 and read.curve == trial.curve and read.train_time == trial.train_time
+    assert all(read.params[n] is before[n] and torch.equal(read.params[n], trial.params[n]) for n in trial.params)
+    assert not all(torch.equal(before[n], p) for n, p in checkpoint.replayed(tmp_path / "s2", s, a).params.items())
+    with pytest.raises(TrialError, match="a replay of a trial that trains"):
+        checkpoint.replay(trial, tmp_path / "s5", s)
 
 
 def test_a_failed_trial_advances_no_further_and_finish_says_why():

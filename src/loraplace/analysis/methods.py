@@ -18,7 +18,7 @@ from loraplace.core.names import is_auto, is_selected
 from loraplace.core.text import lr_text
 from loraplace.placement.resolve import BUDGET_TOLERANCE
 from loraplace.placement.variants import VARIANTS
-from loraplace.store.db import DONE
+from loraplace.store.db import DONE, FINAL
 
 
 def _ranks(s) -> str:
@@ -76,16 +76,25 @@ def _rate(a: StudyAnalysis, lr: float) -> str:
     return "its strategy's own peak learning rate, chosen as the next sentence says"
 
 
-def _search(a: StudyAnalysis) -> list[str]:
-    """A tuned study's search in a sentence of its own: the grid, the selection split, the seeds, the rule, the rates."""
+def _search(a: StudyAnalysis, trials) -> list[str]:
+    """A tuned study's search in a sentence of its own: the grid, the selection split, the seeds, the rule, the rates;
+    then what the final trials trained on (from their configs: ``tune.reuse``), and which were the tuning trials."""
     t = a.tuning
     if t is None:
         return []
     chosen = "; ".join(f"`{s}` {lr_text(c.lr)}" for s, c in t.choices.items() if c.lr is not None)
+    finals = [r for r in trials if r.phase == FINAL]
+    if any("train_data" in (r.config or {}) for r in finals):
+        read = sum(bool(r.measured.get("trained_as")) for r in finals)
+        data = ("The final trials trained on the same data as the tuning trials" + (
+            f"; {read} of them were the tuning trials of the same seed and rate, evaluated on the evaluation set "
+            "without training again" if read else "") + ".")
+    else:
+        data = "The final trials trained on the whole training data."
     return [f"Each strategy's peak learning rate was chosen from {', '.join(lr_text(x) for x in t.grid)} by the lowest "
             f"mean loss on a selection split of {t.selection} training examples (not the evaluation set) over tuning "
             f"seed{'s' if len(t.seeds) != 1 else ''} {', '.join(map(str, t.seeds))}, the tuning trials training on "
-            f"the rest; {t.rule}. Chosen: {chosen}."]
+            f"the rest; {t.rule}. Chosen: {chosen}. {data}"]
 
 
 def sentences(a: StudyAnalysis, store) -> list[str]:
@@ -126,7 +135,7 @@ def sentences(a: StudyAnalysis, store) -> list[str]:
                f"clipping at {t.max_grad_norm:g}), LoRA alpha {t.alpha:g} ({_scales(a)}), LoRA dropout "
                f"{t.dropout:g}, in {t.dtype} on {env.get('gpu') or env.get('device', '?')}; the loss was the token-"
                "weighted next-token cross-entropy on completion tokens only.")
-    out += _search(a)
+    out += _search(a, store.current_trials())
     out.append(f"Every strategy ran with {len(cfg.seeds)} seed{'s' if len(cfg.seeds) != 1 else ''} "
                f"({', '.join(map(str, cfg.seeds))}); a seed fixes the data order and the adapter initialisation.")
     ev = [f"the token-weighted evaluation loss (the base model's: {zero['eval_loss']:.4f} nats/token)"

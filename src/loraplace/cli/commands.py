@@ -124,14 +124,15 @@ def _tuning_plan(cfg, n_strategies: int) -> str:
     untuned study (in whole-trial lengths: the optimizer steps of one trial = 1)."""
     from loraplace.study.tune import cost, rule_text
 
-    t, c = cfg.tune, cost(cfg.tune, n_strategies, len(cfg.seeds))
+    t, c = cfg.tune, cost(cfg.tune, n_strategies, cfg.seeds, races=bool(cfg.race.at))
     grid = ", ".join(lr_text(x) for x in t.grid())
     sel = f"{t.selection:g} examples" if t.selection >= 1 else f"{100 * t.selection:g}% of the training examples"
     lines = [f"Learning-rate search: {len(t.grid())} rates ({grid}) x {n_strategies} strategies x tuning seed(s) "
              f"{', '.join(map(str, t.seeds))} = {c.tuning_trials} tuning trials on the training data less a selection "
              f"split of {sel}; {rule_text(t)}.",
              f"Cost in trial lengths: the search {c.tuning:g} (an exhaustive grid: {c.exhaustive:g}), the study's "
-             f"trials {c.final:g}" + (f", the comparison at the baseline's rate at most {c.compare:g}" if t.compare else "")
+             f"trials {c.final:g}" + (f" less the {c.replayed:g} the search trains (tune.reuse)" if c.replayed else "")
+             + (f", the comparison at the baseline's rate at most {c.compare:g}" if t.compare else "")
              + f": at most {c.ratio:.2f}x the untuned study ({c.final:g})"
              + (", plus the selection-split evaluations at the tuning rungs." if t.rungs() else ".")]
     return "\n".join(lines)

@@ -221,7 +221,8 @@ class RaceSpec:
 class TuneSpec:
     """The learning-rate search (study/tune.py): every strategy trained at each rate of the grid on the training data
     less a selection split, evaluated on that split (never the eval set), the clearly worse rates of a strategy
-    stopped at the tuning rungs (successive halving); each strategy's final trials then train at its best rate."""
+    stopped at the tuning rungs (successive halving); each strategy's final trials then train at its best rate
+    (``reuse``: on the search's data, so a tuning seed's trial at that rate is that seed's final trial)."""
 
     lr: list[float] = field(default_factory=list)  # the grid of peak learning rates; []: no search (train.lr for all)
     lr_range: list[float] | None = None  # [low, high]: instead of lr, `points` rates evenly spaced on a log scale
@@ -234,6 +235,8 @@ class TuneSpec:
     record: list[float] = field(default_factory=lambda: [0.25, 0.5])  # rungs evaluated in every tuning trial
     eval_limit: int | None = 16  # tuning rungs score the first N selection examples (null: all; the end always all)
     compare: bool = True  # also train every strategy at the baseline's chosen rate ("Does the learning rate change the answer?")
+    reuse: bool = True  # final trials train on the search's data, so a tuning seed's trial at the chosen rate is that
+    #                     seed's final trial (replayed from its snapshots, not trained again); false: the whole training data
 
     def grid(self) -> list[float]:
         """The rates searched, ascending: ``lr``, or ``points`` log-spaced rates over ``lr_range`` (3 significant

@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Iterator
 
@@ -27,6 +27,7 @@ import torch
 from loraplace.core.config import ConfigError, StudyConfig
 from loraplace.core.errors import first_line
 from loraplace.study.plan import TrialTask, rung_spec, segment
+from loraplace.study.tune import snapshot_dir
 from loraplace.study.workspace import Workspace
 from loraplace.train import checkpoint, fused, segments, sequential
 from loraplace.train.guard import base_unchanged
@@ -104,6 +105,8 @@ def plan_groups(tasks: list[TrialTask], size: int) -> list[list[TrialTask]]:
 
 
 def _unfusable(ws: Workspace, task: TrialTask) -> str | None:
+    if task.replay:
+        return "read from their tuning trials' snapshots (tune.reuse), not trained"
     try:
         return fused.unfusable(ws.placement(task))
     except RECORDED:  # it fails on its own when run
@@ -172,6 +175,8 @@ def _run(ws: Workspace, tasks: list[TrialTask], fuse: bool) -> list[Outcome]:
     or evaluated and finished (the end: accuracy, the saved adapter)."""
     setup = ws.setup_for(tasks[0])  # what the group shares (a group is of one phase); each trial keeps its own rate
     total = setup.total_steps
+    if tasks[0].replay:  # its tuning trial did its training (tune.reuse): read back, evaluated, never trained
+        return [_replay(ws, tasks[0])]
     trials = [segments.begin(ws.setup_for(t), ws.placement(t), t.seed, _checkpoint(t)) for t in tasks]
     # where each piece really starts is its checkpoint's step (another process may have moved it on since the
     # driver looked): the piece of work follows from there
@@ -187,7 +192,10 @@ def _run(ws: Workspace, tasks: list[TrialTask], fuse: bool) -> list[Outcome]:
     with contextlib.ExitStack() as attached:
         if not fuse:  # one PEFT wrapping for the whole piece: advancing, evaluating, finishing re-enter it
             attached.enter_context(trials[0].attached(setup))
-        segments.run_to(setup, trials, until, tasks[0].evals_at, fused=fuse, rung_accuracy=rung_accuracy, desc=desc)
+        keep = {id(trial): task for task, trial in zip(tasks, trials) if task.snapshots}  # tune.reuse: snapshots
+        segments.run_to(setup, trials, until, tasks[0].evals_at, fused=fuse, rung_accuracy=rung_accuracy, desc=desc,
+                        keep_at=tuple(sorted({s for t in tasks for s in t.snapshots_at})),
+                        keep=lambda trial: _snapshot(trial, keep.get(id(trial))))
         ending = [t for t in trials if t.error is None and t.step >= total]
         if ending:
             (fused.evaluate if fuse else sequential.evaluate)(setup, ending)
@@ -205,6 +213,35 @@ def _run(ws: Workspace, tasks: list[TrialTask], fuse: bool) -> list[Outcome]:
             except RECORDED as e:
                 out.append(Outcome(task, error=failure(e)))
     return out
+
+
+def _snapshot(trial, task: TrialTask | None) -> None:
+    """A tuning trial's state at one of its final trial's steps, kept for that trial to read (``tune.replays``)."""
+    if task is not None and task.snapshots and trial.step in task.snapshots_at:
+        checkpoint.save(trial, snapshot_dir(task.snapshots, trial.step), optimizer=False)
+
+
+def _replay(ws: Workspace, task: TrialTask) -> Outcome:
+    """A final trial read from its tuning trial's snapshots (``tune.reuse``): evaluated at its rungs and end on the
+    eval set and finished (forgetting, accuracy, its adapter) as if it had trained; its record names the tuning trial
+    (``measured["trained_as"]``)."""
+    setup = ws.setup_for(task)
+    steps = [s for s in task.snapshots_at if s > task.start]
+    trial = checkpoint.replayed(snapshot_dir(task.replay, steps[0]), setup, ws.placement(task))
+    task = replace(task, evals_at=tuple(s for s in task.evals_at if s in steps))
+    with trial.attached(setup):
+        segments.run_to(setup, [trial], task.until or setup.total_steps, task.evals_at,
+                        rung_accuracy=ws.cfg.analysis.metric == "accuracy",
+                        replay=lambda t, step: checkpoint.replay(t, snapshot_dir(task.replay, step), setup))
+        sequential.evaluate(setup, [trial])
+        try:
+            if trial.error is not None:
+                raise TrialError(trial.error)
+            result = trial.finish(setup, task.adapter_dir)
+        except RECORDED as e:
+            return Outcome(task, error=failure(e))
+    result.measured["trained_as"] = task.replay_of
+    return Outcome(task, result=result)
 
 
 # -- Ray ---------------------------------------------------------------------------------------

@@ -5,7 +5,8 @@ Usage::
     placements = place(s)               # probe / condition numbers / EVA where a strategy needs them; every strategy resolved
     measure_base(s)                     # the base model on the eval set (zero-shot) and the forgetting set
     rates = tune(s, placements)         # the learning-rate search: strategy -> its rate ({} without tune.lr)
-    train(s, placements, rates)         # the study's trials, each strategy at its rate, raced at race.at
+    train(s, placements, rates)         # the study's trials, each strategy at its rate, raced at race.at (tune.reuse:
+                                        # those the search already trained are read from its snapshots)
     compare(s, placements, rates)       # every strategy at the baseline's rate (tune.compare)
     finish(s)                           # forgetting measured again where its set changed; checkpoints removed
 
@@ -26,9 +27,10 @@ from loraplace.measure import forgetting
 from loraplace.measure.kappa import kappa_order_of
 from loraplace.measure.zero_shot import zero_shot
 from loraplace.placement.resolve import Placement
-from loraplace.store.db import DONE, RUNNING, STOPPED
+from loraplace.store.db import DONE, FAILED, RUNNING, STOPPED, TUNE
 from loraplace.study import tune as T
-from loraplace.study.plan import auto_scores, fixed_budget, needs_probe, plan_trials, resolve_placements, selected_budget
+from loraplace.study.plan import (auto_scores, fixed_budget, needs_probe, plan_trials, resolve_placements, search_data,
+                                  selected_budget)
 from loraplace.study.race import study_race
 from loraplace.study.session import Session
 
@@ -78,7 +80,7 @@ def tune(s: Session, placements: dict[str, Placement]) -> dict[str, float]:
     cfg, ws = s.cfg, s.ws
     if not cfg.tune.active:
         return {}
-    tasks = T.plan_tuning(cfg, placements, len(ws.selection_set.input_ids))
+    tasks = T.plan_tuning(cfg, placements, len(ws.selection_set.input_ids), search_steps(ws))
     s.add(tasks, retry_diverged=False)  # a rate that diverged would diverge again
     log.info("tune: %d tuning trials (%d rates x %d strategies x %d tuning seed(s)) on %d training examples, chosen "
              "on %d held out", len(tasks), len(cfg.tune.grid()), len(placements), len(cfg.tune.seeds),
@@ -88,6 +90,10 @@ def tune(s: Session, placements: dict[str, Placement]) -> dict[str, float]:
     chosen = T.choices(cfg, trials)
     total = ws.setup_for(tasks[0]).total_steps
     s.store.put_meta("tune", T.summary(cfg, len(ws.selection_set.input_ids), total, chosen))
+    rates = {name: c.lr for name, c in chosen.items() if c.lr is not None}
+    at_baseline = {(n, rates[cfg.baseline]) for n in rates} if cfg.tune.compare and cfg.baseline in rates else set()
+    T.drop_snapshots(tasks, set(rates.items()) | at_baseline)  # the ones no final trial reads
+    s.tuning = tasks
     for c in chosen.values():
         if c.lr is None:
             log.warning("tune: no rate of the grid finished for %s; it gets no final trials", c.strategy)
@@ -95,7 +101,23 @@ def tune(s: Session, placements: dict[str, Placement]) -> dict[str, float]:
             log.info("tune: %s trains at lr %s (selection loss %.4f)", c.strategy, lr_text(c.lr), c.losses[T.rate_key(c.lr)])
         if c.edge_text():
             log.warning("tune: %s", c.edge_text())
-    return {name: c.lr for name, c in chosen.items() if c.lr is not None}
+    return rates
+
+
+def search_steps(ws) -> int:
+    """The optimizer steps of a trial on the search's data (``train.epochs`` counts passes over it)."""
+    return replace(ws.setup, train_set=ws.tune_train_set).total_steps
+
+
+def finals(s: Session, placements: dict[str, Placement], rates: dict[str, float], races: bool = True):
+    """The final trials of ``placements`` at ``rates`` (train.lr untuned): on the search's data with ``tune.reuse``,
+    where each one a tuning trial already trained is read from its snapshots (``tune.replays``)."""
+    cfg, ws = s.cfg, s.ws
+    search = search_data(cfg, len(ws.selection_set.input_ids)) if ws.selection_set is not None else None
+    tasks = plan_trials(cfg, placements, rates or None, search)
+    if not races:
+        tasks = [replace(t, checkpoint_dir=None, races=False) for t in tasks]
+    return T.replays(tasks, s.tuning) if search is not None and s.tuning and not cfg.race.at else tasks
 
 
 def train(s: Session, placements: dict[str, Placement], rates: dict[str, float]) -> None:
@@ -104,8 +126,12 @@ def train(s: Session, placements: dict[str, Placement], rates: dict[str, float])
     cfg = s.cfg
     if cfg.tune.active:
         placements = {n: p for n, p in placements.items() if n in rates}
-    tasks = plan_trials(cfg, placements, rates or None)
+    tasks = finals(s, placements, rates)
     s.add(tasks)
+    replayed = sum(bool(t.replay) for t in tasks)
+    if replayed:
+        log.info("tune.reuse: %d of %d trials were trained by the search (the tuning seed at the chosen rate): read "
+                 "from its snapshots and evaluated, not trained again", replayed, len(tasks))
     done = sum(s.store.get(t.trial_id).status == DONE for t in tasks)
     if done:
         log.info("%d of %d trials already done; running the other %d", done, len(tasks), len(tasks) - done)
@@ -120,8 +146,7 @@ def compare(s: Session, placements: dict[str, Placement], rates: dict[str, float
     if not (cfg.tune.active and cfg.tune.compare) or cfg.baseline not in rates:
         return
     at = rates[cfg.baseline]
-    tasks = [replace(t, checkpoint_dir=None, races=False)
-             for t in plan_trials(cfg, placements, {n: at for n in placements}) if t.trial_id not in set(s.ids)]
+    tasks = [t for t in finals(s, placements, {n: at for n in placements}, races=False) if t.trial_id not in set(s.ids)]
     if tasks:
         log.info("tune.compare: %d trials of the other strategies at the baseline's rate %s", len(tasks), lr_text(at))
     s.add(tasks)
@@ -139,6 +164,8 @@ def finish(s: Session) -> None:
             rec = s.store.get(t.trial_id)
             if rec.status in (DONE, STOPPED) and t.checkpoint_dir and Path(t.checkpoint_dir).exists():
                 shutil.rmtree(t.checkpoint_dir, ignore_errors=True)
+        if all(s.store.get(t.trial_id).status in (DONE, FAILED) for t in s.tasks if t.phase != TUNE):
+            T.drop_snapshots(s.tuning, set())  # every final trial that could read them is done
     elsewhere = sum(s.store.get(t.trial_id).status == RUNNING for t in s.tasks)
     if elsewhere:
         log.info("%d trial(s) still running in other processes (see `loraplace status %s`)", elsewhere, s.cfg.out)

@@ -32,6 +32,7 @@ if TYPE_CHECKING:  # torch-free: the anatomy is only read
 
 SAME_AUTO = f"same:{AUTO}"  # budget: match the fixed strategies to auto's trainable count
 CHECKPOINTS = "checkpoints"  # inside the study directory: one resumable checkpoint per racing trial
+SNAPSHOTS = "snapshots"  # inside the study directory (tune.reuse): a tuning trial's state at its final trial's rungs
 
 
 @dataclass(frozen=True)
@@ -52,6 +53,10 @@ class TrialTask:
     phase: str = "final"  # "tune": a trial of the learning-rate search (study.tune), on the selection split
     lr: float | None = None  # its peak learning rate (None: train.lr)
     races: bool = True  # False: it is evaluated at the recorded rungs but never paused at a racing one
+    snapshots: str | None = None  # tune.reuse: where a tuning trial keeps its state at ``snapshots_at`` ...
+    snapshots_at: tuple[int, ...] = ()  # ... the steps its final trial is evaluated at (its rungs and its end)
+    replay: str | None = None  # a final trial whose training its tuning trial did: read from these snapshots ...
+    replay_of: str | None = None  # ... of this tuning trial, evaluated at each rung and the end, not trained again
 
 
 def resolve_placements(cfg: StudyConfig, anat: Anatomy, scores: dict[str, dict[str, float]] | None = None,
@@ -182,10 +187,12 @@ def trial_id(config: dict) -> str:
     return digest(config)
 
 
-def trial_config(cfg: StudyConfig, name: str, p: Placement, seed: int, lr: float | None = None) -> dict:
+def trial_config(cfg: StudyConfig, name: str, p: Placement, seed: int, lr: float | None = None,
+                 search_data: int | None = None) -> dict:
     """What can change a trial's numbers, as plain data (its id is the hash): the model, the data and eval settings,
     the training settings (``lr``: its own peak learning rate instead of train.lr), the strategy, its resolved ranks
-    and the seed."""
+    and the seed; ``search_data``: it trains on the training data less the selection split of that many examples
+    (a final trial of a study with ``tune.reuse``, as its tuning trials do)."""
     train = cfg.train.identity()
     if lr is not None:
         train = {**train, "lr": float(lr)}
@@ -205,17 +212,32 @@ def trial_config(cfg: StudyConfig, name: str, p: Placement, seed: int, lr: float
         config["allocation"] = p.allocation
     if cfg.quantize is not None:  # a bitsandbytes base (only then: the ids of float trials stay what they were)
         config["quantize"] = cfg.quantize
+    if search_data is not None:  # less data than an untuned study's trial at this rate: another id
+        config["train_data"] = {"less_selection": int(search_data)}
     return config
 
 
-def plan_trials(cfg: StudyConfig, placements: dict[str, Placement], rates: dict[str, float] | None = None) -> list[TrialTask]:
+def search_data(cfg: StudyConfig, n_selection: int) -> int | None:
+    """The selection split's size when the study's final trials train on the search's data (``tune.reuse`` in a
+    tuned study), else None: they train on the whole training data."""
+    return int(n_selection) if cfg.tune.active and cfg.tune.reuse else None
+
+
+def final_steps(cfg: StudyConfig, total: int) -> tuple[int, ...]:
+    """The steps a final trial that does not race is evaluated at: its recorded rungs and its end."""
+    return tuple(sorted(set(rung_steps(cfg.race.rungs(), total)) | {total}))
+
+
+def plan_trials(cfg: StudyConfig, placements: dict[str, Placement], rates: dict[str, float] | None = None,
+                search: int | None = None) -> list[TrialTask]:
     """Every (strategy, seed) trial, keyed by a hash of what can change its numbers; ``rates`` (strategy -> peak
-    learning rate, the learning-rate search's choice) replaces train.lr for the strategies it names."""
+    learning rate, the learning-rate search's choice) replaces train.lr for the strategies it names; ``search``
+    (``search_data``): they train on the training data less a selection split of that many examples."""
     out = []
     for seed in cfg.seeds:  # seed-major order: every strategy gets seed 0 before any gets seed 1
         for name, p in placements.items():
             lr = (rates or {}).get(name)
-            config = trial_config(cfg, name, p, seed, lr)
+            config = trial_config(cfg, name, p, seed, lr, search)
             tid = trial_id(config)
             label = f"{name}-s{seed}-{tid[:8]}"
             adapter_dir = str(Path(cfg.out) / "adapters" / label) if cfg.train.save_adapter else None

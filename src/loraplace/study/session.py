@@ -84,6 +84,7 @@ class Session:
     env: dict
     zero: dict = field(default_factory=dict)  # meta zero_shot: the base model's loss (and accuracy) on the eval set
     tasks: list[TrialTask] = field(default_factory=list)  # every trial of the study so far, in the order planned
+    tuning: list[TrialTask] = field(default_factory=list)  # the search's trials (tune.reuse: final trials read theirs)
     _heap: contextlib.AbstractContextManager | None = field(default=None, repr=False)  # train.memory.frozen_heap
 
     @classmethod
@@ -202,8 +203,9 @@ class Session:
                         result.measured)
         m = result.metrics
         zero = "" if task.phase == TUNE else f" (zero-shot {self.zero['eval_loss']:.4f})"
+        trained = " (trained by its tuning trial)" if task.replay else ""
         print(f"{task.desc}: {what} {m['eval_loss']:.4f}{zero}, {m['trainable_params']:,} trainable, "
-              f"{m['train_time_s']:.0f} s", file=sys.stderr)
+              f"{m['train_time_s']:.0f} s{trained}", file=sys.stderr)
 
 
 def _label(t: TrialTask) -> str:

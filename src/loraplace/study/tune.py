@@ -18,22 +18,26 @@ ranked by their mean selection loss over the tuning seeds at that rung, and only
 failure of the study. Every surviving rate trains to the end of the whole run's schedule, so its final selection
 loss is the one it gets in an exhaustive search (``tune.at: []``). The chosen rate of a strategy is the one with
 the lowest mean final selection loss over the tuning seeds; with ``analysis.max_forgetting``, among the rates
-whose tuning trials forget no more than that on average. The final trials then train on the whole training set at
-the chosen rate and are evaluated on the eval set, exactly as an untuned study at that ``train.lr`` would train
-them (the same trial ids), which is why a tuning trial is never a final trial: it saw less data.
+whose tuning trials forget no more than that on average. The final trials then train at the chosen rate and are
+evaluated on the eval set. With ``tune.reuse`` (the default) they train on the search's data, so a tuning trial
+whose seed is a study seed already did its final trial's training: it keeps snapshots at that trial's rungs and end,
+and the final trial is read from them and evaluated (``replays``), not trained again; the tuning trial itself is
+never evaluated on the eval set. Without it they train on the whole training set, exactly as an untuned study at
+that ``train.lr`` would train them (the same trial ids).
 """
 
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
+import shutil
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 from loraplace.core.metrics import QUALITY
 from loraplace.core.text import lr_text
 from loraplace.store import keys
 from loraplace.store.db import DONE, FAILED, STOPPED, TUNE
-from loraplace.study.plan import CHECKPOINTS, TrialTask, trial_config, trial_id
+from loraplace.study.plan import CHECKPOINTS, SNAPSHOTS, TrialTask, final_steps, trial_config, trial_id
 from loraplace.study.race import Race
 
 
@@ -204,10 +208,14 @@ def selection_size(spec, n_train: int) -> int:
     return max(1, min(n, n_train - 1))
 
 
-def plan_tuning(cfg, placements: dict, n_selection: int) -> list[TrialTask]:
+def plan_tuning(cfg, placements: dict, n_selection: int, total: int | None = None) -> list[TrialTask]:
     """One tuning trial per tuning seed, rate and strategy (seed-major, then rate, then the study's strategy order):
     a ``study.plan.TrialTask`` of phase ``tune`` whose config is the final trial's at that rate plus the phase and
-    the selection split, so no tuning trial shares an id with a final one. Tuning trials save no adapter."""
+    the selection split, so no tuning trial shares an id with a final one. Tuning trials save no adapter. With
+    ``tune.reuse`` (and ``total``, the steps of a trial), a tuning trial whose seed is a study seed keeps snapshots
+    at its final trial's rungs and end (``replays``); not in a study that races (``race.at``), where a final trial
+    pauses at rungs and must carry on training from there."""
+    snap = total is not None and cfg.tune.reuse and not cfg.race.at
     out = []
     for seed in cfg.tune.seeds:
         for lr in cfg.tune.grid():
@@ -219,9 +227,41 @@ def plan_tuning(cfg, placements: dict, n_selection: int) -> list[TrialTask]:
                 tid = trial_id(config)
                 label = f"tune-{name}-lr{rate_key(lr)}-s{seed}-{tid[:8]}"
                 checkpoint_dir = str(Path(cfg.out) / CHECKPOINTS / label) if cfg.tune.at else None
-                out.append(TrialTask(tid, name, seed, p.modules, None, config, checkpoint_dir=checkpoint_dir,
-                                     phase=TUNE, lr=float(lr)))
+                task = TrialTask(tid, name, seed, p.modules, None, config, checkpoint_dir=checkpoint_dir, phase=TUNE,
+                                 lr=float(lr))
+                if snap and seed in cfg.seeds:
+                    task = replace(task, snapshots=str(Path(cfg.out) / SNAPSHOTS / label),
+                                   snapshots_at=final_steps(cfg, total))
+                out.append(task)
     return out
+
+
+def replays(finals: list[TrialTask], tuning: list[TrialTask]) -> list[TrialTask]:
+    """``finals`` (trials on the search's data, ``tune.reuse``), each one whose tuning trial (same strategy, rate and
+    seed) kept a snapshot at every step the final trial is evaluated at set to be read from them (``replay``)
+    instead of trained: the same computation (a restored trial computes exactly what it would have in one go, and
+    evaluating changes nothing it trains), so the same trial."""
+    kept = {(t.strategy, t.lr, t.seed): t for t in tuning if t.snapshots}
+    out = []
+    for f in finals:
+        t = kept.get((f.strategy, f.lr, f.seed))
+        if t is not None and all(snapshot_dir(t.snapshots, step).is_dir() for step in t.snapshots_at):
+            f = replace(f, replay=t.snapshots, replay_of=t.trial_id, snapshots_at=t.snapshots_at)
+        out.append(f)
+    return out
+
+
+def snapshot_dir(directory: str | Path, step: int) -> Path:
+    """Where a tuning trial keeps its snapshot at ``step`` (written whole or not at: ``train.checkpoint.save``)."""
+    return Path(directory) / f"step-{step}"
+
+
+def drop_snapshots(tuning: list[TrialTask], keep: set[tuple[str, float]]) -> None:
+    """Remove the snapshots of every tuning trial whose (strategy, rate) is not in ``keep`` (no final trial will
+    read them)."""
+    for t in tuning:
+        if t.snapshots and (t.strategy, t.lr) not in keep:
+            shutil.rmtree(t.snapshots, ignore_errors=True)
 
 
 def search_length(spec, n_rates: int) -> float:
@@ -244,19 +284,23 @@ class Cost:
     exhaustive: float  # what the whole grid would train
     final: float  # the study's trials (strategies x seeds)
     compare: float  # at most: every other strategy at the baseline's rate (none when it chooses the same)
+    replayed: float = 0.0  # final trials the search trains (tune.reuse: its tuning seeds that are study seeds)
 
     @property
     def ratio(self) -> float:
         """The tuned study against the untuned one (the same strategies and seeds at train.lr), at most."""
-        return (self.tuning + self.final + self.compare) / self.final
+        return (self.tuning + self.final - self.replayed + self.compare) / self.final
 
 
-def cost(spec, n_strategies: int, n_seeds: int) -> Cost:
-    """``search_length`` over a study: the search, the final trials and the comparison at the baseline's rate."""
-    n = len(spec.grid())
+def cost(spec, n_strategies: int, seeds: list[int], races: bool = False) -> Cost:
+    """``search_length`` over a study: the search, the final trials (less those the search trains: ``replays``;
+    none in a study that races) and the comparison at the baseline's rate."""
+    n, n_seeds = len(spec.grid()), len(seeds)
     per = search_length(spec, n) * len(spec.seeds)
+    shared = len(set(spec.seeds) & set(seeds)) if spec.reuse and not races else 0
     return Cost(n_strategies * n * len(spec.seeds), n_strategies * per, float(n_strategies * n * len(spec.seeds)),
-                float(n_strategies * n_seeds), float((n_strategies - 1) * n_seeds) if spec.compare else 0.0)
+                float(n_strategies * n_seeds), float((n_strategies - 1) * n_seeds) if spec.compare else 0.0,
+                float(n_strategies * shared))
 
 
 # -- in a study -----------------------------------------------------------------------------------

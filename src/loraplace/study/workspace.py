@@ -109,13 +109,18 @@ class Workspace:
 
     def setup_for(self, task: TrialTask) -> Setup:
         """The Setup a task trains and is evaluated on: a tuning trial on the training data less the selection split,
-        evaluated on the selection split (no accuracy); every trial at its own peak learning rate (``task.lr``)."""
+        evaluated on the selection split (no accuracy); a final trial of a study with ``tune.reuse`` (its config says
+        ``train_data``) on the same data as the tuning trials, evaluated on the eval set; every trial at its own peak
+        learning rate (``task.lr``)."""
         setup = self.setup
+        if (task.phase == TUNE or "train_data" in task.config) and self.tune_train_set is None:
+            raise PlacementError(f"a {task.phase} trial on the search's data in a study without tune.lr: this process "
+                                 "has no selection split")
         if task.phase == TUNE:
-            if self.tune_train_set is None:
-                raise PlacementError("a tuning trial in a study without tune.lr: this process has no selection split")
             setup = replace(setup, train_set=self.tune_train_set, eval_set=self.selection_set, accuracy=None,
                             rung_eval_set=self.selection_set.head(self.cfg.tune.eval_limit))  # halving ranks on this
+        elif "train_data" in task.config:
+            setup = replace(setup, train_set=self.tune_train_set)
         return setup if task.lr is None else replace(setup, train=replace(setup.train, lr=float(task.lr)))
 
     def placement(self, task: TrialTask) -> Placement:

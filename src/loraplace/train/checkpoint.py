@@ -4,6 +4,9 @@ Usage::
 
     save(trial, path)                              # a directory: adapters, AdamW, RNG, step, records, variant state
     trial = restore(path, setup, placement)        # ready to advance from where it stopped
+    save(trial, snap, optimizer=False)             # a snapshot (tune.reuse): the trial as it was at this step ...
+    trial = replayed(snap, setup, placement)       # ... read back as another trial's training, to evaluate
+    replay(trial, later_snap)                      # ... and moved on to a later snapshot of the same training
 
 The learning rate follows the whole run's schedule and the data position is the step, so a restored trial computes
 exactly what it would have computed in one go. A variant's own state (AdaLoRA's allocator, PiSSA's initial A and B)
@@ -23,6 +26,7 @@ from loraplace.train.trial import Setup, Trial, TrialError
 CHECKPOINT_FILE = "trial.pt"  # inside a trial's checkpoint directory
 CHECKPOINT_VERSION = 1
 RECORDS = ("tokens", "slots", "train_time", "eval_time", "peak", "eval", "error", "fused", "prefix_blocks")  # as they are
+TRAINED = ("tokens", "slots", "train_time", "fused", "prefix_blocks")  # what a replay takes: the training's records
 
 
 def state_dict(trial: Trial) -> dict:
@@ -38,16 +42,18 @@ def state_dict(trial: Trial) -> dict:
     }
 
 
-def save(trial: Trial, path: str | Path) -> Path:
-    """Write a resumable checkpoint of ``trial`` into directory ``path`` (all or nothing)."""
+def save(trial: Trial, path: str | Path, optimizer: bool = True) -> Path:
+    """Write a resumable checkpoint of ``trial`` into directory ``path`` (all or nothing); ``optimizer=False``: a
+    snapshot, without AdamW's state (a third of the size), that can be evaluated (``replayed``) but not trained on."""
+    state = state_dict(trial)
+    if not optimizer:
+        state["optimizer"] = None
     with atomic_dir(path) as tmp:
-        torch.save(state_dict(trial), Path(tmp) / CHECKPOINT_FILE)
+        torch.save(state, Path(tmp) / CHECKPOINT_FILE)
     return Path(path)
 
 
-def restore(path: str | Path, setup: Setup, placement: Placement) -> Trial:
-    """The trial saved at ``path``, ready to advance from where it stopped. TrialError when the checkpoint cannot be
-    read or belongs to another placement or run length."""
+def _load(path: str | Path, setup: Setup, placement: Placement) -> dict:
     file = Path(path) / CHECKPOINT_FILE
     try:
         state = torch.load(file, map_location="cpu", weights_only=True)
@@ -57,17 +63,62 @@ def restore(path: str | Path, setup: Setup, placement: Placement) -> Trial:
         raise TrialError(f"checkpoint {file} is of version {state.get('version')}, not {CHECKPOINT_VERSION}")
     if state["modules"] != dict(placement.modules) or state["total"] != setup.total_steps:
         raise TrialError(f"checkpoint {file} belongs to another placement or run length")
+    return state
+
+
+def replayed(path: str | Path, setup: Setup, placement: Placement) -> Trial:
+    """The training saved in snapshot ``path`` as a trial of its own (``tune.reuse``: a final trial whose training a
+    tuning trial did): its tensors, step, curve and training records, none of the evaluations of the trial that
+    saved it. It can be evaluated and finished, not trained on."""
+    trial = restore(path, setup, placement)
+    trial.evals, trial.eval, trial.eval_time = [], None, 0.0
+    trial.replayed = True
+    return trial
+
+
+def replay(trial: Trial, path: str | Path, setup: Setup) -> None:
+    """Move a ``replayed`` trial to the later snapshot ``path`` of the same training: its tensors (in place, so a PEFT
+    wrapping of them sees the change), step, curve, training records and variant state; its evaluations stay."""
+    if not trial.replayed:
+        raise TrialError(f"trial {trial.placement.strategy} seed {trial.seed}: a replay of a trial that trains")
+    state = _load(path, setup, trial.placement)
+    if state["seed"] != trial.seed or set(state["params"]) != set(trial.params):
+        raise TrialError(f"snapshot {path} belongs to another trial")
+    with torch.no_grad():
+        for name, p in trial.params.items():
+            p.copy_(state["params"][name].to(p.device))
+    trial.step, trial.rng = state["step"], state["rng"]
+    trial.curve = [tuple(x) for x in state["curve"]]
+    trial.tail = [tuple(x) for x in state["tail"]]
+    for key in TRAINED:
+        setattr(trial, key, state[key])
+    trial.peak = max(trial.peak, state["peak"])
+    trial.variant_state = _variant_state(trial, state, setup, path)
+
+
+def _variant_state(trial: Trial, state: dict, setup: Setup, path):
+    try:
+        return trial.variant.load_state(state, setup.device)
+    except LookupError as e:
+        raise TrialError(f"checkpoint {Path(path) / CHECKPOINT_FILE} of a {trial.variant.label} trial lacks "
+                         f"{e.args[0]}") from None
+
+
+def restore(path: str | Path, setup: Setup, placement: Placement) -> Trial:
+    """The trial saved at ``path``, ready to advance from where it stopped. TrialError when the checkpoint cannot be
+    read or belongs to another placement or run length."""
+    state = _load(path, setup, placement)
     params = {n: torch.nn.Parameter(t.to(setup.device)) for n, t in state["params"].items()}
     trial = Trial(placement, state["seed"], state["total"], params, state["scales"], state["rng"], setup.train)
-    trial.opt.load_state_dict(state["optimizer"])
+    if state["optimizer"] is None:  # a snapshot
+        trial.replayed = True
+    else:
+        trial.opt.load_state_dict(state["optimizer"])
     trial.step, trial.rng = state["step"], state["rng"]
     trial.curve = [tuple(x) for x in state["curve"]]
     trial.tail = [tuple(x) for x in state["tail"]]
     trial.evals = [(int(s), dict(e)) for s, e in state["evals"]]
     for key in RECORDS:
         setattr(trial, key, state[key])
-    try:
-        trial.variant_state = trial.variant.load_state(state, setup.device)
-    except LookupError as e:
-        raise TrialError(f"checkpoint {file} of a {trial.variant.label} trial lacks {e.args[0]}") from None
+    trial.variant_state = _variant_state(trial, state, setup, path)
     return trial

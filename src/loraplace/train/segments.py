@@ -5,6 +5,8 @@ Usage::
     trials = [begin(setup, placement, seed, saved=None)]            # step 0, or restored from a checkpoint
     run_to(setup, trials, until=15, evals_at=(8, 15), fused=False)  # train to step 15, evaluate at 8 and 15
     trial.evals                                                     # [(8, {...}), (15, {...})]
+    run_to(setup, trials, 30, keep_at=(30,), keep=save_snapshot)    # also hand each trial to keep() at step 30
+    run_to(setup, [replayed], 30, (8, 15), replay=read_snapshot)    # a trial read at 8, 15, 30, never trained
 
 A rung evaluation is the study's evaluation at that step (``Trial.evals``): the eval loss, and the accuracy
 too when ``rung_accuracy`` (a study deciding on accuracy). Evaluating changes nothing the trial computes next
@@ -20,7 +22,7 @@ from loraplace.placement.resolve import Placement
 from loraplace.train import checkpoint
 from loraplace.train import fused as F
 from loraplace.train import sequential as S
-from loraplace.train.trial import Setup, Trial
+from loraplace.train.trial import Setup, Trial, TrialError
 
 
 def begin(setup: Setup, placement: Placement, seed: int, saved=None) -> Trial:
@@ -32,11 +34,24 @@ def begin(setup: Setup, placement: Placement, seed: int, saved=None) -> Trial:
 
 
 def run_to(setup: Setup, trials: list[Trial], until: int, evals_at=(), fused: bool = False, rung_accuracy: bool = False,
-           desc: str = "train") -> None:
+           desc: str = "train", keep_at=(), keep=None, replay=None) -> None:
     """Advance ``trials`` to step ``until`` (fused: together; else one after the other), evaluating each live
     trial at every step of ``evals_at`` it passes (recorded in ``Trial.evals``). A failed trial stops where it
-    failed (``Trial.error``)."""
-    targets = sorted({s for s in evals_at if s <= until} | {until})
+    failed (``Trial.error``). ``keep(trial)`` is called as a trial reaches a step of ``keep_at`` (its snapshots);
+    with ``replay(trial, step)``, the ``checkpoint.replayed`` trials are not trained but moved to each step by it."""
+    targets = sorted({s for s in (*evals_at, *keep_at) if s <= until} | {until})
+    if replay is not None:
+        for trial in trials:
+            for target in (s for s in targets if s >= trial.step):
+                if target != trial.step:
+                    replay(trial, target)
+                if target in evals_at:
+                    _evaluate(setup, [trial], False, rung_accuracy)
+        return
+    replayed = [t for t in trials if t.replayed]
+    if replayed:
+        raise TrialError(f"trial {replayed[0].placement.strategy} seed {replayed[0].seed} was read from a snapshot "
+                         "without its optimizer state: it cannot be trained on")
     if fused:
         cache = "new"
         for target in targets:
@@ -44,8 +59,12 @@ def run_to(setup: Setup, trials: list[Trial], until: int, evals_at=(), fused: bo
             if not live:
                 return
             cache = F.advance(setup, trials, target - min(t.step for t in live), desc, cache=cache)
+            reached = [t for t in trials if t.step == target and t.error is None]
             if target in evals_at:
-                _evaluate(setup, [t for t in trials if t.step == target and t.error is None], True, rung_accuracy)
+                _evaluate(setup, reached, True, rung_accuracy)
+            if target in keep_at and keep is not None:
+                for t in reached:
+                    keep(t)
         return
     for trial in trials:
         for target in targets:
@@ -54,6 +73,8 @@ def run_to(setup: Setup, trials: list[Trial], until: int, evals_at=(), fused: bo
                 break
             if target in evals_at:
                 _evaluate(setup, [trial], False, rung_accuracy)
+            if target in keep_at and keep is not None and trial.step == target:
+                keep(trial)
 
 
 def _evaluate(setup: Setup, trials: list[Trial], fused: bool, accuracy: bool) -> None:

@@ -105,6 +105,7 @@ class Trial:
         self._adapters = None
         self.variant = placement.variant  # how its adapters learn (placement.variants): asked at each point below
         self.variant_state = None  # what the variant keeps for this trial (Variant.start, checkpointed by the variant)
+        self.replayed = False  # read from a snapshot without AdamW's state (train.checkpoint.replayed): not to train on
 
     # -- life -----------------------------------------------------------------------------------------
     @classmethod
