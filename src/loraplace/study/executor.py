@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator
 
@@ -217,7 +217,7 @@ def _run(ws: Workspace, tasks: list[TrialTask], fuse: bool) -> list[Outcome]:
 
 def _snapshot(trial, task: TrialTask | None) -> None:
     """A tuning trial's state at one of its final trial's steps, kept for that trial to read (``tune.replays``)."""
-    if task is not None and task.snapshots and trial.step in task.snapshots_at:
+    if task is not None and trial.step in task.snapshots_at:  # a fused group keeps the union of its tasks' steps
         checkpoint.save(trial, snapshot_dir(task.snapshots, trial.step), optimizer=False)
 
 
@@ -226,17 +226,13 @@ def _replay(ws: Workspace, task: TrialTask) -> Outcome:
     eval set and finished (forgetting, accuracy, its adapter) as if it had trained; its record names the tuning trial
     (``measured["trained_as"]``)."""
     setup = ws.setup_for(task)
-    steps = [s for s in task.snapshots_at if s > task.start]
-    trial = checkpoint.replayed(snapshot_dir(task.replay, steps[0]), setup, ws.placement(task))
-    task = replace(task, evals_at=tuple(s for s in task.evals_at if s in steps))
+    trial = checkpoint.replayed(snapshot_dir(task.replay, task.snapshots_at[0]), setup, ws.placement(task))
     with trial.attached(setup):
         segments.run_to(setup, [trial], task.until or setup.total_steps, task.evals_at,
                         rung_accuracy=ws.cfg.analysis.metric == "accuracy",
                         replay=lambda t, step: checkpoint.replay(t, snapshot_dir(task.replay, step), setup))
         sequential.evaluate(setup, [trial])
         try:
-            if trial.error is not None:
-                raise TrialError(trial.error)
             result = trial.finish(setup, task.adapter_dir)
         except RECORDED as e:
             return Outcome(task, error=failure(e))

@@ -80,7 +80,8 @@ def tune(s: Session, placements: dict[str, Placement]) -> dict[str, float]:
     cfg, ws = s.cfg, s.ws
     if not cfg.tune.active:
         return {}
-    tasks = T.plan_tuning(cfg, placements, len(ws.selection_set.input_ids), search_steps(ws))
+    total = search_steps(ws)
+    tasks = T.plan_tuning(cfg, placements, len(ws.selection_set.input_ids), total)
     s.add(tasks, retry_diverged=False)  # a rate that diverged would diverge again
     log.info("tune: %d tuning trials (%d rates x %d strategies x %d tuning seed(s)) on %d training examples, chosen "
              "on %d held out", len(tasks), len(cfg.tune.grid()), len(placements), len(cfg.tune.seeds),
@@ -88,7 +89,6 @@ def tune(s: Session, placements: dict[str, Placement]) -> dict[str, float]:
     s.run(tasks, T.tuning_race(cfg, [t.trial_id for t in tasks]))
     trials = [s.store.get(t.trial_id) for t in tasks]  # each done, stopped or failed (s.run waits for others')
     chosen = T.choices(cfg, trials)
-    total = ws.setup_for(tasks[0]).total_steps
     s.store.put_meta("tune", T.summary(cfg, len(ws.selection_set.input_ids), total, chosen))
     rates = {name: c.lr for name, c in chosen.items() if c.lr is not None}
     at_baseline = {(n, rates[cfg.baseline]) for n in rates} if cfg.tune.compare and cfg.baseline in rates else set()
@@ -111,13 +111,14 @@ def search_steps(ws) -> int:
 
 def finals(s: Session, placements: dict[str, Placement], rates: dict[str, float], races: bool = True):
     """The final trials of ``placements`` at ``rates`` (train.lr untuned): on the search's data with ``tune.reuse``,
-    where each one a tuning trial already trained is read from its snapshots (``tune.replays``)."""
+    where each one a tuning trial already trained is read from its snapshots (``tune.replays``; only tuning trials
+    planned to keep snapshots, ``tune.reuses``, have any)."""
     cfg, ws = s.cfg, s.ws
     search = search_data(cfg, len(ws.selection_set.input_ids)) if ws.selection_set is not None else None
     tasks = plan_trials(cfg, placements, rates or None, search)
     if not races:
         tasks = [replace(t, checkpoint_dir=None, races=False) for t in tasks]
-    return T.replays(tasks, s.tuning) if search is not None and s.tuning and not cfg.race.at else tasks
+    return T.replays(tasks, s.tuning)
 
 
 def train(s: Session, placements: dict[str, Placement], rates: dict[str, float]) -> None:

@@ -215,7 +215,7 @@ def plan_tuning(cfg, placements: dict, n_selection: int, total: int | None = Non
     ``tune.reuse`` (and ``total``, the steps of a trial), a tuning trial whose seed is a study seed keeps snapshots
     at its final trial's rungs and end (``replays``); not in a study that races (``race.at``), where a final trial
     pauses at rungs and must carry on training from there."""
-    snap = total is not None and cfg.tune.reuse and not cfg.race.at
+    snap = total is not None and reuses(cfg.tune, bool(cfg.race.at))
     out = []
     for seed in cfg.tune.seeds:
         for lr in cfg.tune.grid():
@@ -234,6 +234,12 @@ def plan_tuning(cfg, placements: dict, n_selection: int, total: int | None = Non
                                    snapshots_at=final_steps(cfg, total))
                 out.append(task)
     return out
+
+
+def reuses(spec, races: bool) -> bool:
+    """Whether the search's tuning trials of study seeds do their final trials' training (``tune.reuse``, in a study
+    that does not race)."""
+    return spec.reuse and not races
 
 
 def replays(finals: list[TrialTask], tuning: list[TrialTask]) -> list[TrialTask]:
@@ -297,7 +303,7 @@ def cost(spec, n_strategies: int, seeds: list[int], races: bool = False) -> Cost
     none in a study that races) and the comparison at the baseline's rate."""
     n, n_seeds = len(spec.grid()), len(seeds)
     per = search_length(spec, n) * len(spec.seeds)
-    shared = len(set(spec.seeds) & set(seeds)) if spec.reuse and not races else 0
+    shared = len(set(spec.seeds) & set(seeds)) if reuses(spec, races) else 0
     return Cost(n_strategies * n * len(spec.seeds), n_strategies * per, float(n_strategies * n * len(spec.seeds)),
                 float(n_strategies * n_seeds), float((n_strategies - 1) * n_seeds) if spec.compare else 0.0,
                 float(n_strategies * shared))

@@ -70,9 +70,8 @@ def replayed(path: str | Path, setup: Setup, placement: Placement) -> Trial:
     """The training saved in snapshot ``path`` as a trial of its own (``tune.reuse``: a final trial whose training a
     tuning trial did): its tensors, step, curve and training records, none of the evaluations of the trial that
     saved it. It can be evaluated and finished, not trained on."""
-    trial = restore(path, setup, placement)
+    trial = restore(path, setup, placement)  # a snapshot: restored as ``Trial.replayed``
     trial.evals, trial.eval, trial.eval_time = [], None, 0.0
-    trial.replayed = True
     return trial
 
 
@@ -87,18 +86,20 @@ def replay(trial: Trial, path: str | Path, setup: Setup) -> None:
     with torch.no_grad():
         for name, p in trial.params.items():
             p.copy_(state["params"][name].to(p.device))
+    peak = trial.peak
+    _take(trial, state, TRAINED, setup, path)
+    trial.peak = max(peak, state["peak"])
+
+
+def _take(trial: Trial, state: dict, records: tuple[str, ...], setup: Setup, path) -> None:
+    """A saved state's position (step, RNG, curve), the ``records`` named, and the variant's state, into ``trial``."""
     trial.step, trial.rng = state["step"], state["rng"]
     trial.curve = [tuple(x) for x in state["curve"]]
     trial.tail = [tuple(x) for x in state["tail"]]
-    for key in TRAINED:
+    for key in records:
         setattr(trial, key, state[key])
-    trial.peak = max(trial.peak, state["peak"])
-    trial.variant_state = _variant_state(trial, state, setup, path)
-
-
-def _variant_state(trial: Trial, state: dict, setup: Setup, path):
     try:
-        return trial.variant.load_state(state, setup.device)
+        trial.variant_state = trial.variant.load_state(state, setup.device)
     except LookupError as e:
         raise TrialError(f"checkpoint {Path(path) / CHECKPOINT_FILE} of a {trial.variant.label} trial lacks "
                          f"{e.args[0]}") from None
@@ -114,11 +115,6 @@ def restore(path: str | Path, setup: Setup, placement: Placement) -> Trial:
         trial.replayed = True
     else:
         trial.opt.load_state_dict(state["optimizer"])
-    trial.step, trial.rng = state["step"], state["rng"]
-    trial.curve = [tuple(x) for x in state["curve"]]
-    trial.tail = [tuple(x) for x in state["tail"]]
     trial.evals = [(int(s), dict(e)) for s, e in state["evals"]]
-    for key in RECORDS:
-        setattr(trial, key, state[key])
-    trial.variant_state = _variant_state(trial, state, setup, path)
+    _take(trial, state, RECORDS, setup, path)
     return trial
